@@ -1,0 +1,1 @@
+"""Evaluators: zero-shot retrieval (this package), detection AP later."""

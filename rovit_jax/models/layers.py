@@ -1,0 +1,218 @@
+"""Transformer building blocks shared by the image and text towers (pre-LN, big_vision naming).
+
+Parameter layout of an encoder (kept stable: checkpoint converters map these names)::
+
+  Transformer/encoderblock_{i}/LayerNorm_0
+  Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value,out}
+  Transformer/encoderblock_{i}/LayerNorm_1
+  Transformer/encoderblock_{i}/MlpBlock_0/{Dense_0,Dense_1}
+  Transformer/encoder_norm
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "TRANSFORMER_SIZES",
+    "REMAT_POLICIES",
+    "transformer_size",
+    "MlpBlock",
+    "Encoder1DBlock",
+    "Encoder",
+    "MAPHead",
+]
+
+Dtype = Any
+
+# name -> (width, depth, mlp_dim, num_heads). The last three are tiny sizes for CPU runs.
+TRANSFORMER_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "mu": (64, 2, 256, 2),
+    "pico": (96, 3, 384, 3),
+    "nano": (128, 4, 512, 4),
+}
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def transformer_size(name: str) -> dict[str, int]:
+    """Returns {width, depth, mlp_dim, num_heads} of a size name such as "B" or "mu"."""
+    if name not in TRANSFORMER_SIZES:
+        raise ValueError(
+            f"unknown variant {name!r}; known sizes: {sorted(TRANSFORMER_SIZES)}")
+    width, depth, mlp_dim, num_heads = TRANSFORMER_SIZES[name]
+    return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+
+
+def check_remat_policy(remat_policy: str) -> None:
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {remat_policy!r}")
+
+
+class MlpBlock(nn.Module):
+    """Transformer MLP: Dense -> GELU -> Dropout -> Dense. [..., D] -> [..., D]."""
+
+    mlp_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        dense = dict(dtype=self.dtype, param_dtype=jnp.float32,
+                     kernel_init=nn.initializers.xavier_uniform(),
+                     bias_init=nn.initializers.normal(stddev=1e-6))
+        d = x.shape[-1]
+        x = nn.Dense(self.mlp_dim, name="Dense_0", **dense)(x)
+        x = nn.gelu(x)
+        x = nn.Dropout(rate=self.dropout)(x, deterministic)
+        return nn.Dense(d, name="Dense_1", **dense)(x)
+
+
+def _window_partition(x: jax.Array, grid_hw: tuple[int, int], window: int
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Splits [B, h*w, D] tokens into windows.
+
+    Returns:
+      windows [B * nw, window**2, D] (zero padded at the bottom/right) and
+      valid [B * nw, window**2] bool marking real (non-padding) tokens.
+    """
+    b, _, d = x.shape
+    h, w = grid_hw
+    ph, pw = (-h) % window, (-w) % window
+    hp, wp = (h + ph) // window, (w + pw) // window
+
+    def split(t: jax.Array) -> jax.Array:  # [B, h+ph, w+pw, C] -> [B*nw, window**2, C]
+        c = t.shape[-1]
+        t = t.reshape(t.shape[0], hp, window, wp, window, c).transpose(0, 1, 3, 2, 4, 5)
+        return t.reshape(t.shape[0] * hp * wp, window * window, c)
+
+    x = jnp.pad(x.reshape(b, h, w, d), ((0, 0), (0, ph), (0, pw), (0, 0)))
+    valid = jnp.pad(jnp.ones((1, h, w, 1), bool), ((0, 0), (0, ph), (0, pw), (0, 0)))
+    valid = jnp.tile(split(valid)[..., 0], (b, 1))
+    return split(x), valid
+
+
+def _window_merge(x: jax.Array, batch: int, grid_hw: tuple[int, int], window: int) -> jax.Array:
+    """Inverse of _window_partition: [B * nw, window**2, D] -> [B, h*w, D]."""
+    h, w = grid_hw
+    hp, wp = -(-h // window), -(-w // window)
+    d = x.shape[-1]
+    x = x.reshape(batch, hp, wp, window, window, d).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch, hp * window, wp * window, d)[:, :h, :w]
+    return x.reshape(batch, h * w, d)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LN transformer block: x + MHA(LN(x)); x + MLP(LN(x)). [B, N, D] -> [B, N, D].
+
+    ``window_size > 0`` restricts attention to non-overlapping windows of the (h, w) token grid
+    ``grid_hw`` (ViTDet-style local attention; padding tokens are masked out, and the parameters
+    are the same as for global attention so one checkpoint serves both).
+    """
+
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    window_size: int = 0
+    grid_hw: tuple[int, int] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """x: [B, N, D]; mask: None or bool broadcastable to [B, heads, N, N] (True = attend)."""
+        attn = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
+            kernel_init=nn.initializers.xavier_uniform(), deterministic=deterministic,
+            name="MultiHeadDotProductAttention_0")
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
+        if self.window_size > 0:
+            if mask is not None:
+                raise ValueError("window attention does not take an attention mask")
+            if self.grid_hw is None or self.grid_hw[0] * self.grid_hw[1] != x.shape[1]:
+                raise ValueError(
+                    f"window attention needs grid_hw with h*w == {x.shape[1]} tokens, "
+                    f"got grid_hw={self.grid_hw!r}")
+            win, valid = _window_partition(y, self.grid_hw, self.window_size)
+            win = attn(win, win, mask=valid[:, None, None, :])
+            y = _window_merge(win, x.shape[0], self.grid_hw, self.window_size)
+        else:
+            y = attn(y, y, mask=mask)
+        y = nn.Dropout(rate=self.dropout)(y, deterministic)
+        x = x + y
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_1")(x)
+        y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                     name="MlpBlock_0")(y, deterministic)
+        y = nn.Dropout(rate=self.dropout)(y, deterministic)
+        return x + y
+
+
+class Encoder(nn.Module):
+    """A stack of pre-LN blocks plus the final LayerNorm "encoder_norm".
+
+    ``window_sizes`` gives each block its attention window (0 = global); empty means all global.
+    """
+
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    window_sizes: tuple[int, ...] = ()
+    grid_hw: tuple[int, int] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x: [B, N, D] -> (normed [B, N, D], aux {"block_{i}": [B, N, D]})."""
+        check_remat_policy(self.remat_policy)
+        if self.window_sizes and len(self.window_sizes) != self.depth:
+            raise ValueError(f"window_sizes must have depth={self.depth} entries, "
+                             f"got {self.window_sizes!r}")
+        block_cls = Encoder1DBlock
+        if self.remat_policy != "none":
+            policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+                      if self.remat_policy == "dots" else None)
+            # Argument 2 (`deterministic`; 0 is self) selects Python control flow: keep it static.
+            block_cls = nn.remat(Encoder1DBlock, policy=policy, static_argnums=(2,))
+        aux = {}
+        for i in range(self.depth):
+            window = self.window_sizes[i] if self.window_sizes else 0
+            x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+                          dtype=self.dtype, window_size=window, grid_hw=self.grid_hw,
+                          name=f"encoderblock_{i}")(x, deterministic, mask)
+            aux[f"block_{i}"] = x
+        return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), aux
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling with a learned probe: [B, N, D] -> [B, D]."""
+
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x: [B, N, D]; mask: None or [B, N] bool of tokens that may be attended."""
+        b, _, d = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
+        probe = jnp.tile(probe, (b, 1, 1)).astype(self.dtype)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        x = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
+            kernel_init=nn.initializers.xavier_uniform(),
+            name="MultiHeadDotProductAttention_0")(probe, x, mask=attn_mask)
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
+        x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
+        return x[:, 0]

@@ -1,0 +1,46 @@
+"""Packaging for rovit_jax. Version ranges are the ones the test suite has been run against."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax[cpu]>=0.10.2,<0.11",  # on GPU/TPU install the matching jax[cuda12]/jax[tpu] extra instead
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml_collections>=1.1,<2",
+    "clu>=0.0.12,<0.1",
+    "tensorflow-cpu>=2.21,<2.22",
+    "tensorboard>=2.21,<2.22",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "array_record>=0.8.6,<0.9",
+    "numpy>=2.0,<2.5",
+    "pillow>=11,<14",
+    "importlib_resources>=6",
+    "sentencepiece>=0.2.1,<0.3",
+    "pycocotools>=2.0.11,<2.1",
+    "lvis==0.5.3",
+    "faster-coco-eval>=1.8,<1.9",
+    "absl-py>=2.1",
+]
+
+EXTRAS_REQUIRE = {
+    # Independent oracles (torchvision ops) and the test runner.
+    "test": [
+        "pytest>=9,<10",
+        "torch>=2.9,<=2.14.1",
+        "torchvision>=0.24,<=0.29.1",
+    ],
+}
+
+setup(
+    name="rovit_jax",
+    version="0.1.0",
+    description="Region-aware open-vocabulary ViT pretraining and detection (RO-ViT) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11,<3.13",
+    packages=find_packages(include=["rovit_jax", "rovit_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
