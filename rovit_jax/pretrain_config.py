@@ -29,6 +29,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   # data x fsdp; parameters and optimizer state over fsdp by the rules below.
   c.mesh = [("data", -1), ("fsdp", 1)]
   c.sharding_rules = [(".*", "fsdp")]
+  c.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated under "fsdp" rules
   c.compute_dtype = "float32"  # or "bfloat16" (parameters and optimizer state stay float32)
   c.remat = "none"  # "none" | "full" | "dots": rematerialise each transformer block
 

@@ -286,6 +286,19 @@ def test_chunked_without_bias_on_single_named_axis():
         assert_close(got, unchunked(kind, zimg, ztxt, 4.0, 0.0))
 
 
+def test_chunked_on_explicit_mesh_with_unsharded_inputs():
+    # jax.make_mesh gives Explicit axes, where shard_map does not reshard its inputs by itself.
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
+    assert all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    rng = np.random.default_rng(3)
+    zimg = jnp.asarray(rng.standard_normal((16, 4)) / 2, jnp.float32)  # uncommitted, unsharded
+    ztxt = jnp.asarray(rng.standard_normal((16, 4)) / 2, jnp.float32)
+    got = jax.jit(
+        lambda zi, zt: chunked_contrastive_loss(zi, zt, 5.0, 1.0, kind="softmax", mesh=mesh)
+    )(zimg, ztxt)
+    assert_close(got, unchunked("softmax", zimg, ztxt, 5.0, 1.0))
+
+
 def test_chunked_errors():
     mesh = make_mesh((4, 2))
     zimg = jnp.zeros((12, 4))

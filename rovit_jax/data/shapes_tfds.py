@@ -8,16 +8,14 @@ Stored as array_record so readers get random access:
       "train", decoders={"image": tfds.decode.SkipDecoding()})  # raw["image"] is PNG bytes
 
 Examples keep generation order on disk (`source[i]["image_id"] == i`). Each example is rendered
-from its own seed (config seed, split, index), so the data do not depend on how the work is
-chunked. The category table is in `builder.info.metadata` ("categories", "frequency_groups").
+from its own seed (config seed, split code, index), so splits are disjoint and any example can be
+regenerated on its own. The category table is in `builder.info.metadata` ("categories", "frequency_groups").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import multiprocessing
-import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,7 +25,6 @@ from PIL import Image
 from rovit_jax.data import shapes_world
 
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
-_CHUNK = 64  # examples per pool task; small enough to keep both workers busy
 
 
 def config_name(image_size: int, num_train: int, num_validation: int, num_test: int,
@@ -95,16 +92,6 @@ def render_example(seed: int, split_code: int, index: int, image_size: int,
   }
 
 
-def _render_chunk(args: tuple[int, int, int, int, int, int]) -> list[dict[str, Any]]:
-  seed, split_code, start, stop, image_size, max_objects = args
-  return [render_example(seed, split_code, i, image_size, max_objects)
-          for i in range(start, stop)]
-
-
-def _num_workers() -> int:
-  return max(1, min(2, os.cpu_count() or 1))
-
-
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
   """Procedural open-vocabulary shapes world (images, captions, boxes, masks)."""
 
@@ -151,18 +138,10 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
                          ) -> Iterator[tuple[int, dict[str, Any]]]:
     cfg: ShapesWorldConfig = self.builder_config
     code = _SPLIT_CODES[split]
-    tasks = [(cfg.seed, code, start, min(start + _CHUNK, num_examples), cfg.image_size,
-              cfg.max_objects) for start in range(0, num_examples, _CHUNK)]
-    workers = _num_workers()
-    if workers == 1 or len(tasks) == 1:
-      chunks: Iterator[list[dict[str, Any]]] = map(_render_chunk, tasks)
-      for chunk in chunks:
-        yield from ((ex["image_id"], ex) for ex in chunk)
-      return
-    # Spawned (not forked) workers: the parent has TensorFlow threads running.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      for chunk in pool.imap(_render_chunk, tasks):
-        yield from ((ex["image_id"], ex) for ex in chunk)
+    # A single process renders the default 7000 scenes in about half a minute, so no worker
+    # pool (and none of its fork/spawn pitfalls) is needed.
+    for index in range(num_examples):
+      yield index, render_example(cfg.seed, code, index, cfg.image_size, cfg.max_objects)
 
 
 def shapes_builder(data_dir: str, *, image_size: int = 128, num_train: int = 6000,
@@ -172,7 +151,10 @@ def shapes_builder(data_dir: str, *, image_size: int = 128, num_train: int = 600
   config = ShapesWorldConfig(image_size=image_size, num_train=num_train,
                              num_validation=num_validation, num_test=num_test,
                              max_objects=max_objects, seed=seed)
-  return ShapesWorld(data_dir=data_dir, config=config, file_format="array_record")
+  # tfds refuses a new config object that shares its name with a predefined one.
+  predefined = config.name in ShapesWorld.builder_configs
+  return ShapesWorld(data_dir=data_dir, config=config.name if predefined else config,
+                     file_format="array_record")
 
 
 def build_shapes_world(data_dir: str, **kwargs: int) -> tfds.core.DatasetBuilder:

@@ -129,7 +129,8 @@ def crop_pos_embed(pos_embed: jax.Array, boxes: jax.Array, *, up_size: int) -> j
     return out.astype(pos_embed.dtype)
 
 
-def _check_range(name: str, rng: tuple[float, float], *, upper: float | None) -> tuple[float, float]:
+def _check_range(name: str, rng: tuple[float, float], *,
+                 upper: float | None) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in rng)
     except (TypeError, ValueError):

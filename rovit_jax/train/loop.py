@@ -22,8 +22,12 @@ def _every(step: int, period: int, total: int) -> bool:
   return step == total or (period > 0 and step % period == 0)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, task: Any, *,
+        stop_after: int | None = None) -> dict[str, Any]:
   """Trains `task` for `config.total_steps`, resuming from the latest checkpoint in `workdir`.
+
+  `stop_after` ends this run early at that step with a checkpoint, as a preemption would; the
+  next run resumes exactly where it stopped.
 
   The task supplies `validate`, `init_params`, `loss_fn`, `batch_shapes`,
   `train_batches(process_index, process_count)` (an object with `batch(step)`, `skipped`) and
@@ -58,7 +62,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[str,
   progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
   eval_metrics: dict[str, Any] = {}
   t0 = time.time()
-  for step, local_batch in prefetch(batches.batch, start, total):
+  end = total if stop_after is None else min(total, int(stop_after))
+  for step, local_batch in prefetch(batches.batch, start, end):
     state, metrics = trainer.train_step(state, trainer.global_batch(local_batch))
     done = step + 1
     progress(done)
@@ -68,7 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Any) -> dict[str,
       if not np.isfinite(scalars["train/loss"]):
         raise FloatingPointError(f"non-finite loss {scalars['train/loss']} at step {done}")
       writer.write_scalars(done, scalars)
-    if _every(done, int(config.checkpoint_every), total):
+    if _every(done, int(config.checkpoint_every), total) or done == end:
       checkpointer.save(done, state, _input_state(config, done, batches.skipped))
     if _every(done, int(config.eval_every), total):
       with progress.timed("eval"):

@@ -52,7 +52,8 @@ class Trainer:
 
     self.abstract_state = jax.eval_shape(self._init_state, init_rng)
     self.state_shardings = mesh_lib.infer_shardings(
-        self.abstract_state, mesh, [tuple(r) for r in config.sharding_rules])
+        self.abstract_state, mesh, [tuple(r) for r in config.sharding_rules],
+        fsdp_min_size=int(config.get("fsdp_min_size", 2**14)))
     self.batch_sharding = mesh_lib.batch_sharding(mesh)
     self.replicated = mesh_lib.replicated(mesh)
     self._jit_init = jax.jit(self._init_state, out_shardings=self.state_shardings)
@@ -76,7 +77,7 @@ class Trainer:
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = dict(metrics, loss=loss, learning_rate=self.schedule(state["step"]),
-                   grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+                   grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
   def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
