@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "lvis==0.5.3",
     "faster-coco-eval>=1.8,<1.9",
     "absl-py>=2.1",
+    "etils[epath]>=1.7",
 ]
 
 EXTRAS_REQUIRE = {

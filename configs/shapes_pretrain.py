@@ -46,7 +46,7 @@ def get_config(arg=None):
   c.eval.batch_size = 250
 
   if a.tiny:
-    c.total_steps = min(a.steps, 12)
+    c.total_steps = 12
     c.batch_size = 16
     c.log_every = 2
     c.checkpoint_every = 6

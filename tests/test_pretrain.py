@@ -182,8 +182,9 @@ def _scalars(workdir, tag):
 def test_main_cli_tiny_run(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, "-m", "rovit_jax.main",
-         f"--config={os.path.join(REPO, 'configs', 'shapes_pretrain.py')}:tiny,steps=30",
-         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"]
+         f"--config={os.path.join(REPO, 'configs', 'shapes_pretrain.py')}:tiny",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+         "--config.total_steps=30"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,7 +9,13 @@ Stored as array_record so readers get random access:
 
 Examples keep generation order on disk (`source[i]["image_id"] == i`). Each example is rendered
 from its own seed (config seed, split code, index), so splits are disjoint and any example can be
-regenerated on its own. The category table is in `builder.info.metadata` ("categories", "frequency_groups").
+regenerated on its own. The category table is in `builder.info.metadata` ("categories",
+"frequency_groups").
+
+Reading notes (tfds 4.9): a data-source example's "objects" is a dict of per-object lists (bbox
+float32 [4], label, area, mask uint8 [S, S, 1] with 255 on visible pixels), so stack them with
+np.asarray; SkipDecoding works for the top-level "image" but not for the nested "mask";
+`as_dataset` (tf.data) is not available for array_record files.
 """
 
 from __future__ import annotations

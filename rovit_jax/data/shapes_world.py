@@ -298,7 +298,7 @@ def make_caption(rng: np.random.Generator, labels: np.ndarray, boxes: np.ndarray
   bg = f"on a {background} background"
 
   template = int(rng.integers(8))
-  if template == 7 and total == 2:
+  if template == 7 and total == 2 and labels[0] != labels[1]:
     a, b = (0, 1) if rng.uniform() < 0.5 else (1, 0)
     rel = _relation(boxes[a], boxes[b])
     first = _with_article(CATEGORIES[int(labels[a])].name)
@@ -387,7 +387,8 @@ def render_scene(rng: np.random.Generator, image_size: int, *, max_objects: int 
     label = int(rng.choice(len(CATEGORIES), p=_WEIGHTS))
     cx = cy = size / 2
     r = 0.2 * size
-    mask = _shape_mask(CATEGORIES[label].shape, size, cx, cy, r, float(rng.uniform(0, 6.28)))
+    theta = float(rng.uniform(0.0, 2.0 * np.pi))
+    mask = _shape_mask(CATEGORIES[label].shape, size, cx, cy, r, theta)
     owner[mask] = 0
     placed.append((label, cx, cy, r))
 
