@@ -43,7 +43,7 @@ def get_config(arg=None):
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 1e-4
-  c.eval.batch_size = 250
+  c.eval.batch_size = 256
 
   if a.tiny:
     c.total_steps = 12

@@ -45,5 +45,5 @@ def get_config(arg=None):
     c.data.name = "shapes_world"
     c.tokenizer.max_len = 32
     c.tokenizer.vocab_size = 512
-    c.eval.batch_size = 250
+    c.eval.batch_size = 256
   return c

@@ -147,6 +147,9 @@ class PretrainTask:
     shards = mesh_lib.num_batch_shards(mesh)
     _check(self.config.batch_size % shards == 0, "batch_size", self.config.batch_size,
            f"must be divisible by the {shards} batch shards of the mesh {dict(mesh.shape)}")
+    _check(self.config.eval.batch_size % shards == 0, "eval.batch_size",
+           self.config.eval.batch_size,
+           f"must be divisible by the {shards} batch shards of the mesh {dict(mesh.shape)}")
     self._mesh = mesh
 
   def init_params(self, rng: jax.Array) -> Any:

@@ -73,12 +73,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Any, *,
       if not np.isfinite(scalars["train/loss"]):
         raise FloatingPointError(f"non-finite loss {scalars['train/loss']} at step {done}")
       writer.write_scalars(done, scalars)
+      rate = (done - start) / max(time.time() - t0, 1e-9)
+      logging.info("step %d/%d (%.0f%%): loss %.4f, %.2f steps/s, ETA %s", done, total,
+                   100 * done / total, scalars["train/loss"], rate,
+                   _duration((total - done) / max(rate, 1e-9)))
     if _every(done, int(config.checkpoint_every), total) or done == end:
       checkpointer.save(done, state, _input_state(config, done, batches.skipped))
     if _every(done, int(config.eval_every), total):
       with progress.timed("eval"):
         eval_metrics = task.evaluate(trainer, state["params"])
       writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+  if not eval_metrics and end == total:  # Already trained (a rerun): still report the result.
+    eval_metrics = task.evaluate(trainer, state["params"])
   checkpointer.close()
   writer.flush()
   logging.info("trained steps %d..%d in %.1fs", start, total, time.time() - t0)
@@ -97,6 +103,11 @@ def _check_input_state(saved: dict[str, Any], config: ml_collections.ConfigDict,
       raise ValueError(
           f"config key `{key}` is {config[key]}, but the checkpoint at step {step} was written "
           f"with {saved[key]}; the input position cannot be resumed exactly. Use a new workdir.")
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
