@@ -35,84 +35,105 @@ CASES = {
 
 
 def load_config(file: str, arg: str):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", file))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def matmul_flops_per_second(n: int = 2048, repeats: int = 10) -> float:
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / min(times)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times)
 
 
 def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get("flops", float("nan")))
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
 
 
 def bench(name: str, steps: int, peak: float) -> dict:
-  file, arg = CASES[name]
-  config = load_config(file, arg)
-  mesh = mesh_lib.make_mesh([("data", -1), ("fsdp", 1)])
-  task = get_task(config)
-  task.validate(mesh)
-  trainer = Trainer(config, task, mesh)
+    file, arg = CASES[name]
+    config = load_config(file, arg)
+    mesh = mesh_lib.make_mesh([("data", -1), ("fsdp", 1)])
+    task = get_task(config)
+    task.validate(mesh)
+    trainer = Trainer(config, task, mesh)
 
-  t = time.perf_counter()
-  compiled = trainer.lower().compile()
-  compile_s = time.perf_counter() - t
-  flops = _flops(compiled)
-
-  state = trainer.init_state()
-  rng = np.random.default_rng(0)
-  shapes = task.batch_shapes()
-  batch = trainer.global_batch({
-      "image": rng.uniform(-1, 1, shapes["image"].shape).astype(np.float32),
-      "text": rng.integers(1, 200, shapes["text"].shape).astype(np.int32)})
-  state, m = compiled(state, batch)  # warm-up
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
     t = time.perf_counter()
-    state, m = compiled(state, batch)
+    compiled = trainer.lower().compile()
+    compile_s = time.perf_counter() - t
+    flops = _flops(compiled)
+
+    state = trainer.init_state()
+    rng = np.random.default_rng(0)
+    shapes = task.batch_shapes()
+    batch = trainer.global_batch(
+        {
+            "image": rng.uniform(-1, 1, shapes["image"].shape).astype(np.float32),
+            "text": rng.integers(1, 200, shapes["text"].shape).astype(np.int32),
+        }
+    )
+    state, m = compiled(state, batch)  # warm-up
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
-  return {"case": name, "variant": config.model.image.variant, "batch": config.batch_size,
-          "image_size": config.pp.image_size, "compile_s": compile_s, "step_s": step_s,
-          "images_per_s": config.batch_size / step_s, "step_gflop": flops / 1e9,
-          "achieved_gflops": flops / step_s / 1e9, "fraction_of_peak": flops / step_s / peak}
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    return {
+        "case": name,
+        "variant": config.model.image.variant,
+        "batch": config.batch_size,
+        "image_size": config.pp.image_size,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "images_per_s": config.batch_size / step_s,
+        "step_gflop": flops / 1e9,
+        "achieved_gflops": flops / step_s / 1e9,
+        "fraction_of_peak": flops / step_s / peak,
+    }
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--only", choices=sorted(CASES), default=None)
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--peak_flops", type=float, default=None,
-                      help="peak FLOP/s to compare against (default: measured matmul FLOP/s)")
-  args = parser.parse_args()
-  peak = args.peak_flops or matmul_flops_per_second()
-  print(f"devices: {jax.devices()}  reference FLOP/s: {peak / 1e9:.1f} GFLOP/s "
-        f"({'given' if args.peak_flops else 'measured dense f32 matmul'})")
-  print(f"{'case':<12} {'variant':<6} {'batch':>5} {'px':>4} {'compile s':>9} {'step s':>8} "
-        f"{'img/s':>8} {'GFLOP/step':>10} {'GFLOP/s':>8} {'of peak':>7}")
-  for name in [args.only] if args.only else list(CASES):
-    r = bench(name, args.steps, peak)
-    print(f"{r['case']:<12} {r['variant']:<6} {r['batch']:>5} {r['image_size']:>4} "
-          f"{r['compile_s']:>9.2f} {r['step_s']:>8.3f} {r['images_per_s']:>8.1f} "
-          f"{r['step_gflop']:>10.2f} {r['achieved_gflops']:>8.1f} {r['fraction_of_peak']:>7.1%}",
-          flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=sorted(CASES), default=None)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--peak_flops",
+        type=float,
+        default=None,
+        help="peak FLOP/s to compare against (default: measured matmul FLOP/s)",
+    )
+    args = parser.parse_args()
+    peak = args.peak_flops or matmul_flops_per_second()
+    print(
+        f"devices: {jax.devices()}  reference FLOP/s: {peak / 1e9:.1f} GFLOP/s "
+        f"({'given' if args.peak_flops else 'measured dense f32 matmul'})"
+    )
+    print(
+        f"{'case':<12} {'variant':<6} {'batch':>5} {'px':>4} {'compile s':>9} {'step s':>8} "
+        f"{'img/s':>8} {'GFLOP/step':>10} {'GFLOP/s':>8} {'of peak':>7}"
+    )
+    for name in [args.only] if args.only else list(CASES):
+        r = bench(name, args.steps, peak)
+        print(
+            f"{r['case']:<12} {r['variant']:<6} {r['batch']:>5} {r['image_size']:>4} "
+            f"{r['compile_s']:>9.2f} {r['step_s']:>8.3f} {r['images_per_s']:>8.1f} "
+            f"{r['step_gflop']:>10.2f} {r['achieved_gflops']:>8.1f} {r['fraction_of_peak']:>7.1%}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -9,87 +9,103 @@ from __future__ import annotations
 import ml_collections
 
 # Weight decay skips biases, norms, embeddings of positions and the loss's scalars.
-NO_DECAY = (r"(^|/)bias$", r"LayerNorm|encoder_norm|_norm/", r"pos_embedding",
-            r"posemb", r"^t$", r"^b$", r"/cls$")
+NO_DECAY = (
+    r"(^|/)bias$",
+    r"LayerNorm|encoder_norm|_norm/",
+    r"pos_embedding",
+    r"posemb",
+    r"^t$",
+    r"^b$",
+    r"/cls$",
+)
 
 
 def pretrain_defaults() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.task = "pretrain"
-  c.seed = 0
-  c.total_steps = 1000
-  c.batch_size = 4096  # Global. Paper: 4096 for ablations, 16384 for main models (unverified).
-  c.log_every = 50
-  c.eval_every = 0  # 0: evaluate only at the end.
-  c.checkpoint_every = 500
-  c.keep_checkpoints = 3
-  c.async_checkpointing = True
+    c = ml_collections.ConfigDict()
+    c.task = "pretrain"
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 4096  # Global. Paper: 4096 for ablations, 16384 for main models (unverified).
+    c.log_every = 50
+    c.eval_every = 0  # 0: evaluate only at the end.
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
 
-  # Parallelism: mesh axes [(name, size)], -1 = the remaining devices. The batch is split over
-  # data x fsdp; parameters and optimizer state over fsdp by the rules below.
-  c.mesh = [("data", -1), ("fsdp", 1)]
-  c.sharding_rules = [(".*", "fsdp")]
-  c.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated under "fsdp" rules
-  c.compute_dtype = "float32"  # or "bfloat16" (parameters and optimizer state stay float32)
-  c.remat = "none"  # "none" | "full" | "dots": rematerialise each transformer block
+    # Parallelism: mesh axes [(name, size)], -1 = the remaining devices. The batch is split over
+    # data x fsdp; parameters and optimizer state over fsdp by the rules below.
+    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.sharding_rules = [(".*", "fsdp")]
+    c.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated under "fsdp" rules
+    c.compute_dtype = "float32"  # or "bfloat16" (parameters and optimizer state stay float32)
+    c.remat = "none"  # "none" | "full" | "dots": rematerialise each transformer block
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "shapes_world"  # "shapes_world" (generated locally) | "tfds"
-  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.data.world = ml_collections.ConfigDict(dict(
-      image_size=128, num_train=6000, num_validation=500, num_test=500, max_objects=6, seed=0))
-  c.data.tfds_name = ""  # with name="tfds": a builder stored as array_record
-  c.data.train_split = "train"
-  c.data.eval_split = "test"
-  c.data.image_key = "image"
-  c.data.caption_key = "caption"
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "shapes_world"  # "shapes_world" (generated locally) | "tfds"
+    c.data.data_dir = ml_collections.FieldReference(
+        None, field_type=str
+    )  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.world = ml_collections.ConfigDict(
+        dict(
+            image_size=128, num_train=6000, num_validation=500, num_test=500, max_objects=6, seed=0
+        )
+    )
+    c.data.tfds_name = ""  # with name="tfds": a builder stored as array_record
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.image_key = "image"
+    c.data.caption_key = "caption"
 
-  c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.max_len = 64  # Paper's text length (unverified).
-  c.tokenizer.vocab_size = 64000  # SentencePiece vocabulary of the sibling code (64k).
-  c.tokenizer.model_path = ""  # for data.name="tfds"; the shapes world trains its own.
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.max_len = 64  # Paper's text length (unverified).
+    c.tokenizer.vocab_size = 64000  # SentencePiece vocabulary of the sibling code (64k).
+    c.tokenizer.model_path = ""  # for data.name="tfds"; the shapes world trains its own.
 
-  c.pp = ml_collections.ConfigDict()
-  c.pp.image_size = 224  # Paper: 224 px pretraining.
-  c.pp.crop_scale = ml_collections.FieldReference(None, field_type=tuple)  # RRC area range, None = resize
-  c.pp.flip = False
+    c.pp = ml_collections.ConfigDict()
+    c.pp.image_size = 224  # Paper: 224 px pretraining.
+    c.pp.crop_scale = ml_collections.FieldReference(
+        None, field_type=tuple
+    )  # RRC area range, None = resize
+    c.pp.flip = False
 
-  c.model = ml_collections.ConfigDict()
-  c.model.image = ml_collections.ConfigDict(dict(variant="B/16", pool_type="gap"))
-  c.model.text = ml_collections.ConfigDict(dict(variant="B", pool_type="mean"))
-  c.model.embed_dim = 768  # unverified
-  c.model.temperature_init = 10.0  # learnable scale = exp(t), t initialised to log(this)
-  c.model.bias_init = ml_collections.FieldReference(None, field_type=float)  # None: no bias (paper); SigLIP uses -10
+    c.model = ml_collections.ConfigDict()
+    c.model.image = ml_collections.ConfigDict(dict(variant="B/16", pool_type="gap"))
+    c.model.text = ml_collections.ConfigDict(dict(variant="B", pool_type="mean"))
+    c.model.embed_dim = 768  # unverified
+    c.model.temperature_init = 10.0  # learnable scale = exp(t), t initialised to log(this)
+    c.model.bias_init = ml_collections.FieldReference(
+        None, field_type=float
+    )  # None: no bias (paper); SigLIP uses -10
 
-  # Cropped positional embedding (paper: RRC boxes, scale [0.1, 1], ratio [0.5, 2], PE upsampled
-  # to the detection grid 1024/16 = 64 first).
-  c.cpe = ml_collections.ConfigDict()
-  c.cpe.enabled = True
-  c.cpe.scale = (0.1, 1.0)
-  c.cpe.ratio = (0.5, 2.0)
-  c.cpe.up_size = 64
+    # Cropped positional embedding (paper: RRC boxes, scale [0.1, 1], ratio [0.5, 2], PE upsampled
+    # to the detection grid 1024/16 = 64 first).
+    c.cpe = ml_collections.ConfigDict()
+    c.cpe.enabled = True
+    c.cpe.scale = (0.1, 1.0)
+    c.cpe.ratio = (0.5, 2.0)
+    c.cpe.up_size = 64
 
-  # Contrastive loss: "focal" (paper: alpha 0.5, gamma 1.0), "sigmoid" (SigLIP), "softmax" (CLIP).
-  c.loss = ml_collections.ConfigDict()
-  c.loss.kind = "focal"
-  c.loss.alpha = 0.5
-  c.loss.gamma = 1.0
-  c.loss.chunked = "auto"  # True | False | "auto": ring-chunked when the batch is sharded
+    # Contrastive loss: "focal" (paper: alpha 0.5, gamma 1.0), "sigmoid" (SigLIP), "softmax" (CLIP).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "focal"
+    c.loss.alpha = 0.5
+    c.loss.gamma = 1.0
+    c.loss.chunked = "auto"  # True | False | "auto": ring-chunked when the batch is sharded
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 5e-4  # unverified
-  c.optim.warmup_steps = 100
-  c.optim.schedule = "cosine"  # "cosine" | "linear" | "constant"
-  c.optim.end_lr_fraction = 0.0
-  c.optim.weight_decay = 1e-4  # unverified
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.clip_norm = 1.0
-  c.optim.no_decay = list(NO_DECAY)
-  c.optim.frozen = []  # regexes over parameter paths that receive no update
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4  # unverified
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"  # "cosine" | "linear" | "constant"
+    c.optim.end_lr_fraction = 0.0
+    c.optim.weight_decay = 1e-4  # unverified
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0
+    c.optim.no_decay = list(NO_DECAY)
+    c.optim.frozen = []  # regexes over parameter paths that receive no update
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 256
-  c.eval.recall_ks = (1, 5, 10)
-  return c
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256
+    c.eval.recall_ks = (1, 5, 10)
+    return c

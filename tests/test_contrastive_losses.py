@@ -129,7 +129,9 @@ def test_softmax_matches_numpy_value_and_grad():
 def test_softmax_shift_invariant_and_symmetric():
     z = random_logits(4, 7)
     base = float(softmax_contrastive_loss(jnp.asarray(z)))
-    np.testing.assert_allclose(float(softmax_contrastive_loss(jnp.asarray(z) + 5.0)), base, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(softmax_contrastive_loss(jnp.asarray(z) + 5.0)), base, rtol=1e-6
+    )
     # Transposing swaps the image->text and text->image terms, whose average is unchanged.
     np.testing.assert_allclose(float(softmax_contrastive_loss(jnp.asarray(z.T))), base, rtol=1e-6)
 
@@ -188,7 +190,9 @@ def test_focal_gradient_finite_at_gamma_zero_for_confident_entries():
     z = jnp.asarray(np.where(np.eye(4) > 0, 60.0, -60.0), jnp.float32)
     grad = jax.grad(lambda x: focal_contrastive_loss(x, alpha=0.5, gamma=0.0))(z)
     assert np.all(np.isfinite(np.asarray(grad)))
-    np.testing.assert_allclose(np.asarray(grad), np_siglip_grad(np.asarray(z, np.float64)), atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(grad), np_siglip_grad(np.asarray(z, np.float64)), atol=1e-12
+    )
 
 
 def test_contrastive_loss_fn_dispatch_and_errors():
@@ -258,9 +262,9 @@ def test_chunked_equals_unchunked(kind, mesh_shape):
     got, got_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(
         zimg, ztxt, scale, bias
     )
-    want, want_grads = jax.value_and_grad(
-        lambda *a: unchunked(kind, *a), argnums=(0, 1, 2, 3)
-    )(zimg, ztxt, scale, bias)
+    want, want_grads = jax.value_and_grad(lambda *a: unchunked(kind, *a), argnums=(0, 1, 2, 3))(
+        zimg, ztxt, scale, bias
+    )
 
     assert got.shape == ()
     assert got.sharding.is_fully_replicated

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -14,80 +13,90 @@ from rovit_jax.train.optim import make_optimizer, make_schedule, regex_mask
 
 
 def test_mesh_sizes_and_errors():
-  mesh = mesh_lib.make_mesh([("data", -1), ("fsdp", 2)])
-  assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
-  assert mesh_lib.num_batch_shards(mesh) == 8
-  with pytest.raises(ValueError, match="mesh"):
-    mesh_lib.make_mesh([("data", 3), ("fsdp", 2)])
-  with pytest.raises(ValueError, match="mesh"):
-    mesh_lib.make_mesh([("data", -1), ("fsdp", -1)])
-  with pytest.raises(ValueError, match="fsdp"):
-    mesh_lib.make_mesh([("data", -1)])
+    mesh = mesh_lib.make_mesh([("data", -1), ("fsdp", 2)])
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    assert mesh_lib.num_batch_shards(mesh) == 8
+    with pytest.raises(ValueError, match="mesh"):
+        mesh_lib.make_mesh([("data", 3), ("fsdp", 2)])
+    with pytest.raises(ValueError, match="mesh"):
+        mesh_lib.make_mesh([("data", -1), ("fsdp", -1)])
+    with pytest.raises(ValueError, match="fsdp"):
+        mesh_lib.make_mesh([("data", -1)])
 
 
 def test_sharding_rules():
-  mesh = mesh_lib.make_mesh([("data", 4), ("fsdp", 2)])
-  tree = {"img": {"kernel": jax.ShapeDtypeStruct((64, 384), jnp.float32),
-                  "bias": jax.ShapeDtypeStruct((384,), jnp.float32),
-                  "odd": jax.ShapeDtypeStruct((129, 129), jnp.float32)},
-          "txt": {"embed": jax.ShapeDtypeStruct((512, 64), jnp.float32)}}
-  rules = [("txt/embed", ("fsdp", None)), ("bias", "replicate"), (".*", "fsdp")]
-  sh = mesh_lib.infer_shardings(tree, mesh, rules, fsdp_min_size=100)
-  assert sh["txt"]["embed"].spec == P("fsdp", None)
-  assert sh["img"]["bias"].spec == P()
-  assert sh["img"]["kernel"].spec == P(None, "fsdp")  # largest divisible dimension
-  assert sh["img"]["odd"].spec == P()  # nothing divisible by 2
-  with pytest.raises(ValueError, match="sharding_rules"):
-    mesh_lib.infer_shardings({"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)}, mesh,
-                             [("w", ("fsdp", None))])
-  with pytest.raises(ValueError, match="rank"):
-    mesh_lib.infer_shardings({"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, mesh,
-                             [("w", ("fsdp", None))])
+    mesh = mesh_lib.make_mesh([("data", 4), ("fsdp", 2)])
+    tree = {
+        "img": {
+            "kernel": jax.ShapeDtypeStruct((64, 384), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((384,), jnp.float32),
+            "odd": jax.ShapeDtypeStruct((129, 129), jnp.float32),
+        },
+        "txt": {"embed": jax.ShapeDtypeStruct((512, 64), jnp.float32)},
+    }
+    rules = [("txt/embed", ("fsdp", None)), ("bias", "replicate"), (".*", "fsdp")]
+    sh = mesh_lib.infer_shardings(tree, mesh, rules, fsdp_min_size=100)
+    assert sh["txt"]["embed"].spec == P("fsdp", None)
+    assert sh["img"]["bias"].spec == P()
+    assert sh["img"]["kernel"].spec == P(None, "fsdp")  # largest divisible dimension
+    assert sh["img"]["odd"].spec == P()  # nothing divisible by 2
+    with pytest.raises(ValueError, match="sharding_rules"):
+        mesh_lib.infer_shardings(
+            {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)}, mesh, [("w", ("fsdp", None))]
+        )
+    with pytest.raises(ValueError, match="rank"):
+        mesh_lib.infer_shardings(
+            {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, mesh, [("w", ("fsdp", None))]
+        )
 
 
 def test_schedule_shape():
-  optim = pretrain_defaults().optim
-  optim.lr, optim.warmup_steps, optim.schedule = 1.0, 10, "cosine"
-  s = make_schedule(optim, 110)
-  assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
-  assert float(s(10)) == pytest.approx(1.0)
-  assert float(s(60)) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.5)), abs=1e-6)
-  assert float(s(110)) == pytest.approx(0.0, abs=1e-6)
-  optim.schedule = "linear"
-  assert float(make_schedule(optim, 110)(60)) == pytest.approx(0.5)
-  optim.schedule = "nope"
-  with pytest.raises(ValueError, match="optim.schedule"):
-    make_schedule(optim, 10)
+    optim = pretrain_defaults().optim
+    optim.lr, optim.warmup_steps, optim.schedule = 1.0, 10, "cosine"
+    s = make_schedule(optim, 110)
+    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
+    assert float(s(10)) == pytest.approx(1.0)
+    assert float(s(60)) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.5)), abs=1e-6)
+    assert float(s(110)) == pytest.approx(0.0, abs=1e-6)
+    optim.schedule = "linear"
+    assert float(make_schedule(optim, 110)(60)) == pytest.approx(0.5)
+    optim.schedule = "nope"
+    with pytest.raises(ValueError, match="optim.schedule"):
+        make_schedule(optim, 10)
 
 
 def _optim(**kw):
-  o = pretrain_defaults().optim
-  o.update(dict(lr=0.1, warmup_steps=0, schedule="constant", clip_norm=0.0), **kw)
-  return o
+    o = pretrain_defaults().optim
+    o.update(dict(lr=0.1, warmup_steps=0, schedule="constant", clip_norm=0.0), **kw)
+    return o
 
 
 def test_weight_decay_mask_and_frozen_params():
-  params = {"img": {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}},
-            "txt": {"kernel": jnp.ones((2, 2))}}
-  assert regex_mask(params, [r"bias$"]) == {
-      "img": {"Dense_0": {"kernel": False, "bias": True}}, "txt": {"kernel": False}}
-  zero = jax.tree.map(jnp.zeros_like, params)
-  tx, _ = make_optimizer(_optim(weight_decay=0.5, no_decay=[r"bias$"], frozen=[r"^txt/"]), 10)
-  updates, _ = tx.update(zero, tx.init(params), params)
-  # Zero gradient: only decoupled decay moves decayed, trainable leaves: -lr * wd * p.
-  np.testing.assert_allclose(updates["img"]["Dense_0"]["kernel"], -0.05 * np.ones((2, 2)))
-  np.testing.assert_allclose(updates["img"]["Dense_0"]["bias"], np.zeros(2))
-  grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(updates["txt"]["kernel"], np.zeros((2, 2)))
-  assert np.all(np.asarray(updates["img"]["Dense_0"]["bias"]) < 0)
+    params = {
+        "img": {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}},
+        "txt": {"kernel": jnp.ones((2, 2))},
+    }
+    assert regex_mask(params, [r"bias$"]) == {
+        "img": {"Dense_0": {"kernel": False, "bias": True}},
+        "txt": {"kernel": False},
+    }
+    zero = jax.tree.map(jnp.zeros_like, params)
+    tx, _ = make_optimizer(_optim(weight_decay=0.5, no_decay=[r"bias$"], frozen=[r"^txt/"]), 10)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    # Zero gradient: only decoupled decay moves decayed, trainable leaves: -lr * wd * p.
+    np.testing.assert_allclose(updates["img"]["Dense_0"]["kernel"], -0.05 * np.ones((2, 2)))
+    np.testing.assert_allclose(updates["img"]["Dense_0"]["bias"], np.zeros(2))
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["txt"]["kernel"], np.zeros((2, 2)))
+    assert np.all(np.asarray(updates["img"]["Dense_0"]["bias"]) < 0)
 
 
 def test_matches_optax_adamw_without_masks():
-  params = {"w": jnp.arange(6.0).reshape(2, 3)}
-  grads = {"w": jnp.linspace(-1, 1, 6).reshape(2, 3)}
-  tx, _ = make_optimizer(_optim(weight_decay=0.01, no_decay=[]), 10)
-  ref = optax.adamw(0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
-  u1, _ = tx.update(grads, tx.init(params), params)
-  u2, _ = ref.update(grads, ref.init(params), params)
-  np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    grads = {"w": jnp.linspace(-1, 1, 6).reshape(2, 3)}
+    tx, _ = make_optimizer(_optim(weight_decay=0.01, no_decay=[]), 10)
+    ref = optax.adamw(0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    u1, _ = tx.update(grads, tx.init(params), params)
+    u2, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)

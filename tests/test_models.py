@@ -50,8 +50,12 @@ def test_vit_shapes_and_param_names(pool_type):
     assert params["pos_embedding"].shape == (4, 4, 64)
     assert params["embedding"]["kernel"].shape == (8, 8, 3, 64)
     block = params["Transformer"]["encoderblock_1"]
-    assert set(block) == {"LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1",
-                          "MlpBlock_0"}
+    assert set(block) == {
+        "LayerNorm_0",
+        "MultiHeadDotProductAttention_0",
+        "LayerNorm_1",
+        "MlpBlock_0",
+    }
     assert set(block["MlpBlock_0"]) == {"Dense_0", "Dense_1"}
     assert "encoder_norm" in params["Transformer"]
     assert ("cls" in params) == (pool_type == "tok")
@@ -61,8 +65,9 @@ def test_vit_shapes_and_param_names(pool_type):
     assert aux["patch_grid"].shape == (2, 4, 4, 64)
     np.testing.assert_array_equal(np.asarray(aux["pre_logits"]), np.asarray(out))
     if pool_type == "gap":
-        np.testing.assert_allclose(np.asarray(out), np.asarray(aux["patch_grid"]).mean((1, 2)),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(out), np.asarray(aux["patch_grid"]).mean((1, 2)), atol=1e-5
+        )
 
 
 def test_vit_init_is_deterministic_and_eval_shape_cheap():
@@ -110,8 +115,9 @@ def test_vit_cpe_per_example_and_full_box_equivalence(vit_vars):
         np.testing.assert_allclose(out[i], np.asarray(ref[i]), atol=1e-5)
     # Full boxes with cpe_up_size == grid reproduce the whole PE.
     native = tiny_vit(cpe_up_size=4)
-    full, _ = jax.jit(native.apply)(variables, x,
-                                    crop_boxes=jnp.tile(jnp.array([[0.0, 0, 1, 1]]), (3, 1)))
+    full, _ = jax.jit(native.apply)(
+        variables, x, crop_boxes=jnp.tile(jnp.array([[0.0, 0, 1, 1]]), (3, 1))
+    )
     plain, _ = apply(variables, x)
     np.testing.assert_allclose(np.asarray(full), np.asarray(plain), atol=1e-5)
 
@@ -125,12 +131,15 @@ def test_vit_cpe_requires_native_grid_and_batch_boxes(vit_vars):
         model.apply(variables, images(), crop_boxes=jnp.zeros((3, 4)))
 
 
-@pytest.mark.parametrize("kw, name", [
-    (dict(pool_type="cls"), "pool_type"),
-    (dict(remat_policy="some"), "remat_policy"),
-    (dict(pool_type="tok", window_size=2), "window_size"),
-    (dict(window_size=2, global_blocks=(5,)), "global_blocks"),
-])
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(pool_type="cls"), "pool_type"),
+        (dict(remat_policy="some"), "remat_policy"),
+        (dict(pool_type="tok", window_size=2), "window_size"),
+        (dict(window_size=2, global_blocks=(5,)), "global_blocks"),
+    ],
+)
 def test_vit_rejects_bad_fields(kw, name):
     with pytest.raises(ValueError, match=name):
         tiny_vit(**kw).init(jax.random.key(0), images())
@@ -142,18 +151,19 @@ def test_vit_rejects_indivisible_images():
 
 
 def test_vit_variants():
-    assert vit_variant("B/16") == dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
-                                       patch_size=16)
-    assert vit_variant("L/16") == dict(width=1024, depth=24, mlp_dim=4096, num_heads=16,
-                                       patch_size=16)
-    assert vit_variant("H/14") == dict(width=1280, depth=32, mlp_dim=5120, num_heads=16,
-                                       patch_size=14)
+    assert vit_variant("B/16") == dict(
+        width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16
+    )
+    assert vit_variant("L/16") == dict(
+        width=1024, depth=24, mlp_dim=4096, num_heads=16, patch_size=16
+    )
+    assert vit_variant("H/14") == dict(
+        width=1280, depth=32, mlp_dim=5120, num_heads=16, patch_size=14
+    )
     assert vit_variant("Ti/16")["width"] == 192 and vit_variant("S/16")["num_heads"] == 6
     assert vit_variant("mu/8") == dict(MU, patch_size=8)
-    assert vit_variant("pico/4") == dict(width=96, depth=3, mlp_dim=384, num_heads=3,
-                                         patch_size=4)
-    assert vit_variant("nano/8") == dict(width=128, depth=4, mlp_dim=512, num_heads=4,
-                                         patch_size=8)
+    assert vit_variant("pico/4") == dict(width=96, depth=3, mlp_dim=384, num_heads=3, patch_size=4)
+    assert vit_variant("nano/8") == dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8)
     for bad in ["X/16", "B", "B16", "B/0", "b/16", "/16"]:
         with pytest.raises(ValueError, match=bad):
             vit_variant(bad)
@@ -183,21 +193,22 @@ def test_vit_remat_matches_no_remat(policy):
     remat = tiny_vit(depth=1, remat_policy=policy)
     variables = plain.init(jax.random.key(0), x)
     remat_shapes = jax.eval_shape(remat.init, jax.random.key(0), x)  # same parameter layout
-    assert (jax.tree_util.tree_structure(remat_shapes)
-            == jax.tree_util.tree_structure(variables))
+    assert jax.tree_util.tree_structure(remat_shapes) == jax.tree_util.tree_structure(variables)
 
     def loss(model):
         def fn(v):
             out, _ = model.apply(v, x, crop_boxes=boxes, train=True)
-            return jnp.sum(out ** 2)
+            return jnp.sum(out**2)
+
         return jax.jit(jax.value_and_grad(fn))
 
     v0, g0 = loss(plain)(variables)
     v1, g1 = loss(remat)(variables)
     np.testing.assert_allclose(float(v0), float(v1), rtol=1e-5)
     assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(g0)) > 0
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-                           g0, g1)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g0, g1
+    )
 
 
 def test_vit_dropout_only_in_train(vit_vars):
@@ -250,8 +261,7 @@ def tiny_text(**kw):
     return TextTransformer(**args)
 
 
-TOKENS = jnp.array([[3, 9, 4, 0, 0, 0],
-                    [7, 7, 8, 2, 5, 11]], jnp.int32)
+TOKENS = jnp.array([[3, 9, 4, 0, 0, 0], [7, 7, 8, 2, 5, 11]], jnp.int32)
 
 
 @pytest.mark.parametrize("pool_type", ["mean", "last", "first", "map"])
@@ -262,8 +272,9 @@ def test_text_shapes(pool_type):
     assert variables["params"]["embedding"]["embedding"].shape == (50, 64)
     out, aux = model.apply(variables, TOKENS)
     assert out.shape == (2, 64) and aux["tokens"].shape == (2, 6, 64)
-    np.testing.assert_array_equal(np.asarray(aux["valid"]),
-                                  [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(
+        np.asarray(aux["valid"]), [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+    )
 
 
 def test_text_pooling_reads_the_right_tokens():
@@ -274,8 +285,9 @@ def test_text_pooling_reads_the_right_tokens():
         out, aux = model.apply(variables, TOKENS)
         tok = np.asarray(aux["tokens"])
         for i, n in enumerate(lengths):
-            expected = {"mean": tok[i, :n].mean(0), "last": tok[i, n - 1],
-                        "first": tok[i, 0]}[pool_type]
+            expected = {"mean": tok[i, :n].mean(0), "last": tok[i, n - 1], "first": tok[i, 0]}[
+                pool_type
+            ]
             np.testing.assert_allclose(np.asarray(out[i]), expected, atol=1e-5)
 
 
@@ -313,8 +325,11 @@ def test_text_remat_matches_no_remat():
     def grads(model):
         return jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, TOKENS)[0] ** 2)))(variables)
 
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-                           grads(plain), grads(remat))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+        grads(plain),
+        grads(remat),
+    )
 
 
 def test_text_variants():
@@ -331,8 +346,11 @@ def test_text_variants():
 # Two towers
 # ---------------------------------------------------------------------------------------------
 def tiny_two_tower(**kw):
-    args = dict(image=dict(MU, patch_size=8, posemb_grid=(4, 4), cpe_up_size=8),
-                text=dict(MU, vocab_size=50, max_len=12), embed_dim=32)
+    args = dict(
+        image=dict(MU, patch_size=8, posemb_grid=(4, 4), cpe_up_size=8),
+        text=dict(MU, vocab_size=50, max_len=12),
+        embed_dim=32,
+    )
     args.update(kw)
     return TwoTower(**args)
 
@@ -355,8 +373,9 @@ def test_two_tower_embeddings_scale_and_methods():
     assert aux["img/patch_grid"].shape == (2, 4, 4, 64) and aux["txt/tokens"].shape == (2, 6, 64)
     # The image embedding is the normalised projection of the tower's pooled features.
     proj = np.asarray(aux["img/pre_logits"]) @ np.asarray(params["img_proj"]["kernel"])
-    np.testing.assert_allclose(np.asarray(zimg),
-                               proj / np.linalg.norm(proj, axis=-1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(zimg), proj / np.linalg.norm(proj, axis=-1, keepdims=True), atol=1e-5
+    )
 
     zi = model.apply(variables, x, method=TwoTower.embed_images)
     zt = model.apply(variables, TOKENS, method=TwoTower.embed_texts)
@@ -384,9 +403,11 @@ def test_two_tower_without_bias_and_eval_shape():
 
 
 def test_two_tower_bfloat16():
-    model = tiny_two_tower(dtype=jnp.bfloat16,
-                           image=dict(MU, depth=1, patch_size=8, posemb_grid=(4, 4)),
-                           text=dict(MU, depth=1, vocab_size=50, max_len=12))
+    model = tiny_two_tower(
+        dtype=jnp.bfloat16,
+        image=dict(MU, depth=1, patch_size=8, posemb_grid=(4, 4)),
+        text=dict(MU, depth=1, vocab_size=50, max_len=12),
+    )
     x = images()
     variables = model.init(jax.random.key(0), x, TOKENS)
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))

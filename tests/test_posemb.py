@@ -23,8 +23,12 @@ def np_sample(grid: np.ndarray, y: float, x: float) -> np.ndarray:
     ya, xa = int(math.floor(y)), int(math.floor(x))
     yb, xb = min(ya + 1, h - 1), min(xa + 1, w - 1)
     dy, dx = y - ya, x - xa
-    return ((1 - dy) * (1 - dx) * grid[ya, xa] + (1 - dy) * dx * grid[ya, xb]
-            + dy * (1 - dx) * grid[yb, xa] + dy * dx * grid[yb, xb])
+    return (
+        (1 - dy) * (1 - dx) * grid[ya, xa]
+        + (1 - dy) * dx * grid[ya, xb]
+        + dy * (1 - dx) * grid[yb, xa]
+        + dy * dx * grid[yb, xb]
+    )
 
 
 def np_resize(grid: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -79,8 +83,9 @@ def test_crop_matches_numpy_loops(pe, up_size):
     boxes[1] = [0.9, 0.0, 1.0, 0.05]  # tiny box at an edge: exercises clamping
     out = crop_pos_embed(jnp.asarray(pe), jnp.asarray(boxes), up_size=up_size)
     assert out.shape == (4, 5, 4, 3) and out.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out), np_crop(pe.astype(np.float64), boxes, up_size),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out), np_crop(pe.astype(np.float64), boxes, up_size), atol=1e-5
+    )
 
 
 def test_different_boxes_give_different_embeddings(pe):
@@ -100,12 +105,24 @@ def test_crop_matches_torchvision_roi_align(pe):
     boxes[0] = [0.0, 0.0, 1.0, 1.0]
     # Upsampled grid from torch (independent of the code under test).
     grid = torch.from_numpy(pe.astype(np.float64)).permute(2, 0, 1)[None]
-    up_grid = torch.nn.functional.interpolate(grid, size=(up, up), mode="bilinear",
-                                              align_corners=False)
-    rois = torch.from_numpy(np.stack([np.zeros(len(boxes)), boxes[:, 1] * up, boxes[:, 0] * up,
-                                      boxes[:, 3] * up, boxes[:, 2] * up], axis=1))
-    ref = torchvision.ops.roi_align(up_grid, rois, output_size=(h, w), spatial_scale=1.0,
-                                    sampling_ratio=1, aligned=True)
+    up_grid = torch.nn.functional.interpolate(
+        grid, size=(up, up), mode="bilinear", align_corners=False
+    )
+    rois = torch.from_numpy(
+        np.stack(
+            [
+                np.zeros(len(boxes)),
+                boxes[:, 1] * up,
+                boxes[:, 0] * up,
+                boxes[:, 3] * up,
+                boxes[:, 2] * up,
+            ],
+            axis=1,
+        )
+    )
+    ref = torchvision.ops.roi_align(
+        up_grid, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True
+    )
     ref = ref.permute(0, 2, 3, 1).numpy()
     out = crop_pos_embed(jnp.asarray(pe), jnp.asarray(boxes), up_size=up)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
@@ -163,8 +180,9 @@ def test_resize_matches_jax_image_torch_and_numpy(pe, out_hw):
     ref_jax = jax.image.resize(jnp.asarray(pe), (*out_hw, 3), "bilinear", antialias=False)
     np.testing.assert_allclose(out, np.asarray(ref_jax), atol=1e-5)
     grid = torch.from_numpy(pe).permute(2, 0, 1)[None]
-    ref_torch = torch.nn.functional.interpolate(grid, size=out_hw, mode="bilinear",
-                                                align_corners=False)
+    ref_torch = torch.nn.functional.interpolate(
+        grid, size=out_hw, mode="bilinear", align_corners=False
+    )
     np.testing.assert_allclose(out, ref_torch[0].permute(1, 2, 0).numpy(), atol=1e-5)
     np.testing.assert_allclose(out, np_resize(pe.astype(np.float64), *out_hw), atol=1e-5)
 
@@ -204,8 +222,9 @@ def test_sampled_boxes_are_valid_and_respect_ranges():
 
 
 def test_area_is_uniform_without_clipping():
-    boxes = np.asarray(sample_crop_boxes(jax.random.key(1), 20000, scale=(0.1, 1.0),
-                                         ratio=(1.0, 1.0)))
+    boxes = np.asarray(
+        sample_crop_boxes(jax.random.key(1), 20000, scale=(0.1, 1.0), ratio=(1.0, 1.0))
+    )
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     assert abs(area.mean() - 0.55) < 0.01
     for q in (0.25, 0.5, 0.75):  # CDF of U(0.1, 1)
@@ -214,8 +233,9 @@ def test_area_is_uniform_without_clipping():
 
 
 def test_positions_uniform_for_fixed_size():
-    boxes = np.asarray(sample_crop_boxes(jax.random.key(2), 20000, scale=(0.25, 0.25),
-                                         ratio=(1.0, 1.0)))
+    boxes = np.asarray(
+        sample_crop_boxes(jax.random.key(2), 20000, scale=(0.25, 0.25), ratio=(1.0, 1.0))
+    )
     np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], 0.5, atol=1e-5)
     assert abs(boxes[:, 0].mean() - 0.25) < 0.005 and abs(boxes[:, 1].mean() - 0.25) < 0.005
     assert abs(boxes[:, 0].std() - 0.5 / math.sqrt(12)) < 0.005
@@ -230,15 +250,18 @@ def test_sampler_is_deterministic_and_jittable():
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(scale=(0.0, 1.0)), "scale"),
-    (dict(scale=(0.5, 0.2)), "scale"),
-    (dict(scale=(0.1, 1.5)), "scale"),
-    (dict(scale=(0.1,)), "scale"),
-    (dict(ratio=(-1.0, 2.0)), "ratio"),
-    (dict(ratio=(0.0, 2.0)), "ratio"),
-    (dict(ratio=(2.0, 0.5)), "ratio"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(scale=(0.0, 1.0)), "scale"),
+        (dict(scale=(0.5, 0.2)), "scale"),
+        (dict(scale=(0.1, 1.5)), "scale"),
+        (dict(scale=(0.1,)), "scale"),
+        (dict(ratio=(-1.0, 2.0)), "ratio"),
+        (dict(ratio=(0.0, 2.0)), "ratio"),
+        (dict(ratio=(2.0, 0.5)), "ratio"),
+    ],
+)
 def test_sampler_rejects_bad_ranges(kwargs, name):
     with pytest.raises(ValueError, match=name):
         sample_crop_boxes(jax.random.key(0), 4, **kwargs)

@@ -171,9 +171,7 @@ def contrastive_loss_fn(kind: str, *, alpha: float = 0.5, gamma: float = 1.0) ->
 # ---------------------------------------------------------------------------------------------------
 
 
-def _block_logits(
-    zimg: jax.Array, ztxt: jax.Array, scale: jax.Array, bias: jax.Array
-) -> jax.Array:
+def _block_logits(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
     """[b, E] x [b, E] -> [b, b] logits in the loss compute dtype."""
     dtype = _compute_dtype(jnp.result_type(zimg, ztxt))
     sims = jnp.einsum("ie,je->ij", zimg, ztxt, preferred_element_type=dtype)

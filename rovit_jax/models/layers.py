@@ -47,8 +47,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 def transformer_size(name: str) -> dict[str, int]:
     """Returns {width, depth, mlp_dim, num_heads} of a size name such as "B" or "mu"."""
     if name not in TRANSFORMER_SIZES:
-        raise ValueError(
-            f"unknown variant {name!r}; known sizes: {sorted(TRANSFORMER_SIZES)}")
+        raise ValueError(f"unknown variant {name!r}; known sizes: {sorted(TRANSFORMER_SIZES)}")
     width, depth, mlp_dim, num_heads = TRANSFORMER_SIZES[name]
     return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
 
@@ -67,9 +66,12 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        dense = dict(dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=nn.initializers.xavier_uniform(),
-                     bias_init=nn.initializers.normal(stddev=1e-6))
+        dense = dict(
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+        )
         d = x.shape[-1]
         x = nn.Dense(self.mlp_dim, name="Dense_0", **dense)(x)
         x = nn.gelu(x)
@@ -77,8 +79,9 @@ class MlpBlock(nn.Module):
         return nn.Dense(d, name="Dense_1", **dense)(x)
 
 
-def _window_partition(x: jax.Array, grid_hw: tuple[int, int], window: int
-                      ) -> tuple[jax.Array, jax.Array]:
+def _window_partition(
+    x: jax.Array, grid_hw: tuple[int, int], window: int
+) -> tuple[jax.Array, jax.Array]:
     """Splits [B, h*w, D] tokens into windows.
 
     Returns:
@@ -127,13 +130,18 @@ class Encoder1DBlock(nn.Module):
     grid_hw: tuple[int, int] | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
+    ) -> jax.Array:
         """x: [B, N, D]; mask: None or bool broadcastable to [B, heads, N, N] (True = attend)."""
         attn = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
-            kernel_init=nn.initializers.xavier_uniform(), deterministic=deterministic,
-            name="MultiHeadDotProductAttention_0")
+            num_heads=self.num_heads,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.xavier_uniform(),
+            deterministic=deterministic,
+            name="MultiHeadDotProductAttention_0",
+        )
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
         if self.window_size > 0:
             if mask is not None:
@@ -141,7 +149,8 @@ class Encoder1DBlock(nn.Module):
             if self.grid_hw is None or self.grid_hw[0] * self.grid_hw[1] != x.shape[1]:
                 raise ValueError(
                     f"window attention needs grid_hw with h*w == {x.shape[1]} tokens, "
-                    f"got grid_hw={self.grid_hw!r}")
+                    f"got grid_hw={self.grid_hw!r}"
+                )
             win, valid = _window_partition(y, self.grid_hw, self.window_size)
             win = attn(win, win, mask=valid[:, None, None, :])
             y = _window_merge(win, x.shape[0], self.grid_hw, self.window_size)
@@ -150,8 +159,9 @@ class Encoder1DBlock(nn.Module):
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x = x + y
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_1")(x)
-        y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
-                     name="MlpBlock_0")(y, deterministic)
+        y = MlpBlock(
+            mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype, name="MlpBlock_0"
+        )(y, deterministic)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         return x + y
 
@@ -172,25 +182,36 @@ class Encoder(nn.Module):
     grid_hw: tuple[int, int] | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True,
-                 mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x: [B, N, D] -> (normed [B, N, D], aux {"block_{i}": [B, N, D]})."""
         check_remat_policy(self.remat_policy)
         if self.window_sizes and len(self.window_sizes) != self.depth:
-            raise ValueError(f"window_sizes must have depth={self.depth} entries, "
-                             f"got {self.window_sizes!r}")
+            raise ValueError(
+                f"window_sizes must have depth={self.depth} entries, got {self.window_sizes!r}"
+            )
         block_cls = Encoder1DBlock
         if self.remat_policy != "none":
-            policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-                      if self.remat_policy == "dots" else None)
+            policy = (
+                jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+                if self.remat_policy == "dots"
+                else None
+            )
             # Argument 2 (`deterministic`; 0 is self) selects Python control flow: keep it static.
             block_cls = nn.remat(Encoder1DBlock, policy=policy, static_argnums=(2,))
         aux = {}
         for i in range(self.depth):
             window = self.window_sizes[i] if self.window_sizes else 0
-            x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                          dtype=self.dtype, window_size=window, grid_hw=self.grid_hw,
-                          name=f"encoderblock_{i}")(x, deterministic, mask)
+            x = block_cls(
+                mlp_dim=self.mlp_dim,
+                num_heads=self.num_heads,
+                dropout=self.dropout,
+                dtype=self.dtype,
+                window_size=window,
+                grid_hw=self.grid_hw,
+                name=f"encoderblock_{i}",
+            )(x, deterministic, mask)
             aux[f"block_{i}"] = x
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), aux
 
@@ -210,9 +231,12 @@ class MAPHead(nn.Module):
         probe = jnp.tile(probe, (b, 1, 1)).astype(self.dtype)
         attn_mask = None if mask is None else mask[:, None, None, :]
         x = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
+            num_heads=self.num_heads,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
             kernel_init=nn.initializers.xavier_uniform(),
-            name="MultiHeadDotProductAttention_0")(probe, x, mask=attn_mask)
+            name="MultiHeadDotProductAttention_0",
+        )(probe, x, mask=attn_mask)
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
         x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
         return x[:, 0]

@@ -69,8 +69,9 @@ class TextTransformer(nn.Module):
     remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, train: bool = False
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, tokens: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Encodes token ids.
 
         Args:
@@ -82,8 +83,7 @@ class TextTransformer(nn.Module):
           aux["valid"] [B, L] bool, aux["pre_logits"] = pooled, aux["block_{i}"].
         """
         if self.pool_type not in TEXT_POOL_TYPES:
-            raise ValueError(
-                f"pool_type must be one of {TEXT_POOL_TYPES}, got {self.pool_type!r}")
+            raise ValueError(f"pool_type must be one of {TEXT_POOL_TYPES}, got {self.pool_type!r}")
         check_remat_policy(self.remat_policy)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, L], got shape {tuple(tokens.shape)}")
@@ -93,17 +93,31 @@ class TextTransformer(nn.Module):
 
         # Cumulative product: every position from the first pad on is invalid.
         valid = jnp.cumprod((tokens != self.pad_id).astype(jnp.int32), axis=1).astype(bool)
-        x = nn.Embed(self.vocab_size, self.width, param_dtype=jnp.float32,
-                     embedding_init=nn.initializers.normal(stddev=self.width ** -0.5),
-                     name="embedding")(tokens)
-        pe = self.param("pos_embedding", nn.initializers.normal(stddev=self.width ** -0.5),
-                        (self.max_len, self.width), jnp.float32)
+        x = nn.Embed(
+            self.vocab_size,
+            self.width,
+            param_dtype=jnp.float32,
+            embedding_init=nn.initializers.normal(stddev=self.width**-0.5),
+            name="embedding",
+        )(tokens)
+        pe = self.param(
+            "pos_embedding",
+            nn.initializers.normal(stddev=self.width**-0.5),
+            (self.max_len, self.width),
+            jnp.float32,
+        )
         x = (x + pe[None, :length]).astype(self.dtype)
         x = nn.Dropout(rate=self.dropout)(x, not train)
 
-        x, aux = Encoder(depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                         dropout=self.dropout, dtype=self.dtype, remat_policy=self.remat_policy,
-                         name="Transformer")(x, not train, valid[:, None, None, :])
+        x, aux = Encoder(
+            depth=self.depth,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            remat_policy=self.remat_policy,
+            name="Transformer",
+        )(x, not train, valid[:, None, None, :])
         aux["tokens"] = x
         aux["valid"] = valid
 
@@ -117,7 +131,8 @@ class TextTransformer(nn.Module):
         elif self.pool_type == "first":
             pooled = x[:, 0]
         else:
-            pooled = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
-                             name="MAPHead_0")(x, valid)
+            pooled = MAPHead(
+                num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, name="MAPHead_0"
+            )(x, valid)
         aux["pre_logits"] = pooled
         return pooled, aux

@@ -58,8 +58,9 @@ class TwoTower(nn.Module):
         proj = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
         self.img_proj = nn.Dense(self.embed_dim, **proj)
         self.txt_proj = nn.Dense(self.embed_dim, **proj)
-        self.t = self.param("t", nn.initializers.constant(math.log(self.temperature_init)),
-                            (), jnp.float32)
+        self.t = self.param(
+            "t", nn.initializers.constant(math.log(self.temperature_init)), (), jnp.float32
+        )
         if self.bias_init is not None:
             self.b = self.param("b", nn.initializers.constant(self.bias_init), (), jnp.float32)
 
@@ -71,8 +72,9 @@ class TwoTower(nn.Module):
         feats, aux = self.txt(tokens, train=train)
         return l2_normalize(self.txt_proj(feats)), aux
 
-    def embed_images(self, images: jax.Array, *, crop_boxes: jax.Array | None = None,
-                     train: bool = False) -> jax.Array:
+    def embed_images(
+        self, images: jax.Array, *, crop_boxes: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         """[B, H, W, 3] images (optional [B, 4] CPE boxes) -> [B, E] unit-norm float32."""
         return self._embed_images(images, crop_boxes, train)[0]
 
@@ -80,9 +82,14 @@ class TwoTower(nn.Module):
         """[B, L] token ids -> [B, E] unit-norm float32."""
         return self._embed_texts(tokens, train)[0]
 
-    def __call__(self, images: jax.Array | None, tokens: jax.Array | None, *,
-                 crop_boxes: jax.Array | None = None, train: bool = False
-                 ) -> tuple[tuple[jax.Array | None, jax.Array | None], dict[str, jax.Array]]:
+    def __call__(
+        self,
+        images: jax.Array | None,
+        tokens: jax.Array | None,
+        *,
+        crop_boxes: jax.Array | None = None,
+        train: bool = False,
+    ) -> tuple[tuple[jax.Array | None, jax.Array | None], dict[str, jax.Array]]:
         """Embeds images and/or texts (either may be None).
 
         Initialise with both present so that both towers get parameters.

@@ -84,15 +84,18 @@ class ViT(nn.Module):
         if self.window_size < 0:
             raise ValueError(f"window_size must be >= 0, got {self.window_size!r}")
         if self.window_size > 0 and self.pool_type == "tok":
-            raise ValueError("window_size > 0 needs a pure patch grid; pool_type='tok' adds a "
-                             "CLS token")
+            raise ValueError(
+                "window_size > 0 needs a pure patch grid; pool_type='tok' adds a CLS token"
+            )
         if any(not 0 <= i < self.depth for i in self.global_blocks):
-            raise ValueError(f"global_blocks must index blocks in [0, {self.depth}), "
-                             f"got {self.global_blocks!r}")
+            raise ValueError(
+                f"global_blocks must index blocks in [0, {self.depth}), got {self.global_blocks!r}"
+            )
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, crop_boxes: jax.Array | None = None,
-                 train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, images: jax.Array, *, crop_boxes: jax.Array | None = None, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Encodes images.
 
         Args:
@@ -112,20 +115,32 @@ class ViT(nn.Module):
         b, img_h, img_w, _ = images.shape
         p = self.patch_size
         if img_h % p or img_w % p:
-            raise ValueError(f"image size {(img_h, img_w)} is not a multiple of "
-                             f"patch_size={p}")
+            raise ValueError(f"image size {(img_h, img_w)} is not a multiple of patch_size={p}")
         aux = {}
-        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    param_dtype=jnp.float32, name="embedding")(images.astype(self.dtype))
+        x = nn.Conv(
+            self.width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="embedding",
+        )(images.astype(self.dtype))
         gh, gw = x.shape[1:3]
         aux["stem"] = x
 
-        pe = self.param("pos_embedding", nn.initializers.normal(stddev=self.width ** -0.5),
-                        (*self.posemb_grid, self.width), jnp.float32)
+        pe = self.param(
+            "pos_embedding",
+            nn.initializers.normal(stddev=self.width**-0.5),
+            (*self.posemb_grid, self.width),
+            jnp.float32,
+        )
         if crop_boxes is not None:
             if (gh, gw) != tuple(self.posemb_grid):
-                raise ValueError(f"crop_boxes need the patch grid {(gh, gw)} to equal "
-                                 f"posemb_grid={tuple(self.posemb_grid)}")
+                raise ValueError(
+                    f"crop_boxes need the patch grid {(gh, gw)} to equal "
+                    f"posemb_grid={tuple(self.posemb_grid)}"
+                )
             if crop_boxes.shape != (b, 4):
                 raise ValueError(f"crop_boxes must be [{b}, 4], got {tuple(crop_boxes.shape)}")
             x = x + crop_pos_embed(pe, crop_boxes, up_size=self.cpe_up_size).astype(self.dtype)
@@ -135,21 +150,31 @@ class ViT(nn.Module):
 
         if self.pool_type == "tok":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width), jnp.float32)
-            cls_pe = self.param("cls_pos_embedding",
-                                nn.initializers.normal(stddev=self.width ** -0.5),
-                                (1, 1, self.width), jnp.float32)
-            x = jnp.concatenate([jnp.tile((cls + cls_pe).astype(self.dtype), (b, 1, 1)), x],
-                                axis=1)
+            cls_pe = self.param(
+                "cls_pos_embedding",
+                nn.initializers.normal(stddev=self.width**-0.5),
+                (1, 1, self.width),
+                jnp.float32,
+            )
+            x = jnp.concatenate([jnp.tile((cls + cls_pe).astype(self.dtype), (b, 1, 1)), x], axis=1)
         x = nn.Dropout(rate=self.dropout)(x, not train)
 
         window_sizes = ()
         if self.window_size > 0:
-            window_sizes = tuple(0 if i in self.global_blocks else self.window_size
-                                 for i in range(self.depth))
-        x, enc_aux = Encoder(depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                             dropout=self.dropout, dtype=self.dtype,
-                             remat_policy=self.remat_policy, window_sizes=window_sizes,
-                             grid_hw=(gh, gw), name="Transformer")(x, not train)
+            window_sizes = tuple(
+                0 if i in self.global_blocks else self.window_size for i in range(self.depth)
+            )
+        x, enc_aux = Encoder(
+            depth=self.depth,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            remat_policy=self.remat_policy,
+            window_sizes=window_sizes,
+            grid_hw=(gh, gw),
+            name="Transformer",
+        )(x, not train)
         aux.update(enc_aux)
 
         patches = x[:, 1:] if self.pool_type == "tok" else x
@@ -159,7 +184,8 @@ class ViT(nn.Module):
         elif self.pool_type == "tok":
             pooled = x[:, 0]
         else:
-            pooled = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
-                             name="MAPHead_0")(x)
+            pooled = MAPHead(
+                num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, name="MAPHead_0"
+            )(x)
         aux["pre_logits"] = pooled
         return pooled, aux

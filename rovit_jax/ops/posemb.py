@@ -37,8 +37,10 @@ def _interp_matrix(coords: jax.Array, size: int) -> jax.Array:
     frac = coords - lo
     lo = lo.astype(jnp.int32)
     hi = jnp.minimum(lo + 1, size - 1)
-    return (jax.nn.one_hot(lo, size, dtype=jnp.float32) * (1.0 - frac)[..., None]
-            + jax.nn.one_hot(hi, size, dtype=jnp.float32) * frac[..., None])
+    return (
+        jax.nn.one_hot(lo, size, dtype=jnp.float32) * (1.0 - frac)[..., None]
+        + jax.nn.one_hot(hi, size, dtype=jnp.float32) * frac[..., None]
+    )
 
 
 def _resize_matrix(in_size: int, out_size: int) -> jax.Array:
@@ -49,8 +51,7 @@ def _resize_matrix(in_size: int, out_size: int) -> jax.Array:
 
 def _check_pos_embed(pos_embed: jax.Array) -> None:
     if pos_embed.ndim != 3:
-        raise ValueError(
-            f"pos_embed must be [H, W, D] (3-D), got shape {tuple(pos_embed.shape)}")
+        raise ValueError(f"pos_embed must be [H, W, D] (3-D), got shape {tuple(pos_embed.shape)}")
 
 
 def _check_size(name: str, value: int) -> int:
@@ -117,8 +118,7 @@ def crop_pos_embed(pos_embed: jax.Array, boxes: jax.Array, *, up_size: int) -> j
 
     def bin_centres(lo: jax.Array, hi: jax.Array, n: int) -> jax.Array:  # [B, n]
         steps = jnp.arange(n, dtype=jnp.float32) + 0.5
-        return (lo[:, None] * up_size + steps[None, :] * ((hi - lo) * up_size / n)[:, None]
-                - 0.5)
+        return lo[:, None] * up_size + steps[None, :] * ((hi - lo) * up_size / n)[:, None] - 0.5
 
     crop_y = _interp_matrix(bin_centres(y0, y1, in_h), up_size)  # [B, H, up]
     crop_x = _interp_matrix(bin_centres(x0, x1, in_w), up_size)  # [B, W, up]
@@ -129,8 +129,9 @@ def crop_pos_embed(pos_embed: jax.Array, boxes: jax.Array, *, up_size: int) -> j
     return out.astype(pos_embed.dtype)
 
 
-def _check_range(name: str, rng: tuple[float, float], *,
-                 upper: float | None) -> tuple[float, float]:
+def _check_range(
+    name: str, rng: tuple[float, float], *, upper: float | None
+) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in rng)
     except (TypeError, ValueError):
@@ -142,8 +143,13 @@ def _check_range(name: str, rng: tuple[float, float], *,
     return lo, hi
 
 
-def sample_crop_boxes(rng: jax.Array, batch: int, *, scale: tuple[float, float] = (0.1, 1.0),
-                      ratio: tuple[float, float] = (0.5, 2.0)) -> jax.Array:
+def sample_crop_boxes(
+    rng: jax.Array,
+    batch: int,
+    *,
+    scale: tuple[float, float] = (0.1, 1.0),
+    ratio: tuple[float, float] = (0.5, 2.0),
+) -> jax.Array:
     """Random-Resized-Crop style boxes in normalised coordinates (fixed shape, no rejection).
 
     Area fraction ~ U(scale), aspect ratio w/h ~ logU(ratio), h = sqrt(area / ratio),

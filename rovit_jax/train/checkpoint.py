@@ -10,49 +10,60 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Keeps the last `keep` checkpoints of `{state, input}` under `<workdir>/checkpoints`.
+    """Keeps the last `keep` checkpoints of `{state, input}` under `<workdir>/checkpoints`.
 
-  Saving is asynchronous (training continues while the write finishes); a checkpoint directory
-  only appears under its final name once complete, so a crash mid-write never shadows the
-  previous good one. `restore_latest` restores directly onto the given shardings, so a
-  checkpoint written on one mesh loads on another.
-  """
+    Saving is asynchronous (training continues while the write finishes); a checkpoint directory
+    only appears under its final name once complete, so a crash mid-write never shadows the
+    previous good one. `restore_latest` restores directly onto the given shardings, so a
+    checkpoint written on one mesh loads on another.
+    """
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "input"))
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "input")
+        )
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, input_state: dict[str, Any], *, force: bool = False
-           ) -> bool:
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      input=ocp.args.JsonSave(input_state)), force=force)
+    def save(
+        self, step: int, state: Any, input_state: dict[str, Any], *, force: bool = False
+    ) -> bool:
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), input=ocp.args.JsonSave(input_state)
+            ),
+            force=force,
+        )
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      input=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["input"] or {})
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), input=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["input"] or {})
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs that carry target shardings, for restoring onto a (possibly new) mesh."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_state, shardings)
+    """ShapeDtypeStructs that carry target shardings, for restoring onto a (possibly new) mesh."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )

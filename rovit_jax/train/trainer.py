@@ -22,80 +22,104 @@ State = dict[str, Any]  # {"params", "opt_state", "step"}
 
 
 class Task(Protocol):
-  """What a task (pretraining, detection, ...) plugs into the shared loop."""
+    """What a task (pretraining, detection, ...) plugs into the shared loop."""
 
-  config: ml_collections.ConfigDict
+    config: ml_collections.ConfigDict
 
-  def validate(self, mesh: Mesh) -> None:
-    """Raises ValueError naming the config key for any bad setting, before compiling."""
+    def validate(self, mesh: Mesh) -> None:
+        """Raises ValueError naming the config key for any bad setting, before compiling."""
 
-  def init_params(self, rng: jax.Array) -> Any:
-    """Fresh parameters (a pure function, traced under eval_shape and jit)."""
+    def init_params(self, rng: jax.Array) -> Any:
+        """Fresh parameters (a pure function, traced under eval_shape and jit)."""
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Scalar loss and a dict of scalar metrics for one global batch."""
+    def loss_fn(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Scalar loss and a dict of scalar metrics for one global batch."""
 
-  def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """Global shapes of one training batch (for ahead-of-time compilation)."""
+    def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shapes of one training batch (for ahead-of-time compilation)."""
 
 
 class Trainer:
-  """Holds the jitted init and train step of a task on a mesh."""
+    """Holds the jitted init and train step of a task on a mesh."""
 
-  def __init__(self, config: ml_collections.ConfigDict, task: Task, mesh: Mesh):
-    self.config, self.task, self.mesh = config, task, mesh
-    self.tx, self.schedule = make_optimizer(config.optim, int(config.total_steps))
-    self.rng = jax.random.key(int(config.seed))
-    init_rng, self.step_rng = jax.random.split(self.rng)
-    self._init_rng = init_rng
+    def __init__(self, config: ml_collections.ConfigDict, task: Task, mesh: Mesh):
+        self.config, self.task, self.mesh = config, task, mesh
+        self.tx, self.schedule = make_optimizer(config.optim, int(config.total_steps))
+        self.rng = jax.random.key(int(config.seed))
+        init_rng, self.step_rng = jax.random.split(self.rng)
+        self._init_rng = init_rng
 
-    self.abstract_state = jax.eval_shape(self._init_state, init_rng)
-    self.state_shardings = mesh_lib.infer_shardings(
-        self.abstract_state, mesh, [tuple(r) for r in config.sharding_rules],
-        fsdp_min_size=int(config.get("fsdp_min_size", 2**14)))
-    self.batch_sharding = mesh_lib.batch_sharding(mesh)
-    self.replicated = mesh_lib.replicated(mesh)
-    self._jit_init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-    self.train_step = jax.jit(
-        self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+        self.abstract_state = jax.eval_shape(self._init_state, init_rng)
+        self.state_shardings = mesh_lib.infer_shardings(
+            self.abstract_state,
+            mesh,
+            [tuple(r) for r in config.sharding_rules],
+            fsdp_min_size=int(config.get("fsdp_min_size", 2**14)),
+        )
+        self.batch_sharding = mesh_lib.batch_sharding(mesh)
+        self.replicated = mesh_lib.replicated(mesh)
+        self._jit_init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=(0,),
+        )
 
-  def _init_state(self, rng: jax.Array) -> State:
-    params = self.task.init_params(rng)
-    return {"params": params, "opt_state": self.tx.init(params),
-            "step": jnp.zeros((), jnp.int32)}
+    def _init_state(self, rng: jax.Array) -> State:
+        params = self.task.init_params(rng)
+        return {
+            "params": params,
+            "opt_state": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+        }
 
-  def init_state(self) -> State:
-    return self._jit_init(self._init_rng)
+    def init_state(self) -> State:
+        return self._jit_init(self._init_rng)
 
-  def _train_step(self, state: State, batch: dict[str, jax.Array]
-                  ) -> tuple[State, dict[str, jax.Array]]:
-    rng = jax.random.fold_in(self.step_rng, state["step"])
-    grad_fn = jax.value_and_grad(self.task.loss_fn, has_aux=True)
-    (loss, metrics), grads = grad_fn(state["params"], batch, rng)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, loss=loss, learning_rate=self.schedule(state["step"]),
-                   grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    def _train_step(
+        self, state: State, batch: dict[str, jax.Array]
+    ) -> tuple[State, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(self.step_rng, state["step"])
+        grad_fn = jax.value_and_grad(self.task.loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(
+            metrics,
+            loss=loss,
+            learning_rate=self.schedule(state["step"]),
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(params),
+        )
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
-  def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Assembles each host's slice of the batch into global arrays sharded over the batch axes."""
-    n = jax.process_count()
-    return {k: jax.make_array_from_process_local_data(
-        self.batch_sharding, v, (v.shape[0] * n,) + v.shape[1:]) for k, v in local_batch.items()}
+    def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assembles each host's slice of the batch into global arrays sharded over the batch axes."""
+        n = jax.process_count()
+        return {
+            k: jax.make_array_from_process_local_data(
+                self.batch_sharding, v, (v.shape[0] * n,) + v.shape[1:]
+            )
+            for k, v in local_batch.items()
+        }
 
-  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
-            for k, v in self.task.batch_shapes().items()}
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        return {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
+            for k, v in self.task.batch_shapes().items()
+        }
 
-  def param_shardings(self) -> Any:
-    return self.state_shardings["params"]
+    def param_shardings(self) -> Any:
+        return self.state_shardings["params"]
 
-  def lower(self):
-    """Lowers the train step for the abstract state and batch (AOT compile, cost analysis)."""
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract_state, self.state_shardings)
-    return self.train_step.lower(abstract, self.abstract_batch())
-
+    def lower(self):
+        """Lowers the train step for the abstract state and batch (AOT compile, cost analysis)."""
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state,
+            self.state_shardings,
+        )
+        return self.train_step.lower(abstract, self.abstract_batch())
