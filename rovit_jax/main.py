@@ -42,11 +42,15 @@ def main(argv):
         jax.device_count(),
     )
     logging.info("config:\n%s", config)
-    task = get_task(config)
+    task = get_task(config, workdir)
     result = run(config, workdir, task)
     if jax.process_index() == 0 and result["eval"]:
         summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result["eval"].items()))
         print(f"[rovit_jax] final evaluation at step {config.total_steps}: {summary}", flush=True)
+        if config.task == "detect":
+            from rovit_jax.tasks.detect_eval import format_table
+
+            print(format_table(result["eval"]), flush=True)
 
 
 if __name__ == "__main__":

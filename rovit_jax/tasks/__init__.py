@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+TASKS = ("pretrain", "detect")
 
-def get_task(config):
+
+def get_task(config, workdir: str = ""):
     """Builds the task named by `config.task` (a typed mapping, not a string registry of classes)."""
     if config.task == "pretrain":
         from rovit_jax.tasks.pretrain import PretrainTask
 
         return PretrainTask(config)
-    raise ValueError(
-        f"config key `task`: unknown task {config.task!r}; choose one of ('pretrain',)"
-    )
+    if config.task == "detect":
+        from rovit_jax.tasks.detect import DetectTask
+
+        return DetectTask(config, workdir)
+    raise ValueError(f"config key `task`: unknown task {config.task!r}; choose one of {TASKS}")

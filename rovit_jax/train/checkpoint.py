@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -67,3 +68,18 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
     )
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
+    """Parameters of a training run's checkpoint (latest when `step` is None), as host arrays.
+
+    Raises FileNotFoundError naming the directory when it holds no checkpoint.
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "input"))
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(f"no checkpoint (step {step}) in {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return jax.tree.map(np.asarray, restored["state"]["params"]), int(step)

@@ -42,6 +42,9 @@ def run(
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if is_chief:
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+        # Later stages (detection finetuning, export) rebuild the model from this file.
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     trainer = Trainer(config, task, mesh)
     checkpointer = Checkpointer(

@@ -65,6 +65,9 @@ def make_optimizer(
             )
         )
     chain.append(optax.scale_by_learning_rate(schedule))
+    lr_mults = [tuple(m) for m in optim.get("lr_mults", ())]
+    if lr_mults:
+        chain.append(scale_by_regex(lr_mults))
     tx = optax.chain(*chain)
     frozen = list(optim.get("frozen", ()))
     if frozen:
@@ -73,3 +76,25 @@ def make_optimizer(
             lambda p: jax.tree.map(lambda f: "frozen" if f else "train", regex_mask(p, frozen)),
         )
     return tx, schedule
+
+
+def scale_by_regex(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiplies the updates of parameters whose path matches a rule's regex (first match wins).
+
+    Used for the detector's reduced backbone learning rate: `[("^backbone/", 0.1)]`.
+    """
+    compiled = [(re.compile(rx), float(m)) for rx, m in rules]
+
+    def mult(path) -> float:
+        name = path_str(path)
+        return next((m for rx, m in compiled if rx.search(name)), 1.0)
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * mult(p), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,121 @@
+"""Defaults for every detection-finetuning config field (paper values where the paper names one).
+
+See PAPER.md in the project's design notes; "unverified" marks values the paper does not state.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from rovit_jax.pretrain_config import NO_DECAY
+
+
+def detect_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "detect"
+    c.seed = 0
+    c.total_steps = 46_000  # unverified (LVIS, ViTDet-style schedule)
+    c.batch_size = 256  # unverified
+    c.log_every = 50
+    c.eval_every = 0
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.sharding_rules = [(".*", "fsdp")]
+    c.fsdp_min_size = 2**14
+    c.compute_dtype = "float32"
+    c.remat = "none"
+
+    # Where the pretrained towers come from: a pretraining run's workdir ("" = <workdir>/pretrain).
+    # With run_pretraining, a missing pretraining run is trained first from `c.pretrain`.
+    c.init = ml_collections.ConfigDict()
+    c.init.pretrain_workdir = ""
+    c.init.run_pretraining = False
+    c.pretrain = ml_collections.ConfigDict()  # a full pretraining config when run_pretraining
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "shapes_world"
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.world = ml_collections.ConfigDict(
+        dict(
+            image_size=128, num_train=6000, num_validation=500, num_test=500, max_objects=6, seed=0
+        )
+    )
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    # Categories held out of detection training (novel): LVIS frequency groups listed here.
+    c.data.novel_frequencies = ("r",)
+
+    c.det = ml_collections.ConfigDict()
+    c.det.image_size = 1024  # paper: 1024 px
+    c.det.scale_range = (0.1, 2.0)  # large-scale jitter
+    c.det.flip = True
+    c.det.max_instances = 100
+    c.det.mask_stride = 4  # gt instance masks kept at image_size / mask_stride for mask targets
+    c.det.window_size = 16  # ViTDet windows: 64x64 grid at 1024/16 -> 4x4 windows
+    c.det.global_blocks = (2, 5, 8, 11)  # blocks 3, 6, 9, 12 of B/16 (0-based)
+    c.det.min_level = 2
+    c.det.max_level = 5
+    c.det.fpn_channels = 256
+
+    c.rpn = ml_collections.ConfigDict()
+    c.rpn.objectness = "centerness"  # "centerness" (localization quality, paper) | "binary"
+    c.rpn.anchor_size = 8.0  # anchor side = anchor_size * stride
+    c.rpn.aspect_ratios = (0.5, 1.0, 2.0)
+    c.rpn.fg_iou = 0.7
+    c.rpn.bg_iou = 0.3
+    c.rpn.batch_per_image = 256
+    c.rpn.positive_fraction = 0.5
+    c.rpn.pre_nms_top_k = 2000
+    c.rpn.nms_iou = 0.7  # paper: proposal NMS 0.7 in training
+    c.rpn.post_nms_top_k = 1000
+
+    c.roi = ml_collections.ConfigDict()
+    c.roi.batch_per_image = 512  # paper: 512 RoIs per image
+    c.roi.positive_fraction = 0.25  # paper: 25% foreground
+    c.roi.fg_iou = 0.5
+    c.roi.pool_size = 7
+    c.roi.mask_pool_size = 14  # 28x28 masks
+    c.roi.mask_loss_weight = 1.0
+
+    c.head = ml_collections.ConfigDict()
+    c.head.conv_dim = 256
+    c.head.fc_dim = 1024
+    c.head.mask_conv_dim = 256
+    c.head.base_temperature = 0.01  # logits = cos / (0.01 / exp(learnable scale))
+
+    c.text = ml_collections.ConfigDict()
+    c.text.templates = "vild"  # prompt ensemble name in detection.text_classifier
+
+    c.infer = ml_collections.ConfigDict()
+    c.infer.pre_nms_top_k = 1000
+    c.infer.post_nms_top_k = 1000
+    c.infer.nms_iou = 0.5  # paper: per-class NMS 0.5
+    c.infer.max_detections = 300  # paper: 300
+    c.infer.score_threshold = 0.0
+    c.infer.vlm_box_scale = 0.7  # boxes shrunk about their centre before VLM pooling
+    c.infer.vlm_temperature = 0.01
+    c.infer.w_base = 0.35  # paper
+    c.infer.w_novel = 0.65  # paper
+    c.infer.objectness_exponent = 3.0  # paper
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4  # unverified
+    c.optim.warmup_steps = 250
+    c.optim.schedule = "cosine"
+    c.optim.end_lr_fraction = 0.0
+    c.optim.weight_decay = 0.1  # ViTDet-style (unverified for RO-ViT)
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0
+    c.optim.no_decay = list(NO_DECAY) + [r"bg_embedding", r"cls_log_scale"]
+    c.optim.frozen = []
+    c.optim.lr_mults = [(r"^backbone/", 0.1)]  # paper: backbone lr x0.1 (unverified)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 8
+    c.eval.num_images = 0  # 0 = the whole evaluation split
+    c.eval.render_images = 2  # detections drawn to PNG in the workdir
+    return c

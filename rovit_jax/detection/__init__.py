@@ -1,0 +1,1 @@
+"""Open-vocabulary detection logic: targets, proposals, RoI sampling, losses and inference."""

@@ -1,0 +1,115 @@
+"""Detection heads: RPN, box head with a text-space class branch, class-agnostic mask head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["RPNHead", "BoxHead", "MaskHead"]
+
+_CONV = dict(param_dtype=jnp.float32)
+
+
+class RPNHead(nn.Module):
+    """Shared over pyramid levels: conv3x3 -> (objectness [A], box [A * 4]) per location.
+
+    In `binary` mode the objectness is a logit of "object vs background" and the box output are
+    anchor deltas; in `centerness` mode the objectness is regressed to the localization quality
+    (centerness) and the box output are (l, t, r, b) distances in units of the level's stride.
+    """
+
+    num_anchors: int
+    channels: int = 256
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: dict[int, jax.Array]) -> dict[int, tuple[jax.Array, jax.Array]]:
+        """{level: [B, H, W, C]} -> {level: (objectness [B, H, W, A], box [B, H, W, A, 4])}."""
+        conv = nn.Conv(self.channels, (3, 3), name="conv", dtype=self.dtype, **_CONV)
+        obj = nn.Conv(
+            self.num_anchors,
+            (1, 1),
+            name="objectness",
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.01),
+            **_CONV,
+        )
+        box = nn.Conv(
+            self.num_anchors * 4,
+            (1, 1),
+            name="box",
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.01),
+            **_CONV,
+        )
+        out = {}
+        for level, x in features.items():
+            h = nn.relu(conv(x))
+            b, hh, ww, _ = h.shape
+            out[level] = (
+                obj(h).astype(jnp.float32),
+                box(h).astype(jnp.float32).reshape(b, hh, ww, self.num_anchors, 4),
+            )
+        return out
+
+
+class BoxHead(nn.Module):
+    """RoI features -> (class-agnostic box deltas [.., 4], region embedding [.., E] unit-norm).
+
+    4 convs + 1 FC with LayerNorm (the paper's head); the class branch projects into the text
+    embedding space so that any vocabulary can be scored by cosine similarity.
+    """
+
+    embed_dim: int
+    conv_dim: int = 256
+    num_convs: int = 4
+    fc_dim: int = 1024
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, roi_features: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """roi_features: [B, R, S, S, C] -> (deltas [B, R, 4], embeddings [B, R, E] float32)."""
+        b, r = roi_features.shape[:2]
+        x = roi_features.reshape((b * r,) + roi_features.shape[2:]).astype(self.dtype)
+        for i in range(self.num_convs):
+            x = nn.Conv(
+                self.conv_dim, (3, 3), use_bias=False, name=f"conv{i}", dtype=self.dtype, **_CONV
+            )(x)
+            x = nn.relu(nn.LayerNorm(name=f"conv{i}_norm", dtype=self.dtype)(x))
+        x = x.reshape(b * r, -1)
+        x = nn.Dense(self.fc_dim, name="fc", dtype=self.dtype, **_CONV)(x)
+        x = nn.relu(nn.LayerNorm(name="fc_norm", dtype=self.dtype)(x))
+        deltas = nn.Dense(
+            4, name="box", dtype=self.dtype, kernel_init=nn.initializers.normal(0.001), **_CONV
+        )(x)
+        emb = nn.Dense(self.embed_dim, name="embed", dtype=self.dtype, **_CONV)(x)
+        emb = emb.astype(jnp.float32)
+        emb = emb * jax.lax.rsqrt(jnp.maximum(jnp.sum(emb * emb, -1, keepdims=True), 1e-12))
+        return deltas.astype(jnp.float32).reshape(b, r, 4), emb.reshape(b, r, -1)
+
+
+class MaskHead(nn.Module):
+    """Class-agnostic mask head: 4 convs, a 2x transposed conv, a 1x1 conv to one logit map."""
+
+    conv_dim: int = 256
+    num_convs: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, roi_features: jax.Array) -> jax.Array:
+        """roi_features: [B, R, S, S, C] -> mask logits [B, R, 2S, 2S] float32."""
+        b, r = roi_features.shape[:2]
+        x = roi_features.reshape((b * r,) + roi_features.shape[2:]).astype(self.dtype)
+        for i in range(self.num_convs):
+            x = nn.Conv(self.conv_dim, (3, 3), name=f"conv{i}", dtype=self.dtype, **_CONV)(x)
+            x = nn.relu(x)
+        x = nn.relu(
+            nn.ConvTranspose(
+                self.conv_dim, (2, 2), strides=(2, 2), name="deconv", dtype=self.dtype, **_CONV
+            )(x)
+        )
+        x = nn.Conv(1, (1, 1), name="logits", dtype=self.dtype, **_CONV)(x)
+        return x[..., 0].astype(jnp.float32).reshape((b, r) + x.shape[1:3])

@@ -1,0 +1,366 @@
+"""Open-vocabulary detection finetuning on a pretrained ViT, evaluated LVIS-style with AP_r."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from functools import cached_property
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from rovit_jax.detection import rcnn
+from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier
+from rovit_jax.models.detector import OpenVocabDetector
+from rovit_jax.models.vit import vit_variant
+from rovit_jax.ops.roi_align import batched_roi_align
+from rovit_jax.train import mesh as mesh_lib
+from rovit_jax.train.checkpoint import load_params
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _check(cond: bool, key: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"config key `{key}` = {value!r}: {why}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks detection settings that would otherwise fail late or silently."""
+    _check(
+        config.rpn.objectness in rcnn.OBJECTNESS_MODES,
+        "rpn.objectness",
+        config.rpn.objectness,
+        f"choose one of {rcnn.OBJECTNESS_MODES}",
+    )
+    lo, hi = config.det.scale_range
+    _check(0 < lo <= hi, "det.scale_range", tuple(config.det.scale_range), "need 0 < low <= high")
+    _check(
+        config.det.image_size % (2**config.det.max_level) == 0,
+        "det.image_size",
+        config.det.image_size,
+        f"must be divisible by the coarsest stride 2**{config.det.max_level}",
+    )
+    _check(
+        config.det.image_size % config.det.mask_stride == 0,
+        "det.mask_stride",
+        config.det.mask_stride,
+        "must divide det.image_size",
+    )
+    _check(
+        config.text.templates in PROMPT_ENSEMBLES,
+        "text.templates",
+        config.text.templates,
+        f"choose one of {tuple(PROMPT_ENSEMBLES)}",
+    )
+    for key in ("w_base", "w_novel"):
+        w = config.infer[key]
+        _check(0.0 <= w <= 1.0, f"infer.{key}", w, "must be in [0, 1]")
+    _check(
+        config.compute_dtype in DTYPES, "compute_dtype", config.compute_dtype, str(tuple(DTYPES))
+    )
+
+
+def rcnn_config(config: ml_collections.ConfigDict) -> rcnn.RCNNConfig:
+    r, roi, inf = config.rpn, config.roi, config.infer
+    return rcnn.RCNNConfig(
+        image_size=int(config.det.image_size),
+        min_level=int(config.det.min_level),
+        max_level=int(config.det.max_level),
+        anchor_size=float(r.anchor_size),
+        aspect_ratios=tuple(float(a) for a in r.aspect_ratios),
+        objectness=r.objectness,
+        rpn_fg_iou=r.fg_iou,
+        rpn_bg_iou=r.bg_iou,
+        rpn_batch_per_image=int(r.batch_per_image),
+        rpn_positive_fraction=r.positive_fraction,
+        rpn_pre_nms_top_k=int(r.pre_nms_top_k),
+        rpn_nms_iou=r.nms_iou,
+        rpn_post_nms_top_k=int(r.post_nms_top_k),
+        roi_batch_per_image=int(roi.batch_per_image),
+        roi_positive_fraction=roi.positive_fraction,
+        roi_fg_iou=roi.fg_iou,
+        roi_pool_size=int(roi.pool_size),
+        mask_pool_size=int(roi.mask_pool_size),
+        mask_loss_weight=float(roi.mask_loss_weight),
+        test_pre_nms_top_k=int(inf.pre_nms_top_k),
+        test_post_nms_top_k=int(inf.post_nms_top_k),
+        detection_nms_iou=inf.nms_iou,
+        max_detections=int(inf.max_detections),
+        score_threshold=inf.score_threshold,
+        vlm_box_scale=inf.vlm_box_scale,
+        vlm_temperature=inf.vlm_temperature,
+        w_base=inf.w_base,
+        w_novel=inf.w_novel,
+        objectness_exponent=inf.objectness_exponent,
+    )
+
+
+class DetectTask:
+    """Finetunes `OpenVocabDetector` on base categories; evaluates base + novel AP."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str = ""):
+        validate_config(config)
+        self.config = config
+        self.workdir = workdir
+        self.rcnn = rcnn_config(config)
+        self._mesh: Mesh | None = None
+        self._predict_cache: dict[str, Any] = {}
+
+    # ---- the pretrained run --------------------------------------------------------------------
+    @property
+    def pretrain_workdir(self) -> str:
+        return self.config.init.pretrain_workdir or os.path.join(self.workdir, "pretrain")
+
+    @cached_property
+    def pretrained(self) -> tuple[ml_collections.ConfigDict, Any]:
+        """(pretraining config, pretrained parameters); trains them first if so configured."""
+        workdir = self.pretrain_workdir
+        has_run = os.path.exists(os.path.join(workdir, "config.json"))
+        if self.config.init.run_pretraining:
+            from rovit_jax.tasks.pretrain import PretrainTask
+            from rovit_jax.train.loop import run
+
+            pcfg = ml_collections.ConfigDict(self.config.pretrain.to_dict())
+            pcfg.data.data_dir = self.config.data.data_dir
+            logging.info("pretraining into %s (resumes if partly done)", workdir)
+            result = run(pcfg, workdir, PretrainTask(pcfg))
+            if jax.process_index() == 0 and result["eval"]:
+                summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result["eval"].items()))
+                print(f"[rovit_jax] pretraining retrieval: {summary}", flush=True)
+        elif not has_run:
+            raise FileNotFoundError(
+                f"config key `init.pretrain_workdir`: no pretraining run in {workdir!r} "
+                "(set init.run_pretraining=True to train one first)"
+            )
+        with open(os.path.join(workdir, "config.json")) as f:
+            pcfg = ml_collections.ConfigDict(json.load(f))
+        params, step = load_params(workdir)
+        logging.info("loaded pretrained parameters from %s at step %d", workdir, step)
+        return pcfg, params
+
+    @cached_property
+    def two_tower(self):
+        from rovit_jax.tasks.pretrain import build_model
+
+        return build_model(self.pretrained[0])
+
+    @cached_property
+    def model(self) -> OpenVocabDetector:
+        pcfg = self.pretrained[0]
+        img = vit_variant(pcfg.model.image.variant)
+        grid = pcfg.pp.image_size // img["patch_size"]
+        _check(
+            self.config.det.image_size % img["patch_size"] == 0,
+            "det.image_size",
+            self.config.det.image_size,
+            f"must be divisible by the backbone patch size {img['patch_size']}",
+        )
+        backbone = dict(
+            img,
+            posemb_grid=(grid, grid),
+            pool_type="gap",
+            window_size=int(self.config.det.window_size),
+            global_blocks=tuple(int(i) for i in self.config.det.global_blocks),
+            remat_policy=self.config.remat,
+        )
+        return OpenVocabDetector(
+            backbone=backbone,
+            min_level=int(self.config.det.min_level),
+            max_level=int(self.config.det.max_level),
+            fpn_channels=int(self.config.det.fpn_channels),
+            num_anchors=len(self.config.rpn.aspect_ratios),
+            embed_dim=int(pcfg.model.embed_dim),
+            head_conv_dim=int(self.config.head.conv_dim),
+            head_fc_dim=int(self.config.head.fc_dim),
+            mask_conv_dim=int(self.config.head.mask_conv_dim),
+            base_temperature=float(self.config.head.base_temperature),
+            dtype=DTYPES[self.config.compute_dtype],
+        )
+
+    # ---- data and vocabulary -------------------------------------------------------------------
+    @cached_property
+    def _data(self):
+        """(builder, category table [(id, name, frequency)], tokenizer)."""
+        from rovit_jax.data import shapes_tfds
+        from rovit_jax.data import tokenizer as tok_lib
+        from rovit_jax.tasks.pretrain import _default_data_dir
+
+        data = self.config.data
+        if data.name != "shapes_world":
+            raise ValueError(f"config key `data.name`: {data.name!r} has no detection reader yet")
+        builder = shapes_tfds.build_shapes_world(data.data_dir or _default_data_dir(), **data.world)
+        cats = builder.info.metadata["categories"]
+        table = [(int(c["id"]), str(c["name"]), str(c["frequency"])) for c in cats]
+        pcfg = self.pretrained[0]
+        tokenizer = tok_lib.shapes_tokenizer(
+            builder, max_len=int(pcfg.tokenizer.max_len), vocab_size=int(pcfg.tokenizer.vocab_size)
+        )
+        return builder, table, tokenizer
+
+    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+        _, _, tokenizer = self._data
+        params = self.pretrained[1]
+        fn = jax.jit(
+            lambda p, t: self.two_tower.apply({"params": p}, t, method=self.two_tower.embed_texts)
+        )
+        out = [
+            np.asarray(fn(params, tokenizer.encode(texts[i : i + 256])))
+            for i in range(0, len(texts), 256)
+        ]
+        return np.concatenate(out)
+
+    def vocabulary(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        templates = PROMPT_ENSEMBLES[self.config.text.templates]
+        return build_text_classifier(names, self._embed_texts, templates=templates)
+
+    @cached_property
+    def base_vocabulary(self) -> dict[str, Any]:
+        """Training vocabulary: categories not in a novel frequency group."""
+        _, table, _ = self._data
+        novel = set(self.config.data.novel_frequencies)
+        base = [(cid, name) for cid, name, freq in table if freq not in novel]
+        emb, valid = self.vocabulary([n for _, n in base])
+        return dict(
+            embeddings=emb,
+            valid=valid,
+            category_map={cid: i for i, (cid, _) in enumerate(base)},
+        )
+
+    @cached_property
+    def full_vocabulary(self) -> dict[str, Any]:
+        """Evaluation vocabulary: every category; `is_novel` marks held-out ones."""
+        _, table, _ = self._data
+        novel = set(self.config.data.novel_frequencies)
+        emb, valid = self.vocabulary([n for _, n, _ in table])
+        is_novel = np.zeros(valid.shape, bool)
+        is_novel[: len(table)] = [f in novel for _, _, f in table]
+        return dict(embeddings=emb, valid=valid, is_novel=is_novel, table=table)
+
+    def train_batches(self, process_index: int, process_count: int):
+        from rovit_jax.data import detection_input
+
+        builder = self._data[0]
+        source = detection_input.ShapesDetectionSource(builder, self.config.data.train_split)
+        return detection_input.DetectionBatches(
+            source,
+            global_batch=int(self.config.batch_size),
+            image_size=int(self.config.det.image_size),
+            max_instances=int(self.config.det.max_instances),
+            seed=int(self.config.seed),
+            category_map=self.base_vocabulary["category_map"],
+            scale_range=tuple(self.config.det.scale_range),
+            flip=bool(self.config.det.flip),
+            mask_stride=int(self.config.det.mask_stride),
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+        b, s = int(self.config.batch_size), int(self.config.det.image_size)
+        m, ms = int(self.config.det.max_instances), s // int(self.config.det.mask_stride)
+        sds = jax.ShapeDtypeStruct
+        return {
+            "image": sds((b, s, s, 3), jnp.float32),
+            "boxes": sds((b, m, 4), jnp.float32),
+            "classes": sds((b, m), jnp.int32),
+            "valid": sds((b, m), jnp.bool_),
+            "masks": sds((b, m, ms, ms), jnp.uint8),
+            "image_info": sds((b, 4), jnp.float32),
+        }
+
+    # ---- model and loss -------------------------------------------------------------------------
+    def validate(self, mesh: Mesh) -> None:
+        shards = mesh_lib.num_batch_shards(mesh)
+        for key in ("batch_size", "eval.batch_size"):
+            value = self.config[key] if key == "batch_size" else self.config.eval.batch_size
+            _check(
+                value % shards == 0,
+                key,
+                value,
+                f"must be divisible by the {shards} batch shards of the mesh {dict(mesh.shape)}",
+            )
+        self._mesh = mesh
+
+    def init_params(self, rng: jax.Array) -> Any:
+        s = int(self.config.det.image_size)
+        params = self.model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+        params = dict(params)
+        pretrained_img = self.pretrained[1]["img"]
+        # Window attention adds no parameters, so every backbone leaf has a pretrained value;
+        # pooling parameters of other pooling types (cls, MAPHead) are not used by detection.
+        missing = set(params["backbone"]) - set(pretrained_img)
+        if missing:
+            raise ValueError(f"pretrained image tower lacks parameters {sorted(missing)}")
+        loaded = {k: jax.tree.map(jnp.asarray, pretrained_img[k]) for k in params["backbone"]}
+        fresh_shapes = jax.tree.map(jnp.shape, params["backbone"])
+        if jax.tree.map(jnp.shape, loaded) != fresh_shapes:
+            raise ValueError("pretrained image tower shapes differ from the detector backbone's")
+        params["backbone"] = loaded
+        return params
+
+    def loss_fn(self, params, batch, rng):
+        vocab = self.base_vocabulary
+        return rcnn.detector_loss(
+            self.model,
+            params,
+            batch,
+            jnp.asarray(vocab["embeddings"]),
+            jnp.asarray(vocab["valid"]),
+            rng,
+            self.rcnn,
+        )
+
+    # ---- inference and evaluation --------------------------------------------------------------
+    def vlm_region_embeddings(self, vlm_params, images: jax.Array, boxes: jax.Array) -> jax.Array:
+        """Frozen pretrained backbone: RoIAlign of boxes on its last map, mean, projection.
+
+        images [B, S, S, 3], boxes [B, P, 4] pixels -> [B, P, E] unit-norm.
+        """
+        (_, _), aux = self.two_tower.apply({"params": vlm_params}, images, None)
+        grid = aux["img/patch_grid"]  # [B, h, w, D] after encoder_norm, as pooled in pretraining
+        stride = images.shape[1] / grid.shape[1]
+        pooled = batched_roi_align(
+            grid.astype(jnp.float32),
+            boxes,
+            output_size=self.rcnn.roi_pool_size,
+            spatial_scale=1.0 / stride,
+            sampling_ratio=2,
+        ).mean(axis=(2, 3))
+        emb = pooled @ vlm_params["img_proj"]["kernel"]
+        return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+
+    def predict_fn(self, trainer, *, fusion: bool):
+        """Jitted `(params, vlm_params, images, text_emb, text_valid, is_novel) -> detections`."""
+
+        def predict(params, vlm_params, images, text_emb, text_valid, is_novel):
+            vlm = None
+            if fusion:
+                vlm = lambda im, bx: self.vlm_region_embeddings(vlm_params, im, bx)  # noqa: E731
+            return rcnn.detect(
+                self.model,
+                params,
+                images,
+                text_emb,
+                text_valid,
+                is_novel,
+                self.rcnn,
+                vlm_region_embeddings_fn=vlm,
+            )
+
+        rep = trainer.replicated
+        return jax.jit(
+            predict,
+            in_shardings=(trainer.param_shardings(), rep, trainer.batch_sharding, rep, rep, rep),
+            out_shardings=rep,
+        )
+
+    def evaluate(self, trainer, params) -> dict[str, float]:
+        from rovit_jax.tasks import detect_eval
+
+        return detect_eval.evaluate(self, trainer, params)

@@ -1,0 +1,72 @@
+"""Score fusion, text classifiers and mask pasting against numpy re-derivations."""
+
+import numpy as np
+import pytest
+
+from rovit_jax.detection.postprocess import paste_masks, to_original_coordinates
+from rovit_jax.detection.score_fusion import fuse_scores
+from rovit_jax.detection.text_classifier import bucket_size, build_text_classifier, clean_name
+
+
+def test_fusion_matches_geometric_formula():
+    rng = np.random.default_rng(0)
+    det = rng.dirichlet(np.ones(5), size=(3, 4))
+    vlm = rng.dirichlet(np.ones(5), size=(3, 4))
+    obj = rng.uniform(0.05, 1, size=(3, 4))
+    novel = np.array([False, True, False, True, False])
+    got = np.asarray(
+        fuse_scores(det, vlm, obj, is_novel=novel, w_base=0.35, w_novel=0.65,
+                    objectness_exponent=3.0)
+    )
+    w = np.where(novel, 0.65, 0.35)
+    want = det ** (1 - w) * vlm**w * obj[..., None] ** 3
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    no_vlm = np.asarray(fuse_scores(det, None, obj, is_novel=novel, objectness_exponent=1.0))
+    np.testing.assert_allclose(no_vlm, det * obj[..., None], rtol=1e-5)
+    # Zero probabilities stay finite (log-space with a floor), never NaN.
+    zero = np.asarray(fuse_scores(np.zeros((2, 5)), vlm[0, :2], obj[0, :2], is_novel=novel))
+    small = np.asarray(fuse_scores(np.full((2, 5), 1e-6), vlm[0, :2], obj[0, :2], is_novel=novel))
+    assert np.all(np.isfinite(zero)) and np.all(zero < small)
+
+
+def test_text_classifier_averages_templates_and_pads_to_bucket():
+    calls = []
+
+    def embed(texts):  # deterministic fake tower: hashed one-hot-ish unit vectors
+        calls.append(list(texts))
+        out = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts])
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    templates = ("a {}.", "the {} here.")
+    emb, valid = build_text_classifier(["red_circle", "Blue/Star"], embed, templates=templates)
+    assert emb.shape == (16, 8) and valid.tolist() == [True] * 2 + [False] * 14
+    assert calls[0] == ["a red circle.", "the red circle here.", "a blue star.", "the blue star here."]
+    raw = embed(calls[0]).reshape(2, 2, 8).mean(1)
+    raw /= np.linalg.norm(raw, axis=1, keepdims=True)
+    np.testing.assert_allclose(emb[:2], raw, rtol=1e-5)
+    assert np.all(emb[2:] == 0)
+    with pytest.raises(ValueError, match="empty"):
+        build_text_classifier([], embed)
+
+
+def test_bucket_and_name_cleaning():
+    assert [bucket_size(n) for n in (1, 16, 17, 1203, 5000)] == [16, 16, 64, 2048, 8192]
+    assert clean_name("Traffic_Light/(signal)") == "traffic light signal"
+
+
+def test_paste_masks_matches_box_placement():
+    masks = np.ones((2, 28, 28), np.float32)
+    masks[1, :, 14:] = 0.0  # right half off
+    boxes = np.array([[2, 3, 10, 7], [0, 0, 20, 20]], np.float32)
+    out = paste_masks(masks, boxes, 16, 16)
+    want0 = np.zeros((16, 16), bool)
+    want0[2:10, 3:7] = True
+    np.testing.assert_array_equal(out[0], want0)
+    # Box 1 extends past the image: clipped; left half of the box (x < 10) is on.
+    assert out[1][:, :9].all() and not out[1][:, 11:].any()
+
+
+def test_original_coordinates():
+    boxes = np.array([[10, 20, 300, 40]], np.float32)
+    got = to_original_coordinates(boxes, 2.0, 100, 100)
+    np.testing.assert_allclose(got, [[5, 10, 100, 20]])
