@@ -1,1 +1,1 @@
-"""Evaluators: zero-shot retrieval (this package), detection AP later."""
+"""Evaluators: zero-shot retrieval recall@K and LVIS/COCO-style detection AP."""
