@@ -81,8 +81,10 @@ def detect_defaults() -> ml_collections.ConfigDict:
 
     c.head = ml_collections.ConfigDict()
     c.head.conv_dim = 256
+    c.head.num_convs = 4  # paper: 4 convs + 1 FC
     c.head.fc_dim = 1024
     c.head.mask_conv_dim = 256
+    c.head.mask_num_convs = 4
     c.head.base_temperature = 0.01  # logits = cos / (0.01 / exp(learnable scale))
 
     c.text = ml_collections.ConfigDict()
@@ -95,7 +97,7 @@ def detect_defaults() -> ml_collections.ConfigDict:
     c.infer.max_detections = 300  # paper: 300
     c.infer.score_threshold = 0.0
     c.infer.vlm_box_scale = 0.7  # boxes shrunk about their centre before VLM pooling
-    c.infer.vlm_temperature = 0.01
+    c.infer.vlm_temperature = ml_collections.FieldReference(0.01, field_type=float)  # None: learned
     c.infer.w_base = 0.35  # paper
     c.infer.w_novel = 0.65  # paper
     c.infer.objectness_exponent = 3.0  # paper

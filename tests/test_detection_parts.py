@@ -15,8 +15,9 @@ def test_fusion_matches_geometric_formula():
     obj = rng.uniform(0.05, 1, size=(3, 4))
     novel = np.array([False, True, False, True, False])
     got = np.asarray(
-        fuse_scores(det, vlm, obj, is_novel=novel, w_base=0.35, w_novel=0.65,
-                    objectness_exponent=3.0)
+        fuse_scores(
+            det, vlm, obj, is_novel=novel, w_base=0.35, w_novel=0.65, objectness_exponent=3.0
+        )
     )
     w = np.where(novel, 0.65, 0.35)
     want = det ** (1 - w) * vlm**w * obj[..., None] ** 3
@@ -40,7 +41,12 @@ def test_text_classifier_averages_templates_and_pads_to_bucket():
     templates = ("a {}.", "the {} here.")
     emb, valid = build_text_classifier(["red_circle", "Blue/Star"], embed, templates=templates)
     assert emb.shape == (16, 8) and valid.tolist() == [True] * 2 + [False] * 14
-    assert calls[0] == ["a red circle.", "the red circle here.", "a blue star.", "the blue star here."]
+    assert calls[0] == [
+        "a red circle.",
+        "the red circle here.",
+        "a blue star.",
+        "the blue star here.",
+    ]
     raw = embed(calls[0]).reshape(2, 2, 8).mean(1)
     raw /= np.linalg.norm(raw, axis=1, keepdims=True)
     np.testing.assert_allclose(emb[:2], raw, rtol=1e-5)

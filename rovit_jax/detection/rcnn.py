@@ -7,6 +7,7 @@ numbers of boxes are padded and carried with validity masks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -55,7 +56,7 @@ class RCNNConfig:
     max_detections: int = 300
     score_threshold: float = 0.0
     vlm_box_scale: float = 0.7
-    vlm_temperature: float = 0.01
+    vlm_temperature: float | None = 0.01  # None: the pretrained model's learned temperature
     w_base: float = 0.35
     w_novel: float = 0.65
     objectness_exponent: float = 3.0
@@ -68,15 +69,20 @@ class RCNNConfig:
             )
 
 
+@functools.lru_cache(maxsize=16)
 def anchors(cfg: RCNNConfig) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
-    """Flattened anchors [N, 4] (pixels), their level stride [N], and per-level (level, start, n)."""
-    grid = anchor_grid(
-        (cfg.image_size, cfg.image_size),
-        min_level=cfg.min_level,
-        max_level=cfg.max_level,
-        aspect_ratios=cfg.aspect_ratios,
-        anchor_size=cfg.anchor_size,
-    )
+    """Flattened anchors [N, 4] (pixels), their level stride [N], and per-level (level, start, n).
+
+    Constants of the configuration: computed once, eagerly, even when first called in a trace.
+    """
+    with jax.ensure_compile_time_eval():
+        grid = anchor_grid(
+            (cfg.image_size, cfg.image_size),
+            min_level=cfg.min_level,
+            max_level=cfg.max_level,
+            aspect_ratios=cfg.aspect_ratios,
+            anchor_size=cfg.anchor_size,
+        )
     flat, strides, spans, start = [], [], [], 0
     for level in range(cfg.min_level, cfg.max_level + 1):
         a = np.asarray(grid[level], np.float32).reshape(-1, 4)
@@ -381,6 +387,7 @@ def detect(
     cfg: RCNNConfig,
     *,
     vlm_region_embeddings_fn=None,
+    vlm_logit_scale: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Inference: fixed-size detections per image over the given vocabulary.
 
@@ -389,6 +396,8 @@ def detect(
       text_embeddings: [K, E] unit-norm (padded), text_valid [K], is_novel [K].
       vlm_region_embeddings_fn: optional `(images, boxes [B, P, 4]) -> [B, P, E]` unit-norm
         region embeddings from the frozen pretrained backbone; enables VLM score fusion.
+      vlm_logit_scale: the pretrained model's learned logit scale, used when
+        `cfg.vlm_temperature` is None.
 
     Returns dict: boxes [B, D, 4] pixels, scores [B, D], classes [B, D] (vocabulary index),
     valid [B, D], masks [B, D, 28, 28] probabilities, and (no fusion) `scores_det`.
@@ -424,7 +433,13 @@ def detect(
     vlm_probs = None
     if vlm_region_embeddings_fn is not None:
         region = vlm_region_embeddings_fn(images, box_ops.shrink_boxes(boxes, cfg.vlm_box_scale))
-        vlm_logits = jnp.einsum("bpe,ke->bpk", region, text_embeddings) / cfg.vlm_temperature
+        if cfg.vlm_temperature is None:
+            if vlm_logit_scale is None:
+                raise ValueError("vlm_temperature=None needs the pretrained vlm_logit_scale")
+            scale = vlm_logit_scale
+        else:
+            scale = 1.0 / cfg.vlm_temperature
+        vlm_logits = jnp.einsum("bpe,ke->bpk", region, text_embeddings) * scale
         vlm_logits = jnp.where(text_valid, vlm_logits, -1e9)
         vlm_probs = jax.nn.softmax(vlm_logits, -1)
     scores = fuse_scores(

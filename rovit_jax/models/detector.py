@@ -50,8 +50,10 @@ class OpenVocabDetector(nn.Module):
     num_anchors: int = 3
     embed_dim: int = 768
     head_conv_dim: int = 256
+    head_num_convs: int = 4
     head_fc_dim: int = 1024
     mask_conv_dim: int = 256
+    mask_num_convs: int = 4
     base_temperature: float = 0.01
     dtype: Any = jnp.float32
 
@@ -71,11 +73,17 @@ class OpenVocabDetector(nn.Module):
         self.box = BoxHead(
             embed_dim=self.embed_dim,
             conv_dim=self.head_conv_dim,
+            num_convs=self.head_num_convs,
             fc_dim=self.head_fc_dim,
             dtype=self.dtype,
             name="box_head",
         )
-        self.mask = MaskHead(conv_dim=self.mask_conv_dim, dtype=self.dtype, name="mask_head")
+        self.mask = MaskHead(
+            conv_dim=self.mask_conv_dim,
+            num_convs=self.mask_num_convs,
+            dtype=self.dtype,
+            name="mask_head",
+        )
         self.bg_embedding = self.param(
             "bg_embedding", nn.initializers.normal(self.embed_dim**-0.5), (self.embed_dim,)
         )

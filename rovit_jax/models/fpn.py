@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rovit_jax.models.detection_heads import Upsample2x
+
 __all__ = ["SimpleFeaturePyramid"]
 
 
@@ -47,9 +49,7 @@ class SimpleFeaturePyramid(nn.Module):
             if steps > 0:  # finer than the ViT map: upsample
                 for i in range(steps):
                     # Channels halve per 2x step (ViTDet: D -> D/2 -> D/4 for P2 at stride 16).
-                    y = nn.ConvTranspose(
-                        y.shape[-1] // 2, (2, 2), strides=(2, 2), name=f"p{level}_up{i}", **conv
-                    )(y)
+                    y = Upsample2x(y.shape[-1] // 2, dtype=self.dtype, name=f"p{level}_up{i}")(y)
                     if i < steps - 1:
                         y = nn.gelu(nn.LayerNorm(name=f"p{level}_up{i}_norm", dtype=self.dtype)(y))
             elif steps < 0:  # coarser: max-pool

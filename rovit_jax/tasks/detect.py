@@ -58,6 +58,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         config.text.templates,
         f"choose one of {tuple(PROMPT_ENSEMBLES)}",
     )
+    t = config.infer.vlm_temperature
+    _check(t is None or t > 0, "infer.vlm_temperature", t, "must be > 0, or None (learned)")
     for key in ("w_base", "w_novel"):
         w = config.infer[key]
         _check(0.0 <= w <= 1.0, f"infer.{key}", w, "must be in [0, 1]")
@@ -177,8 +179,10 @@ class DetectTask:
             num_anchors=len(self.config.rpn.aspect_ratios),
             embed_dim=int(pcfg.model.embed_dim),
             head_conv_dim=int(self.config.head.conv_dim),
+            head_num_convs=int(self.config.head.num_convs),
             head_fc_dim=int(self.config.head.fc_dim),
             mask_conv_dim=int(self.config.head.mask_conv_dim),
+            mask_num_convs=int(self.config.head.mask_num_convs),
             base_temperature=float(self.config.head.base_temperature),
             dtype=DTYPES[self.config.compute_dtype],
         )
@@ -286,6 +290,9 @@ class DetectTask:
                 f"must be divisible by the {shards} batch shards of the mesh {dict(mesh.shape)}",
             )
         self._mesh = mesh
+        # Everything derived from the pretrained run is computed here, eagerly: inside the
+        # traced init/loss functions it would be staged into the trace instead.
+        _ = self.pretrained, self.model, self.base_vocabulary, self.full_vocabulary
 
     def init_params(self, rng: jax.Array) -> Any:
         s = int(self.config.det.image_size)
@@ -351,6 +358,7 @@ class DetectTask:
                 is_novel,
                 self.rcnn,
                 vlm_region_embeddings_fn=vlm,
+                vlm_logit_scale=jnp.exp(vlm_params["t"]) if fusion else None,
             )
 
         rep = trainer.replicated
