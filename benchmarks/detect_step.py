@@ -125,6 +125,7 @@ def bench(name, config, pretrain_config, steps: int) -> dict:
             vlm_region_embeddings_fn=lambda x, bx: task.vlm_region_embeddings(
                 task.pretrained[1], x, bx
             ),
+            vlm_logit_scale=jnp.exp(task.pretrained[1]["t"]),
         )
     )
     params = holder["state"]["params"]
