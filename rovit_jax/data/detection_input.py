@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from rovit_jax.data.image_text import DEFAULT_MAX_PIXELS, CorruptImageError, decode_image
+from rovit_jax.data.stream import EpochShuffledStream
 
 # Instance-drop reasons counted by DetectionBatches.dropped.
 DROP_REASONS = ("bad_box", "unmapped_category", "cropped_or_tiny", "over_max_instances")
@@ -509,15 +510,14 @@ class DetectionBatches:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_substitutes: int = 64,
     ):
-        if len(source) == 0:
-            raise ValueError("the detection source is empty")
-        if global_batch < 1 or global_batch % process_count:
-            raise ValueError(
-                f"global_batch {global_batch} must be positive and divisible by the "
-                f"{process_count} hosts"
-            )
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.stream = EpochShuffledStream(
+            len(source),
+            global_batch=global_batch,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        self.index_at, self.positions = self.stream.index_at, self.stream.positions
         size = _check_output_size(image_size)
         if max_instances < 1:
             raise ValueError(f"max_instances must be >= 1, got {max_instances!r}")
@@ -541,30 +541,9 @@ class DetectionBatches:
         self.scale_range, self.flip = (low, high), flip
         self.with_masks, self.mask_stride = with_masks, int(mask_stride)
         self.min_box_size = _check_min_box_size(min_box_size)
-        self.local_batch = global_batch // process_count
-        self.offset = process_index * self.local_batch
         self.max_pixels, self.max_substitutes = max_pixels, max_substitutes
         self.skipped = 0
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
-        self._perm_cache: dict[int, np.ndarray] = {}
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perm_cache:
-            self._perm_cache = {
-                epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-            }
-        return self._perm_cache[epoch]
-
-    def index_at(self, position: int) -> tuple[int, int]:
-        """(epoch, dataset index) of stream position `position`."""
-        n = len(self.source)
-        epoch = position // n
-        return epoch, int(self._permutation(epoch)[position % n])
-
-    def positions(self, step: int) -> list[tuple[int, int]]:
-        """(epoch, dataset index) pairs of this host's examples at `step` (before substitution)."""
-        start = step * self.global_batch + self.offset
-        return [self.index_at(p) for p in range(start, start + self.local_batch)]
 
     def _load(self, index: int) -> tuple[int, dict[str, Any]]:
         """(dataset index, validated example), substituting unusable examples deterministically."""
@@ -644,8 +623,7 @@ class DetectionBatches:
         return row
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        start = step * self.global_batch + self.offset
-        rows = [self._row(p) for p in range(start, start + self.local_batch)]
+        rows = [self._row(p) for p in self.stream.host_positions(step)]
         return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image
 
+from rovit_jax.data.stream import EpochShuffledStream
+
 if TYPE_CHECKING:
     from rovit_jax.data.tokenizer import Tokenizer
 
@@ -159,33 +161,19 @@ class PretrainBatches:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_substitutes: int = 64,
     ):
-        if len(source) == 0:
-            raise ValueError("the image-text source is empty")
-        if global_batch % process_count:
-            raise ValueError(
-                f"batch size {global_batch} is not divisible by the {process_count} hosts"
-            )
+        self.stream = EpochShuffledStream(
+            len(source),
+            global_batch=global_batch,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
         self.source, self.tokenizer = source, tokenizer
         self.global_batch, self.image_size, self.seed = global_batch, image_size, seed
         self.crop_scale, self.flip = crop_scale, flip
-        self.local_batch = global_batch // process_count
-        self.offset = process_index * self.local_batch
         self.max_pixels, self.max_substitutes = max_pixels, max_substitutes
         self.skipped = 0
-        self._perm_cache: dict[int, np.ndarray] = {}
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perm_cache:
-            self._perm_cache = {
-                epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-            }
-        return self._perm_cache[epoch]
-
-    def index_at(self, position: int) -> tuple[int, int]:
-        """(epoch, dataset index) of stream position `position`."""
-        n = len(self.source)
-        epoch = position // n
-        return epoch, int(self._permutation(epoch)[position % n])
+        self.index_at, self.positions = self.stream.index_at, self.stream.positions
 
     def _example(self, position: int) -> tuple[np.ndarray, str]:
         epoch, index = self.index_at(position)
@@ -210,14 +198,8 @@ class PretrainBatches:
         )
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        start = step * self.global_batch + self.offset
-        images, captions = zip(*(self._example(p) for p in range(start, start + self.local_batch)))
+        images, captions = zip(*(self._example(p) for p in self.stream.host_positions(step)))
         return {"image": np.stack(images), "text": self.tokenizer.encode(list(captions))}
-
-    def positions(self, step: int) -> list[tuple[int, int]]:
-        """(epoch, dataset index) pairs of this host's examples at `step` (before substitution)."""
-        start = step * self.global_batch + self.offset
-        return [self.index_at(p) for p in range(start, start + self.local_batch)]
 
 
 def prefetch(

@@ -177,6 +177,30 @@ def rpn_loss_single(
     return obj_loss, box_loss
 
 
+def _pool(features: dict[int, jax.Array], boxes: jax.Array, size: int, cfg: RCNNConfig):
+    """Multilevel RoIAlign of [B, N, 4] boxes -> [B, N, size, size, C]."""
+    return multilevel_roi_align(
+        features, boxes, output_size=size, min_level=cfg.min_level, max_level=cfg.max_level
+    )
+
+
+def _batched_proposals(obj, box, cfg: RCNNConfig, *, pre_nms_top_k: int, post_nms_top_k: int):
+    """`proposals_single` over the batch: -> boxes [B, P, 4], objectness [B, P], valid [B, P]."""
+    anchor_np, _, spans = anchors(cfg)
+    anchor_boxes = jnp.asarray(anchor_np)
+    return jax.vmap(
+        lambda o, bx: proposals_single(
+            o,
+            bx,
+            anchor_boxes,
+            spans,
+            cfg,
+            pre_nms_top_k=pre_nms_top_k,
+            post_nms_top_k=post_nms_top_k,
+        )
+    )(obj, box)
+
+
 def _smooth_l1(x: jax.Array, beta: float) -> jax.Array:
     ax = jnp.abs(x)
     return jnp.where(ax < beta, 0.5 * x * x / beta, ax - 0.5 * beta)
@@ -279,39 +303,28 @@ def detector_loss(
     b = images.shape[0]
     gt_boxes, gt_valid = batch["boxes"], batch["valid"]
     gt_classes = jnp.maximum(batch["classes"], 0)
-    feats = model.apply({"params": params}, images, True, method=model.features, rngs=None)
+    feats = apply(model.features, images, True)
     rpn_out = apply(model.rpn_outputs, feats)
     obj, box = flatten_rpn(rpn_out, cfg)
-    anchor_np, _, spans = anchors(cfg)
-    anchor_boxes = jnp.asarray(anchor_np)
+    anchor_boxes = jnp.asarray(anchors(cfg)[0])
 
     k_rpn, k_roi = jax.random.split(rng)
     rpn_obj_loss, rpn_box_loss = jax.vmap(
         lambda k, o, bx, g, v: rpn_loss_single(k, o, bx, anchor_boxes, g, v, cfg)
     )(jax.random.split(k_rpn, b), obj, box, gt_boxes, gt_valid)
 
-    props, _, props_valid = jax.vmap(
-        lambda o, bx: proposals_single(
-            o,
-            bx,
-            anchor_boxes,
-            spans,
-            cfg,
-            pre_nms_top_k=cfg.rpn_pre_nms_top_k,
-            post_nms_top_k=cfg.rpn_post_nms_top_k,
-        )
-    )(jax.lax.stop_gradient(obj), jax.lax.stop_gradient(box))
+    props, _, props_valid = _batched_proposals(
+        jax.lax.stop_gradient(obj),
+        jax.lax.stop_gradient(box),
+        cfg,
+        pre_nms_top_k=cfg.rpn_pre_nms_top_k,
+        post_nms_top_k=cfg.rpn_post_nms_top_k,
+    )
     samples = jax.vmap(lambda k, p, pv, g, c, v: sample_rois_single(k, p, pv, g, c, v, cfg))(
         jax.random.split(k_roi, b), props, props_valid, gt_boxes, gt_classes, gt_valid
     )
     rois = jax.lax.stop_gradient(samples["rois"])
-    roi_feats = multilevel_roi_align(
-        feats,
-        rois,
-        output_size=cfg.roi_pool_size,
-        min_level=cfg.min_level,
-        max_level=cfg.max_level,
-    )
+    roi_feats = _pool(feats, rois, cfg.roi_pool_size, cfg)
     deltas, emb = apply(model.box_outputs, roi_feats)
     logits = apply(model.class_logits, emb, text_embeddings, text_valid)
     valid = samples["valid"]
@@ -364,13 +377,7 @@ def _mask_loss(model, params, feats, samples, batch, cfg: RCNNConfig) -> jax.Arr
         sampling_ratio=2,
     ).reshape(b, num_fg, out, out)
     targets = (targets >= 0.5).astype(jnp.float32)
-    roi_feats = multilevel_roi_align(
-        feats,
-        rois,
-        output_size=cfg.mask_pool_size,
-        min_level=cfg.min_level,
-        max_level=cfg.max_level,
-    )
+    roi_feats = _pool(feats, rois, cfg.mask_pool_size, cfg)
     logits = model.apply({"params": params}, roi_feats, method=model.mask_outputs)
     bce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     per_roi = jnp.mean(bce, axis=(-1, -2))
@@ -405,26 +412,14 @@ def detect(
     apply = lambda method, *a: model.apply({"params": params}, *a, method=method)  # noqa: E731
     feats = apply(model.features, images)
     obj, box = flatten_rpn(apply(model.rpn_outputs, feats), cfg)
-    anchor_np, _, spans = anchors(cfg)
-    anchor_boxes = jnp.asarray(anchor_np)
-    props, objectness, props_valid = jax.vmap(
-        lambda o, bx: proposals_single(
-            o,
-            bx,
-            anchor_boxes,
-            spans,
-            cfg,
-            pre_nms_top_k=cfg.test_pre_nms_top_k,
-            post_nms_top_k=cfg.test_post_nms_top_k,
-        )
-    )(obj, box)
-    roi_feats = multilevel_roi_align(
-        feats,
-        props,
-        output_size=cfg.roi_pool_size,
-        min_level=cfg.min_level,
-        max_level=cfg.max_level,
+    props, objectness, props_valid = _batched_proposals(
+        obj,
+        box,
+        cfg,
+        pre_nms_top_k=cfg.test_pre_nms_top_k,
+        post_nms_top_k=cfg.test_post_nms_top_k,
     )
+    roi_feats = _pool(feats, props, cfg.roi_pool_size, cfg)
     deltas, emb = apply(model.box_outputs, roi_feats)
     boxes = box_ops.decode_deltas(deltas, props, weights=BOX_WEIGHTS)
     boxes = box_ops.clip_boxes(boxes, cfg.image_size, cfg.image_size)
@@ -461,13 +456,7 @@ def detect(
             score_threshold=cfg.score_threshold,
         )
     )(boxes, scores)
-    mask_feats = multilevel_roi_align(
-        feats,
-        out_boxes,
-        output_size=cfg.mask_pool_size,
-        min_level=cfg.min_level,
-        max_level=cfg.max_level,
-    )
+    mask_feats = _pool(feats, out_boxes, cfg.mask_pool_size, cfg)
     masks = jax.nn.sigmoid(apply(model.mask_outputs, mask_feats))
     return dict(
         boxes=out_boxes,

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rovit_jax.ops.checks import check_int
+
 __all__ = ["anchor_grid", "anchor_points", "flatten_levels", "level_strides"]
 
 
@@ -27,16 +29,6 @@ def _check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
     return h, w
-
-
-def _check_int(name: str, value: int, *, minimum: int) -> int:
-    try:
-        ok = not isinstance(value, bool) and operator.index(value) >= minimum
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return operator.index(value)
 
 
 def _check_levels(levels: Iterable[int]) -> list[int]:
@@ -100,9 +92,9 @@ def anchor_grid(
       len(aspect_ratios).
     """
     height, width = _check_image_size(image_size)
-    min_level = _check_int("min_level", min_level, minimum=0)
-    max_level = _check_int("max_level", max_level, minimum=0)
-    num_scales = _check_int("num_scales", num_scales, minimum=1)
+    min_level = check_int("min_level", min_level, minimum=0)
+    max_level = check_int("max_level", max_level, minimum=0)
+    num_scales = check_int("num_scales", num_scales, minimum=1)
     if min_level > max_level:
         raise ValueError(f"min_level ({min_level}) must be <= max_level ({max_level})")
     ratios = [float(r) for r in aspect_ratios]

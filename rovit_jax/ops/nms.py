@@ -15,26 +15,15 @@ Suppression uses ``IoU > iou_threshold`` (strict), as torchvision.
 
 from __future__ import annotations
 
-import operator
-
 import jax
 import jax.numpy as jnp
 
 from rovit_jax.ops.boxes import paired_iou, valid_box_mask
+from rovit_jax.ops.checks import check_int
 
 __all__ = ["nms", "batched_nms", "per_class_nms"]
 
 _DEFAULT_TILE = 256
-
-
-def _check_int(name: str, value: int, *, minimum: int) -> int:
-    try:
-        ok = not isinstance(value, bool) and operator.index(value) >= minimum
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return operator.index(value)
 
 
 def _check_threshold(iou_threshold: float) -> float:
@@ -185,8 +174,8 @@ def nms(
     if scores.shape != boxes.shape[:1]:
         raise ValueError(f"scores must be [N={boxes.shape[0]}], got shape {tuple(scores.shape)}")
     iou_threshold = _check_threshold(iou_threshold)
-    max_output = _check_int("max_output", max_output, minimum=1)
-    tile_size = _check_int("tile_size", tile_size, minimum=1)
+    max_output = check_int("max_output", max_output, minimum=1)
+    tile_size = check_int("tile_size", tile_size, minimum=1)
     if boxes.shape[0] == 0:
         return jnp.full((max_output,), -1, jnp.int32), jnp.zeros((max_output,), bool)
     return _nms_impl(
@@ -256,11 +245,11 @@ def per_class_nms(
     if boxes.shape not in ((n, 4), (n, k, 4)):
         raise ValueError(f"boxes must be [N={n}, 4] or [N, K={k}, 4], got {tuple(boxes.shape)}")
     iou_threshold = _check_threshold(iou_threshold)
-    max_output = _check_int("max_output", max_output, minimum=1)
-    tile_size = _check_int("tile_size", tile_size, minimum=1)
+    max_output = check_int("max_output", max_output, minimum=1)
+    tile_size = check_int("tile_size", tile_size, minimum=1)
     total = n * k
     if pre_nms_top_k is not None:
-        pre_nms_top_k = _check_int("pre_nms_top_k", pre_nms_top_k, minimum=1)
+        pre_nms_top_k = check_int("pre_nms_top_k", pre_nms_top_k, minimum=1)
     if total == 0:
         return (
             jnp.zeros((max_output, 4), jnp.float32),

@@ -14,10 +14,11 @@ align_corners=False)``).
 from __future__ import annotations
 
 import math
-import operator
 
 import jax
 import jax.numpy as jnp
+
+from rovit_jax.ops.checks import check_int
 
 __all__ = ["resize_pos_embed", "crop_pos_embed", "sample_crop_boxes"]
 
@@ -54,16 +55,6 @@ def _check_pos_embed(pos_embed: jax.Array) -> None:
         raise ValueError(f"pos_embed must be [H, W, D] (3-D), got shape {tuple(pos_embed.shape)}")
 
 
-def _check_size(name: str, value: int) -> int:
-    try:
-        ok = not isinstance(value, bool) and operator.index(value) >= 1
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return operator.index(value)
-
-
 def resize_pos_embed(pos_embed: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     """Bilinearly resizes a grid of position embeddings (half-pixel centres, no antialiasing).
 
@@ -77,8 +68,8 @@ def resize_pos_embed(pos_embed: jax.Array, out_hw: tuple[int, int]) -> jax.Array
     _check_pos_embed(pos_embed)
     if len(out_hw) != 2:
         raise ValueError(f"out_hw must be (h, w), got {out_hw!r}")
-    h = _check_size("out_hw[0]", out_hw[0])
-    w = _check_size("out_hw[1]", out_hw[1])
+    h = check_int("out_hw[0]", out_hw[0], minimum=1)
+    w = check_int("out_hw[1]", out_hw[1], minimum=1)
     in_h, in_w, _ = pos_embed.shape
     if (h, w) == (in_h, in_w):
         return pos_embed
@@ -111,7 +102,7 @@ def crop_pos_embed(pos_embed: jax.Array, boxes: jax.Array, *, up_size: int) -> j
     _check_pos_embed(pos_embed)
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must be [B, 4], got shape {tuple(boxes.shape)}")
-    up_size = _check_size("up_size", up_size)
+    up_size = check_int("up_size", up_size, minimum=1)
     in_h, in_w, _ = pos_embed.shape
     boxes = boxes.astype(jnp.float32)
     y0, x0, y1, x1 = (boxes[:, k] for k in range(4))
@@ -167,7 +158,7 @@ def sample_crop_boxes(
     Returns:
       [batch, 4] float32 boxes (y0, x0, y1, x1).
     """
-    batch = _check_size("batch", batch)
+    batch = check_int("batch", batch, minimum=1)
     s_lo, s_hi = _check_range("scale", scale, upper=1.0)
     r_lo, r_hi = _check_range("ratio", ratio, upper=None)
     k_area, k_ratio, k_y, k_x = jax.random.split(rng, 4)

@@ -19,24 +19,13 @@ is not supported.
 
 from __future__ import annotations
 
-import operator
-
 import jax
 import jax.numpy as jnp
 
 from rovit_jax.ops.boxes import box_area
+from rovit_jax.ops.checks import check_int
 
 __all__ = ["roi_align", "batched_roi_align", "multilevel_roi_align", "assign_fpn_levels"]
-
-
-def _check_int(name: str, value: int, *, minimum: int) -> int:
-    try:
-        ok = not isinstance(value, bool) and operator.index(value) >= minimum
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return operator.index(value)
 
 
 def _output_hw(output_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -44,10 +33,10 @@ def _output_hw(output_size: int | tuple[int, int]) -> tuple[int, int]:
         if len(output_size) != 2:
             raise ValueError(f"output_size must be an int or (h, w), got {output_size!r}")
         return (
-            _check_int("output_size[0]", output_size[0], minimum=1),
-            _check_int("output_size[1]", output_size[1], minimum=1),
+            check_int("output_size[0]", output_size[0], minimum=1),
+            check_int("output_size[1]", output_size[1], minimum=1),
         )
-    size = _check_int("output_size", output_size, minimum=1)
+    size = check_int("output_size", output_size, minimum=1)
     return size, size
 
 
@@ -176,7 +165,7 @@ def roi_align(
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must be [N, 4], got shape {tuple(boxes.shape)}")
     out_hw = _output_hw(output_size)
-    sampling_ratio = _check_int("sampling_ratio", sampling_ratio, minimum=1)
+    sampling_ratio = check_int("sampling_ratio", sampling_ratio, minimum=1)
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be positive, got {spatial_scale!r}")
     h, w, c = features.shape
@@ -282,7 +271,7 @@ def multilevel_roi_align(
       [B, N, out_h, out_w, C] in the dtype of the level features.
     """
     out_hw = _output_hw(output_size)
-    sampling_ratio = _check_int("sampling_ratio", sampling_ratio, minimum=1)
+    sampling_ratio = check_int("sampling_ratio", sampling_ratio, minimum=1)
     levels = list(range(min_level, max_level + 1))
     if not levels:
         raise ValueError(f"min_level ({min_level}) must be <= max_level ({max_level})")

@@ -1,0 +1,58 @@
+"""The deterministic example stream behind every training input pipeline.
+
+Stream position p visits the dataset in a fresh permutation each epoch (epoch = p // n), seeded
+by (seed, epoch). The global batch of step s holds positions [s * B, (s + 1) * B); each host takes
+its contiguous slice. A batch is therefore a pure function of (seed, step), whatever the number
+of hosts, and resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class EpochShuffledStream:
+    """Maps stream positions and steps to (epoch, dataset index) for one host."""
+
+    def __init__(
+        self,
+        num_examples: int,
+        *,
+        global_batch: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        if num_examples <= 0:
+            raise ValueError("the data source is empty")
+        if global_batch < 1 or global_batch % process_count:
+            raise ValueError(
+                f"batch size {global_batch} must be positive and divisible by the "
+                f"{process_count} hosts"
+            )
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
+        self.local_batch = global_batch // process_count
+        self.offset = process_index * self.local_batch
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:  # Keep one epoch: steps are read in order.
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm_cache = {epoch: rng.permutation(self.num_examples)}
+        return self._perm_cache[epoch]
+
+    def index_at(self, position: int) -> tuple[int, int]:
+        """(epoch, dataset index) of stream position `position`."""
+        epoch = position // self.num_examples
+        return epoch, int(self._permutation(epoch)[position % self.num_examples])
+
+    def host_positions(self, step: int) -> range:
+        """Stream positions of this host's examples at `step`."""
+        start = step * self.global_batch + self.offset
+        return range(start, start + self.local_batch)
+
+    def positions(self, step: int) -> list[tuple[int, int]]:
+        """(epoch, dataset index) pairs of this host's examples at `step` (before substitution)."""
+        return [self.index_at(p) for p in self.host_positions(step)]
