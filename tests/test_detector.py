@@ -191,3 +191,20 @@ def test_one_image_overfit_reaches_ap50(data_dir):
     )
     ap50 = det_eval.evaluate_lvis(gt, dets)["AP50"]
     assert ap50 >= 0.9, (ap50, float(metrics["loss"]))
+
+
+def test_binary_objectness_mode_trains(data_dir):
+    config = _config(batch_size=2, **{"rpn.objectness": "binary", "eval.batch_size": 2})
+    task = _task(config, data_dir)
+    mesh = mesh_lib.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1])
+    task.validate(mesh)
+    trainer = Trainer(config, task, mesh)
+    state = trainer.init_state()
+    batch = trainer.global_batch(_synthetic_detection_batch(config, np.random.default_rng(3)))
+    losses = []
+    for _ in range(8):
+        state, metrics = trainer.train_step(state, batch)
+        losses.append(float(metrics["rpn_objectness_loss"]))
+    assert np.all(np.isfinite(losses))
+    # Binary objectness is a BCE over sampled anchors: it starts near log(2) and falls.
+    assert losses[0] == pytest.approx(np.log(2), abs=0.05) and losses[-1] < losses[0]
