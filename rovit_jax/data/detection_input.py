@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from rovit_jax.data.image_text import DEFAULT_MAX_PIXELS, CorruptImageError, decode_image
-from rovit_jax.data.stream import EpochShuffledStream
+from rovit_jax.data.stream import EpochShuffledStream, load_with_substitutes
 
 # Instance-drop reasons counted by DetectionBatches.dropped.
 DROP_REASONS = ("bad_box", "unmapped_category", "cropped_or_tiny", "over_max_instances")
@@ -547,27 +547,25 @@ class DetectionBatches:
 
     def _load(self, index: int) -> tuple[int, dict[str, Any]]:
         """(dataset index, validated example), substituting unusable examples deterministically."""
-        n = len(self.source)
-        last_error: Exception | None = None
-        for attempt in range(self.max_substitutes + 1):
-            # Substitutes step through the dataset by a large prime stride; deterministic.
-            idx = (index + attempt * 7919) % n
-            try:
-                ex = validate_example(self.source[idx], max_pixels=self.max_pixels)
-                if self.with_masks and "masks" not in ex:
-                    if len(ex["labels"]):
-                        raise InvalidExampleError("with_masks=True but the example has no masks")
-                    ex["masks"] = np.zeros((0,) + ex["image"].shape[:2], np.bool_)
-            except (CorruptImageError, InvalidExampleError) as e:
-                logging.warning("skipping detection example %d: %s", idx, e)
-                last_error = e
-                continue
-            self.skipped += attempt > 0  # One count per replaced stream position.
-            return idx, ex
-        raise RuntimeError(
-            f"{self.max_substitutes + 1} consecutive unusable examples near dataset index "
-            f"{index}; last error: {last_error}"
+
+        def load(idx: int) -> dict[str, Any]:
+            ex = validate_example(self.source[idx], max_pixels=self.max_pixels)
+            if self.with_masks and "masks" not in ex:
+                if len(ex["labels"]):
+                    raise InvalidExampleError("with_masks=True but the example has no masks")
+                ex["masks"] = np.zeros((0,) + ex["image"].shape[:2], np.bool_)
+            return ex
+
+        idx, ex, substituted = load_with_substitutes(
+            index,
+            len(self.source),
+            load,
+            errors=(CorruptImageError, InvalidExampleError),
+            max_substitutes=self.max_substitutes,
+            what="detection example",
         )
+        self.skipped += substituted  # One count per replaced stream position.
+        return idx, ex
 
     def _row(self, position: int) -> dict[str, np.ndarray]:
         epoch, index = self.index_at(position)

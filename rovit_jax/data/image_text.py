@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image
 
-from rovit_jax.data.stream import EpochShuffledStream
+from rovit_jax.data.stream import EpochShuffledStream, load_with_substitutes
 
 if TYPE_CHECKING:
     from rovit_jax.data.tokenizer import Tokenizer
@@ -177,25 +177,25 @@ class PretrainBatches:
 
     def _example(self, position: int) -> tuple[np.ndarray, str]:
         epoch, index = self.index_at(position)
-        n = len(self.source)
-        for attempt in range(self.max_substitutes + 1):
-            # Substitutes step through the dataset by a stride coprime-ish with n; deterministic.
-            idx = (index + attempt * 7919) % n
+
+        def load(idx: int) -> tuple[np.ndarray, str]:
             ex = self.source[idx]
-            try:
-                image = decode_image(ex["image"], max_pixels=self.max_pixels)
-            except CorruptImageError as e:
-                logging.warning("skipping example %d: %s", idx, e)
-                continue
-            self.skipped += attempt > 0  # One count per replaced stream position.
-            rng = np.random.default_rng([self.seed, epoch, idx, 1])
-            return preprocess_image(
-                image, rng, size=self.image_size, crop_scale=self.crop_scale, flip=self.flip
-            ), ex["caption"]
-        raise RuntimeError(
-            f"{self.max_substitutes + 1} consecutive undecodable images near "
-            f"dataset index {index}: is the image field correct?"
+            return decode_image(ex["image"], max_pixels=self.max_pixels), ex["caption"]
+
+        idx, (image, caption), substituted = load_with_substitutes(
+            index,
+            len(self.source),
+            load,
+            errors=(CorruptImageError,),
+            max_substitutes=self.max_substitutes,
+            what="image",
         )
+        self.skipped += substituted  # One count per replaced stream position.
+        rng = np.random.default_rng([self.seed, epoch, idx, 1])
+        image = preprocess_image(
+            image, rng, size=self.image_size, crop_scale=self.crop_scale, flip=self.flip
+        )
+        return image, caption
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         images, captions = zip(*(self._example(p) for p in self.stream.host_positions(step)))

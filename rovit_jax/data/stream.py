@@ -3,12 +3,19 @@
 Stream position p visits the dataset in a fresh permutation each epoch (epoch = p // n), seeded
 by (seed, epoch). The global batch of step s holds positions [s * B, (s + 1) * B); each host takes
 its contiguous slice. A batch is therefore a pure function of (seed, step), whatever the number
-of hosts, and resuming needs only the step.
+of hosts, and resuming needs only the step. An unusable example is replaced by a deterministic
+substitute (`load_with_substitutes`), so one bad file never stops training.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
+
+T = TypeVar("T")
 
 
 class EpochShuffledStream:
@@ -56,3 +63,36 @@ class EpochShuffledStream:
     def positions(self, step: int) -> list[tuple[int, int]]:
         """(epoch, dataset index) pairs of this host's examples at `step` (before substitution)."""
         return [self.index_at(p) for p in self.host_positions(step)]
+
+
+# Substitutes step through the dataset by a large prime stride: deterministic, and unlikely to
+# land on a neighbour of the bad example (bad files often come in runs).
+_SUBSTITUTE_STRIDE = 7919
+
+
+def load_with_substitutes(
+    index: int,
+    num_examples: int,
+    load: Callable[[int], T],
+    *,
+    errors: tuple[type[Exception], ...],
+    max_substitutes: int,
+    what: str = "example",
+) -> tuple[int, T, bool]:
+    """Loads dataset `index`, or a deterministic substitute when loading raises one of `errors`.
+
+    Returns (dataset index used, loaded value, whether it is a substitute). Raises RuntimeError
+    after `max_substitutes + 1` consecutive failures, quoting the last error.
+    """
+    last_error: Exception | None = None
+    for attempt in range(max_substitutes + 1):
+        idx = (index + attempt * _SUBSTITUTE_STRIDE) % num_examples
+        try:
+            return idx, load(idx), attempt > 0
+        except errors as e:
+            logging.warning("skipping %s %d: %s", what, idx, e)
+            last_error = e
+    raise RuntimeError(
+        f"{max_substitutes + 1} consecutive unusable {what}s near dataset index {index}; "
+        f"last error: {last_error}"
+    )
