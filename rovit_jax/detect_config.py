@@ -35,7 +35,7 @@ def detect_defaults() -> ml_collections.ConfigDict:
     c.pretrain = ml_collections.ConfigDict()  # a full pretraining config when run_pretraining
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "shapes_world"
+    c.data.name = "shapes_world"  # see rovit_jax.data.sources.DETECTION_DATASETS
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.world = ml_collections.ConfigDict(
         dict(
@@ -44,7 +44,15 @@ def detect_defaults() -> ml_collections.ConfigDict:
     )
     c.data.train_split = "train"
     c.data.eval_split = "test"
-    # Categories held out of detection training (novel): LVIS frequency groups listed here.
+    # COCO-format datasets ("lvis", "coco", "ov_coco", "objects365", "tfds_coco" for evaluation):
+    # the annotation JSONs and image folders (LVIS: the COCO root holding train2017/, val2017/).
+    c.data.train_annotations = ""
+    c.data.train_images = ""
+    c.data.eval_annotations = ""
+    c.data.eval_images = ""
+    c.data.with_masks = True  # box-only datasets (objects365, tfds_coco) never have masks
+    # Categories held out of detection training (novel): LVIS frequency groups listed here
+    # (OV-COCO marks its 17 novel categories "r").
     c.data.novel_frequencies = ("r",)
 
     c.det = ml_collections.ConfigDict()

@@ -41,7 +41,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.remat = "none"  # "none" | "full" | "dots": rematerialise each transformer block
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "shapes_world"  # "shapes_world" (generated locally) | "tfds"
+    c.data.name = "shapes_world"  # see rovit_jax.data.sources.PRETRAIN_DATASETS
     c.data.data_dir = ml_collections.FieldReference(
         None, field_type=str
     )  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -51,10 +51,21 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
         )
     )
     c.data.tfds_name = ""  # with name="tfds": a builder stored as array_record
+    c.data.train_files = ""  # with name="web_shards": folder, glob or {000..099} pattern
+    c.data.annotations = ""  # with name="coco_captions" / "karpathy": the captions JSON
+    c.data.images = ""  # ... and their image folder
+    c.data.num_workers = 1  # threads indexing web shards
+    c.data.shard_image_key = "jpg"  # img2dataset's feature names in web shards
+    c.data.shard_caption_key = "txt"
     c.data.train_split = "train"
     c.data.eval_split = "test"
-    c.data.image_key = "image"
+    c.data.image_key = "image"  # tfds feature names
     c.data.caption_key = "caption"
+    # Retrieval evaluation data; name "" = the training data's eval_split. The other fields
+    # override the training data's (e.g. name="karpathy", annotations=..., images=..., split).
+    c.data.eval = ml_collections.ConfigDict(
+        dict(name="", tfds_name="", annotations="", images="", split="")
+    )
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.max_len = 64  # Paper's text length (unverified).

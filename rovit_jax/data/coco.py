@@ -406,6 +406,10 @@ class CocoCaptionsSource:
             raise CorruptImageError(f"cannot read image file {path}: {e}") from e
         return {"image": data, "caption": self._captions[k][c]}
 
+    def captions(self) -> list[str]:
+        """Every example's caption, in example order (no image is read)."""
+        return [self._captions[k][c] for k, c in self._pairs]
+
     def text_to_image(self) -> np.ndarray:
         """int32 [len(self)]: the image index (in `image_ids` order) of each example's caption."""
         return np.asarray([k for k, _ in self._pairs], np.int32)

@@ -296,7 +296,7 @@ def detector_loss(
 
     batch: image [B, S, S, 3], boxes [B, M, 4] pixels, classes [B, M] (training vocabulary
     index, -1 pad), valid [B, M], masks [B, M, Hm, Wm] (instance masks of the padded image at
-    reduced resolution).
+    reduced resolution; without "masks", e.g. box-only datasets, there is no mask loss).
     """
     apply = lambda method, *a: model.apply({"params": params}, *a, method=method)  # noqa: E731
     images = batch["image"]
@@ -336,7 +336,10 @@ def detector_loss(
     l1 = jnp.sum(jnp.abs(deltas - samples["box_targets"]), -1)
     box_loss = jnp.sum(jnp.where(fg, l1, 0.0)) / num_valid
 
-    mask_loss = _mask_loss(model, params, feats, samples, batch, cfg)
+    if "masks" in batch:
+        mask_loss = _mask_loss(model, params, feats, samples, batch, cfg)
+    else:
+        mask_loss = jnp.zeros((), jnp.float32)
     total = (
         jnp.mean(rpn_obj_loss)
         + jnp.mean(rpn_box_loss)

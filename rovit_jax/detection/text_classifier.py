@@ -9,7 +9,8 @@ import numpy as np
 __all__ = ["PROMPT_ENSEMBLES", "clean_name", "bucket_size", "build_text_classifier"]
 
 # Prompt templates; "{}" is the category name. "vild" follows ViLD's short photo-style prompts;
-# "single" is the plain baseline.
+# "single" is the plain baseline; "clip" is the 80-template ensemble CLIP published for zero-shot
+# ImageNet (Radford et al. 2021, the prompt-engineering notebook), in its published order.
 PROMPT_ENSEMBLES: dict[str, tuple[str, ...]] = {
     "single": ("a photo of a {}.",),
     "vild": (
@@ -28,6 +29,88 @@ PROMPT_ENSEMBLES: dict[str, tuple[str, ...]] = {
         "a photo of a small {}.",
         "a photo of a large {}.",
     ),
+    "clip": (
+        "a bad photo of a {}.",
+        "a photo of many {}.",
+        "a sculpture of a {}.",
+        "a photo of the hard to see {}.",
+        "a low resolution photo of the {}.",
+        "a rendering of a {}.",
+        "graffiti of a {}.",
+        "a bad photo of the {}.",
+        "a cropped photo of the {}.",
+        "a tattoo of a {}.",
+        "the embroidered {}.",
+        "a photo of a hard to see {}.",
+        "a bright photo of a {}.",
+        "a photo of a clean {}.",
+        "a photo of a dirty {}.",
+        "a dark photo of the {}.",
+        "a drawing of a {}.",
+        "a photo of my {}.",
+        "the plastic {}.",
+        "a photo of the cool {}.",
+        "a close-up photo of a {}.",
+        "a black and white photo of the {}.",
+        "a painting of the {}.",
+        "a painting of a {}.",
+        "a pixelated photo of the {}.",
+        "a sculpture of the {}.",
+        "a bright photo of the {}.",
+        "a cropped photo of a {}.",
+        "a plastic {}.",
+        "a photo of the dirty {}.",
+        "a jpeg corrupted photo of a {}.",
+        "a blurry photo of the {}.",
+        "a photo of the {}.",
+        "a good photo of the {}.",
+        "a rendering of the {}.",
+        "a {} in a video game.",
+        "a photo of one {}.",
+        "a doodle of a {}.",
+        "a close-up photo of the {}.",
+        "a photo of a {}.",
+        "the origami {}.",
+        "the {} in a video game.",
+        "a sketch of a {}.",
+        "a doodle of the {}.",
+        "a origami {}.",
+        "a low resolution photo of a {}.",
+        "the toy {}.",
+        "a rendition of the {}.",
+        "a photo of the clean {}.",
+        "a photo of a large {}.",
+        "a rendition of a {}.",
+        "a photo of a nice {}.",
+        "a photo of a weird {}.",
+        "a blurry photo of a {}.",
+        "a cartoon {}.",
+        "art of a {}.",
+        "a sketch of the {}.",
+        "a embroidered {}.",
+        "a pixelated photo of a {}.",
+        "itap of the {}.",
+        "a jpeg corrupted photo of the {}.",
+        "a good photo of a {}.",
+        "a plushie {}.",
+        "a photo of the nice {}.",
+        "a photo of the small {}.",
+        "a photo of the weird {}.",
+        "the cartoon {}.",
+        "art of the {}.",
+        "a drawing of the {}.",
+        "a photo of the large {}.",
+        "a black and white photo of a {}.",
+        "the plushie {}.",
+        "a dark photo of a {}.",
+        "itap of a {}.",
+        "graffiti of the {}.",
+        "a toy {}.",
+        "itap of my {}.",
+        "a photo of a cool {}.",
+        "a photo of a small {}.",
+        "a tattoo of the {}.",
+    ),
 }
 
 # Vocabulary sizes are padded up to one of these so a new vocabulary reuses a compiled model.
@@ -35,7 +118,15 @@ BUCKETS = (16, 64, 256, 1024, 2048, 4096)
 
 
 def clean_name(name: str) -> str:
-    """Dataset category names to words: "traffic_light" -> "traffic light", "a/b" -> "a b"."""
+    """Dataset category name -> the words put into the prompt templates.
+
+    Rule: "_", "/", "(" and ")" become spaces, letters are lower-cased and whitespace runs
+    collapse to one space (none at the ends). So LVIS "traffic_light" -> "traffic light"; an
+    LVIS disambiguator stays as plain words, "bow_(weapon)" -> "bow weapon" (it tells the text
+    tower which sense is meant); Objects365 alternatives keep both words, "Cabinet/shelf" ->
+    "cabinet shelf"; "Table Tennis " -> "table tennis". Hyphens, apostrophes and digits are kept
+    ("bow-tie", "formula 1"). A name with none of "_/()", upper case or extra spaces is unchanged.
+    """
     name = name.replace("_", " ").replace("/", " ").replace("(", " ").replace(")", " ")
     return " ".join(name.lower().split())
 

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from rovit_jax.data import sources
 from rovit_jax.detection import rcnn
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier
 from rovit_jax.models.detector import OpenVocabDetector
@@ -32,6 +33,12 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks detection settings that would otherwise fail late or silently."""
+    _check(
+        config.data.name in sources.DETECTION_DATASETS,
+        "data.name",
+        config.data.name,
+        f"choose one of {sources.DETECTION_DATASETS}",
+    )
     _check(
         config.rpn.objectness in rcnn.OBJECTNESS_MODES,
         "rpn.objectness",
@@ -189,32 +196,29 @@ class DetectTask:
 
     # ---- data and vocabulary -------------------------------------------------------------------
     @cached_property
-    def _data(self):
-        """(builder, category table [(id, name, frequency)], tokenizer)."""
-        from rovit_jax.data import shapes_tfds
-        from rovit_jax.data import tokenizer as tok_lib
-        from rovit_jax.tasks.pretrain import _default_data_dir
+    def data(self) -> sources.DetectionData:
+        """Readers, category table and evaluation protocol (see data.sources)."""
+        return sources.detection_data(self.config)
 
-        data = self.config.data
-        if data.name != "shapes_world":
-            raise ValueError(f"config key `data.name`: {data.name!r} has no detection reader yet")
-        builder = shapes_tfds.build_shapes_world(data.data_dir or _default_data_dir(), **data.world)
-        cats = builder.info.metadata["categories"]
-        table = [(int(c["id"]), str(c["name"]), str(c["frequency"])) for c in cats]
-        pcfg = self.pretrained[0]
-        tokenizer = tok_lib.shapes_tokenizer(
-            builder, max_len=int(pcfg.tokenizer.max_len), vocab_size=int(pcfg.tokenizer.vocab_size)
-        )
-        return builder, table, tokenizer
+    @property
+    def table(self) -> list[tuple[int, str, str]]:
+        """Every evaluated category as (dataset id, name, frequency), in class order."""
+        return self.data.table.as_tuples()
+
+    @cached_property
+    def tokenizer(self):
+        """The pretrained text tower's tokenizer."""
+        pcfg = ml_collections.ConfigDict(self.pretrained[0].to_dict())
+        pcfg.data.data_dir = pcfg.data.get("data_dir") or self.config.data.data_dir
+        return sources.tokenizer_for(pcfg)
 
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
-        _, _, tokenizer = self._data
         params = self.pretrained[1]
         fn = jax.jit(
             lambda p, t: self.two_tower.apply({"params": p}, t, method=self.two_tower.embed_texts)
         )
         out = [
-            np.asarray(fn(params, tokenizer.encode(texts[i : i + 256])))
+            np.asarray(fn(params, self.tokenizer.encode(texts[i : i + 256])))
             for i in range(0, len(texts), 256)
         ]
         return np.concatenate(out)
@@ -226,7 +230,7 @@ class DetectTask:
     @cached_property
     def base_vocabulary(self) -> dict[str, Any]:
         """Training vocabulary: categories not in a novel frequency group."""
-        _, table, _ = self._data
+        table = self.table
         novel = set(self.config.data.novel_frequencies)
         base = [(cid, name) for cid, name, freq in table if freq not in novel]
         emb, valid = self.vocabulary([n for _, n in base])
@@ -239,7 +243,7 @@ class DetectTask:
     @cached_property
     def full_vocabulary(self) -> dict[str, Any]:
         """Evaluation vocabulary: every category; `is_novel` marks held-out ones."""
-        _, table, _ = self._data
+        table = self.table
         novel = set(self.config.data.novel_frequencies)
         emb, valid = self.vocabulary([n for _, n, _ in table])
         is_novel = np.zeros(valid.shape, bool)
@@ -249,10 +253,13 @@ class DetectTask:
     def train_batches(self, process_index: int, process_count: int):
         from rovit_jax.data import detection_input
 
-        builder = self._data[0]
-        source = detection_input.ShapesDetectionSource(builder, self.config.data.train_split)
+        if self.data.train is None:
+            raise ValueError(
+                f"config key `data.name` = {self.config.data.name!r} is for evaluation only "
+                "(no training data); set total_steps=0 with a finetuned detector"
+            )
         return detection_input.DetectionBatches(
-            source,
+            self.data.train,
             global_batch=int(self.config.batch_size),
             image_size=int(self.config.det.image_size),
             max_instances=int(self.config.det.max_instances),
@@ -261,6 +268,7 @@ class DetectTask:
             scale_range=tuple(self.config.det.scale_range),
             flip=bool(self.config.det.flip),
             mask_stride=int(self.config.det.mask_stride),
+            with_masks=sources.detection_has_masks(self.config.data),
             process_index=process_index,
             process_count=process_count,
         )
@@ -269,7 +277,7 @@ class DetectTask:
         b, s = int(self.config.batch_size), int(self.config.det.image_size)
         m, ms = int(self.config.det.max_instances), s // int(self.config.det.mask_stride)
         sds = jax.ShapeDtypeStruct
-        return {
+        shapes = {
             "image": sds((b, s, s, 3), jnp.float32),
             "boxes": sds((b, m, 4), jnp.float32),
             "classes": sds((b, m), jnp.int32),
@@ -277,6 +285,9 @@ class DetectTask:
             "masks": sds((b, m, ms, ms), jnp.uint8),
             "image_info": sds((b, 4), jnp.float32),
         }
+        if not sources.detection_has_masks(self.config.data):
+            del shapes["masks"]
+        return shapes
 
     # ---- model and loss -------------------------------------------------------------------------
     def validate(self, mesh: Mesh) -> None:

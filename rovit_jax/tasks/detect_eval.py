@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 
 from rovit_jax.data import detection_input
 from rovit_jax.detection.postprocess import paste_masks, to_original_coordinates
@@ -16,56 +15,49 @@ from rovit_jax.evaluation import detection as det_eval
 VARIANTS = ("fused", "detector_only")
 
 
-def _ground_truth(source, indices, table) -> dict[str, Any]:
-    """LVIS-style ground truth of the evaluation images (exhaustive: absent = negative)."""
-    images, annotations = [], []
-    for i in indices:
-        ex = source[int(i)]
-        h, w = ex["image"].shape[:2]
-        images.append({"id": int(ex["image_id"]), "height": h, "width": w})
-        boxes = np.asarray(ex["boxes"], np.float32) * np.array([h, w, h, w], np.float32)
-        annotations += det_eval.annotations_from_arrays(
-            int(ex["image_id"]),
-            boxes,
-            np.asarray(ex["labels"]) + 1,
-            masks=np.asarray(ex["masks"]) > 0 if ex.get("masks") is not None else None,
-        )
-    categories = [{"id": cid + 1, "name": name, "frequency": f} for cid, name, f in table]
-    return det_eval.make_lvis_gt(images, categories, annotations)
-
-
-def _restrict(gt: dict[str, Any], dets: list[dict], keep_ids: set[int]):
-    """Ground truth and detections limited to categories `keep_ids` (for AP on base classes)."""
-    sub = {
-        "images": [
+def _restrict(gt: dict[str, Any], dets: list[dict], keep_ids: set[int], protocol: str):
+    """Ground truth and detections limited to categories `keep_ids` (AP on base / novel)."""
+    images = gt["images"]
+    if protocol == "lvis":
+        images = [
             dict(
                 im,
                 neg_category_ids=[c for c in im["neg_category_ids"] if c in keep_ids],
-                not_exhaustive_category_ids=[],
+                not_exhaustive_category_ids=[
+                    c for c in im.get("not_exhaustive_category_ids", []) if c in keep_ids
+                ],
             )
-            for im in gt["images"]
-        ],
-        "categories": [c for c in gt["categories"] if c["id"] in keep_ids],
-        "annotations": [a for a in gt["annotations"] if a["category_id"] in keep_ids],
-    }
+            for im in images
+        ]
+    sub = dict(gt)
+    sub.update(
+        images=images,
+        categories=[c for c in gt["categories"] if c["id"] in keep_ids],
+        annotations=[a for a in gt["annotations"] if a["category_id"] in keep_ids],
+    )
     return sub, [d for d in dets if d["category_id"] in keep_ids]
 
 
 def evaluate(task, trainer, params) -> dict[str, float]:
-    """Runs the detector on the evaluation split and returns LVIS-style metrics.
+    """Runs the detector on the evaluation data and returns LVIS- or COCO-style metrics.
 
-    Keys: `{variant}/{bbox|segm}/{AP, AP50, APr, APc, APf, AP_base, ...}` for variant in
-    ("fused", "detector_only"). Writes `detections_<variant>.json` and a rendered PNG.
+    Keys: `{variant}/{bbox|segm}/{AP, AP50, APr, APc, APf, AP_base, ...}` (LVIS protocol) or
+    `{...}/{AP, AP50, ..., AP_base, AP_novel, AP50_novel}` (COCO protocol) for variant in
+    ("fused", "detector_only"); segm only for datasets with masks. Writes
+    `detections_<variant>.json` and a rendered PNG.
     """
     config = task.config
-    builder, table, _ = task._data
-    source = detection_input.ShapesDetectionSource(builder, config.data.eval_split)
+    data = task.data
+    source = data.eval
+    table = task.table
     vocab = task.full_vocabulary
     num = len(source) if not config.eval.num_images else min(len(source), config.eval.num_images)
     subset = _Subset(source, num)
-    gt = _ground_truth(source, range(num), table)
-    category_ids = [cid + 1 for cid, _, _ in table]
-    base_ids = {cid + 1 for cid, _, f in table if f not in set(config.data.novel_frequencies)}
+    gt = data.ground_truth(num)
+    category_ids = list(data.eval_ids)
+    novel = set(config.data.novel_frequencies)
+    base_ids = {eid for eid, (_, _, f) in zip(category_ids, table) if f not in novel}
+    novel_ids = set(category_ids) - base_ids
     vlm_params = {k: v for k, v in task.pretrained[1].items() if k != "txt"}
     text = [jax.numpy.asarray(vocab[k]) for k in ("embeddings", "valid", "is_novel")]
     metrics: dict[str, float] = {}
@@ -94,7 +86,9 @@ def evaluate(task, trainer, params) -> dict[str, float]:
                 row = start + j
                 keep = out["valid"][row]
                 boxes = to_original_coordinates(out["boxes"][row], scale, h, w)
-                masks = paste_masks(out["masks"][row][keep], boxes[keep], h, w)
+                masks = None
+                if data.with_masks:
+                    masks = paste_masks(out["masks"][row][keep], boxes[keep], h, w)
                 dets += det_eval.detections_to_results(
                     int(batch["image_id"][j]),
                     boxes[keep],
@@ -114,22 +108,11 @@ def evaluate(task, trainer, params) -> dict[str, float]:
             from jax.experimental import multihost_utils
 
             dets = [d for part in multihost_utils.process_allgather(dets) for d in part]
-        for iou_type in ("bbox", "segm"):
-            if not dets:
-                m = {k: 0.0 for k in det_eval.LVIS_METRICS}
-                base = 0.0
-            else:
-                m = det_eval.evaluate_lvis(
-                    gt, dets, iou_type=iou_type, max_dets=int(config.infer.max_detections)
-                )
-                base = det_eval.evaluate_lvis(
-                    *_restrict(gt, dets, base_ids),
-                    iou_type=iou_type,
-                    max_dets=int(config.infer.max_detections),
-                )["AP"]
-            for k, v in m.items():
-                metrics[f"{variant}/{iou_type}/{k}"] = float(v)
-            metrics[f"{variant}/{iou_type}/AP_base"] = float(base)
+        iou_types = ("bbox", "segm") if data.with_masks else ("bbox",)
+        for iou_type in iou_types:
+            metrics.update(
+                _metrics(variant, iou_type, gt, dets, data.protocol, base_ids, novel_ids, config)
+            )
         if jax.process_index() == 0 and task.workdir:
             det_eval.write_results(
                 os.path.join(task.workdir, f"detections_{variant}.json"),
@@ -145,6 +128,35 @@ def evaluate(task, trainer, params) -> dict[str, float]:
         render_detections(source[index]["image"], boxes, scores, classes, names, path)
         logging.info("rendered detections to %s", path)
     return metrics
+
+
+def _metrics(
+    variant: str,
+    iou_type: str,
+    gt: dict[str, Any],
+    dets: list[dict],
+    protocol: str,
+    base_ids: set[int],
+    novel_ids: set[int],
+    config,
+) -> dict[str, float]:
+    """`{variant}/{iou_type}/{name}` metrics; AP_base (and AP_novel, AP50_novel for COCO)."""
+    max_dets = int(config.infer.max_detections)
+    names = det_eval.LVIS_METRICS if protocol == "lvis" else det_eval.COCO_METRICS
+
+    def run(g, d) -> dict[str, float]:
+        if not d:
+            return {k: 0.0 for k in names}
+        if protocol == "lvis":
+            return det_eval.evaluate_lvis(g, d, iou_type=iou_type, max_dets=max_dets)
+        return det_eval.evaluate_coco(g, d, iou_type=iou_type)  # COCO's fixed 100 per image
+
+    m = dict(run(gt, dets))
+    m["AP_base"] = run(*_restrict(gt, dets, base_ids, protocol))["AP"]
+    if protocol == "coco" and novel_ids:
+        novel = run(*_restrict(gt, dets, novel_ids, protocol))
+        m["AP_novel"], m["AP50_novel"] = novel["AP"], novel["AP50"]
+    return {f"{variant}/{iou_type}/{k}": float(v) for k, v in m.items()}
 
 
 class _Subset:
@@ -163,16 +175,14 @@ class _Subset:
 
 
 def format_table(metrics: dict[str, float]) -> str:
-    """A markdown table of the headline numbers for both variants."""
-    cols = [
-        ("bbox", "AP"),
-        ("bbox", "AP50"),
-        ("bbox", "APr"),
-        ("bbox", "AP_base"),
-        ("segm", "AP"),
-        ("segm", "APr"),
-        ("segm", "AP_base"),
-    ]
+    """A markdown table of the headline numbers for both variants (LVIS or COCO protocol)."""
+    if any(k.endswith("/APr") for k in metrics):
+        cols = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "APr"), ("bbox", "AP_base")]
+        cols += [("segm", "AP"), ("segm", "APr"), ("segm", "AP_base")]
+    else:
+        cols = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP50_novel"), ("bbox", "AP_base")]
+        cols += [("segm", "AP"), ("segm", "AP50_novel")]
+    cols = [c for c in cols if any(k.startswith(f"{v}/{c[0]}/") for v in VARIANTS for k in metrics)]
     head = "| variant | " + " | ".join(f"{t} {k}" for t, k in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for variant in VARIANTS:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from functools import cached_property
 from typing import Any
 
@@ -13,7 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rovit_jax.data import image_text
+from rovit_jax.data import image_text, sources
 from rovit_jax.evaluation.retrieval import recall_at_k
 from rovit_jax.losses import contrastive
 from rovit_jax.models.text import text_variant
@@ -36,6 +35,12 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every pretraining setting that would otherwise fail late or silently."""
+    _check(
+        config.data.name in sources.PRETRAIN_DATASETS,
+        "data.name",
+        config.data.name,
+        f"choose one of {sources.PRETRAIN_DATASETS}",
+    )
     patch = vit_variant(config.model.image.variant)["patch_size"]
     _check(
         config.pp.image_size % patch == 0,
@@ -147,58 +152,15 @@ class PretrainTask:
 
     # ---- data ---------------------------------------------------------------------------------
     @cached_property
-    def _data(self) -> tuple[Any, Any, Any]:
-        """(tokenizer, train source, eval source)."""
-        data = self.config.data
-        if data.name == "shapes_world":
-            from rovit_jax.data import shapes_tfds
-            from rovit_jax.data import tokenizer as tok_lib
-
-            data_dir = data.data_dir or _default_data_dir()
-            # Chief builds first so hosts sharing a data_dir never race; others then find it built
-            # (or build their own identical copy on host-local disk).
-            if jax.process_index() == 0:
-                builder = shapes_tfds.build_shapes_world(data_dir, **data.world)
-            if jax.process_count() > 1:
-                multihost_utils.sync_global_devices("shapes_world_built")
-            if jax.process_index() != 0:
-                builder = shapes_tfds.build_shapes_world(data_dir, **data.world)
-            tokenizer = tok_lib.shapes_tokenizer(
-                builder,
-                max_len=int(self.config.tokenizer.max_len),
-                vocab_size=int(self.config.tokenizer.vocab_size),
-            )
-        elif data.name == "tfds":
-            import tensorflow_datasets as tfds
-
-            from rovit_jax.data.tokenizer import SentencePieceTokenizer
-
-            builder = tfds.builder(data.tfds_name, data_dir=data.data_dir)
-            tokenizer = SentencePieceTokenizer(
-                self.config.tokenizer.model_path, int(self.config.tokenizer.max_len)
-            )
-        else:
-            raise ValueError(
-                f"config key `data.name`: unknown {data.name!r}; choose 'shapes_world' or 'tfds'"
-            )
-        if tokenizer.vocab_size > int(self.config.tokenizer.vocab_size):
-            raise ValueError(
-                f"config key `tokenizer.vocab_size` = {self.config.tokenizer.vocab_size} "
-                f"is smaller than the tokenizer's {tokenizer.vocab_size}"
-            )
-        keys = dict(image_key=data.image_key, caption_key=data.caption_key)
-        return (
-            tokenizer,
-            image_text.TfdsImageTextSource(builder, data.train_split, **keys),
-            image_text.TfdsImageTextSource(builder, data.eval_split, **keys),
-        )
+    def _data(self) -> sources.ImageTextData:
+        """Tokenizer, training source and retrieval-evaluation data (see data.sources)."""
+        return sources.image_text_data(self.config)
 
     def train_batches(self, process_index: int, process_count: int) -> image_text.PretrainBatches:
-        tokenizer, train_source, _ = self._data
         pp = self.config.pp
         return image_text.PretrainBatches(
-            train_source,
-            tokenizer,
+            self._data.train,
+            self._data.tokenizer,
             global_batch=int(self.config.batch_size),
             image_size=int(pp.image_size),
             seed=int(self.config.seed),
@@ -286,13 +248,17 @@ class PretrainTask:
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, trainer, params: Any) -> dict[str, float]:
-        """Zero-shot retrieval recall@1/5/10 both ways on the evaluation split (whole PE, no CPE)."""
-        tokenizer, _, source = self._data
+        """Zero-shot retrieval recall@1/5/10 both ways on the evaluation data (whole PE, no CPE).
+
+        One caption per image pairs caption i with image i; datasets with several captions per
+        image rank every caption against every image (an image's captions all count as hits).
+        """
+        data = self._data
         embed = self._embed_fn(trainer)
         zimgs, ztxts, keep = [], [], []
         for batch in image_text.eval_batches(
-            source,
-            tokenizer,
+            data.eval_images,
+            data.tokenizer,
             batch_size=int(self.config.eval.batch_size),
             image_size=int(self.config.pp.image_size),
             process_index=jax.process_index(),
@@ -305,12 +271,47 @@ class PretrainTask:
             ztxts.append(np.asarray(zt))
             keep.append(mask)
         keep_all = np.concatenate(keep)
-        zimg = np.concatenate(zimgs)[keep_all]
-        ztxt = np.concatenate(ztxts)[keep_all]
-        sim = zimg.astype(np.float64) @ ztxt.astype(np.float64).T
-        metrics = recall_at_k(sim, np.arange(len(ztxt)), ks=tuple(self.config.eval.recall_ks))
-        metrics["num_pairs"] = float(len(ztxt))
+        zimg = np.concatenate(zimgs)[: len(data.eval_images)]
+        if data.eval_captions is None:
+            ztxt = np.concatenate(ztxts)[: len(data.eval_images)]
+            text_to_image = np.arange(len(ztxt))
+            text_keep = keep_all[: len(ztxt)]
+        else:
+            ztxt = self._embed_captions(trainer, params, data.eval_captions)
+            text_to_image = np.asarray(data.eval_text_to_image)
+            text_keep = keep_all[text_to_image]
+        # Undecodable images leave the evaluation together with their captions.
+        image_keep = keep_all[: len(zimg)]
+        new_index = np.cumsum(image_keep) - 1
+        sim = zimg[image_keep].astype(np.float64) @ ztxt[text_keep].astype(np.float64).T
+        metrics = recall_at_k(
+            sim, new_index[text_to_image[text_keep]], ks=tuple(self.config.eval.recall_ks)
+        )
+        metrics["num_pairs"] = float(text_keep.sum())
+        metrics["num_images"] = float(image_keep.sum())
         return metrics
+
+    def _embed_captions(self, trainer, params: Any, captions: list[str]) -> np.ndarray:
+        """[len(captions), E] text embeddings, in global batches of `eval.batch_size`."""
+        if getattr(self, "_text_embed_cache", None) is None:
+            self._text_embed_cache = jax.jit(
+                lambda p, tokens: self.model.apply(
+                    {"params": p}, tokens, method=self.model.embed_texts
+                ),
+                in_shardings=(trainer.param_shardings(), trainer.batch_sharding),
+                out_shardings=trainer.replicated,
+            )
+        size = int(self.config.eval.batch_size)
+        local = size // jax.process_count()
+        start = jax.process_index() * local
+        out = []
+        for i in range(0, len(captions), size):
+            chunk = list(captions[i : i + size])
+            chunk += [""] * (size - len(chunk))
+            tokens = self._data.tokenizer.encode(chunk[start : start + local])
+            batch = trainer.global_batch({"text": tokens})
+            out.append(np.asarray(self._text_embed_cache(params, batch["text"])))
+        return np.concatenate(out)[: len(captions)]
 
     def _embed_fn(self, trainer):
         if getattr(self, "_embed_cache", None) is None:
@@ -329,9 +330,3 @@ class PretrainTask:
                 out_shardings=(trainer.replicated, trainer.replicated),
             )
         return self._embed_cache
-
-
-def _default_data_dir() -> str:
-    return os.environ.get(
-        "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    )
