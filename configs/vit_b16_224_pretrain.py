@@ -1,40 +1,62 @@
-r"""RO-ViT pretraining recipe, ViT-B/16 at 224 px (paper's ablation setting).
+r"""RO-ViT pretraining recipe at 224 px: ViT-B/16 (ablation setting) or ViT-L/16.
 
-  python -m rovit_jax.main --config=configs/vit_b16_224_pretrain.py \
-      --config.data.tfds_name=my_image_text --config.tokenizer.model_path=spm64k.model \
-      --workdir=gs://bucket/rovit_b16
+  # img2dataset TFRecord shards, Flickr30k (Karpathy split) retrieval as evaluation:
+  python -m rovit_jax.main --config=configs/vit_b16_224_pretrain.py:data=web_shards \
+      --config.data.train_files='gs://bucket/laion/{00000..09999}.tfrecord' \
+      --config.data.eval.name=karpathy --config.data.eval.annotations=dataset_flickr30k.json \
+      --config.data.eval.images=flickr30k-images \
+      --config.tokenizer.model_path=spm64k.model --workdir=gs://bucket/rovit_b16
 
-Paper values: CPE with RRC boxes (scale [0.1, 1], ratio [0.5, 2]) over the PE upsampled to 64x64,
-focal sigmoid loss (alpha 0.5, gamma 1), GAP pooling, no CLS token, 224 px, batch 4096 for
-ablations (16384 for the main models: unverified). Text tower 12 layers, length 64, 64k
-SentencePiece vocabulary (unverified; from the authors' sibling code). Optimizer settings and the
-step count are not given in the paper (unverified): AdamW with the values below.
+  # ViT-L/16 main model: --config=configs/vit_b16_224_pretrain.py:variant=L/16,batch=16384
 
-Arguments: `batch`, `steps`, `loss`, `cpe`, `variant` (e.g. L/16), `cpu` (a small batch and a
-synthetic-free smoke setup on the shapes world, for benchmarks on this class of machine).
+Paper values (PAPER.md): CPE with RRC boxes (scale [0.1, 1], ratio [0.5, 2]) over the PE upsampled
+to 64x64 (the 1024 px detection grid), focal sigmoid loss (alpha 0.5, gamma 1), GAP pooling, no
+CLS token, 224 px, batch 4096 for ablations and 16384 for the main models. Unverified: the text
+tower (12 layers, length 64, 64k SentencePiece vocabulary, from the authors' sibling code), the
+optimizer (AdamW; lr, warmup, weight decay below), the step count, the embedding width and the
+mild random resized crop of web images.
+
+Arguments: `batch`, `steps`, `loss`, `cpe`, `variant` (B/16 | L/16), `data` (tfds | web_shards |
+coco_captions | karpathy), `cpu` (B/16 at batch 8 on the shapes world: step benchmarks on a CPU)
+and `small` (a tiny model, batch and step count with the configured data: a smoke run of the
+recipe on a CPU).
 """
 
 from rovit_jax.config_args import parse_arg
 from rovit_jax.pretrain_config import pretrain_defaults
 
+TEXT_TOWER = {"B/16": "B", "L/16": "L"}
+
 
 def get_config(arg=None):
-    a = parse_arg(arg, batch=4096, steps=100_000, loss="focal", cpe=True, variant="B/16", cpu=False)
+    a = parse_arg(
+        arg,
+        batch=4096,
+        steps=100_000,
+        loss="focal",
+        cpe=True,
+        variant="B/16",
+        data="tfds",
+        cpu=False,
+        small=False,
+    )
     c = pretrain_defaults()
     c.total_steps = a.steps
     c.batch_size = a.batch
     c.model.image.variant = a.variant
-    c.model.text.variant = "B" if a.variant.startswith("B") else a.variant.split("/")[0]
+    c.model.text.variant = TEXT_TOWER.get(a.variant, a.variant.split("/")[0])
     c.pp.image_size = 224
     c.pp.crop_scale = (0.9, 1.0)  # mild RRC on web images (unverified)
+    c.pp.flip = False  # captions name left/right: no flip
     c.cpe.enabled = a.cpe
+    c.cpe.up_size = 64  # 1024 / 16
     c.loss.kind = a.loss
 
-    c.data.name = "tfds"
-    c.data.tfds_name = ""  # set to an image-text tfds dataset stored as array_record
-    c.optim.lr = 5e-4
-    c.optim.warmup_steps = 10_000
-    c.optim.weight_decay = 1e-4
+    c.data.name = a.data
+    c.data.num_workers = 16  # shard indexing threads
+    c.optim.lr = 5e-4  # unverified
+    c.optim.warmup_steps = 10_000  # unverified
+    c.optim.weight_decay = 1e-4  # unverified
     c.checkpoint_every = 2000
     c.log_every = 100
     c.eval_every = 10_000
@@ -45,4 +67,20 @@ def get_config(arg=None):
         c.tokenizer.max_len = 32
         c.tokenizer.vocab_size = 512
         c.eval.batch_size = 256
+    if a.small:
+        c.model.image.variant = "mu/8"
+        c.model.text.variant = "mu"
+        c.model.embed_dim = 32
+        c.pp.image_size = 32
+        c.cpe.up_size = 8
+        c.tokenizer.max_len = 16
+        c.tokenizer.vocab_size = 512
+        c.batch_size = 8
+        c.total_steps = 2
+        c.eval_every = 0
+        c.log_every = 1
+        c.checkpoint_every = 2
+        c.optim.warmup_steps = 1
+        c.eval.batch_size = 8
+        c.data.num_workers = 1
     return c

@@ -32,6 +32,9 @@ def detect_defaults() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict()
     c.init.pretrain_workdir = ""
     c.init.run_pretraining = False
+    # A finetuned detector run to start from (evaluation with another vocabulary, e.g.
+    # LVIS -> Objects365 transfer with total_steps = 0); "" = from the pretrained backbone.
+    c.init.detector_workdir = ""
     c.pretrain = ml_collections.ConfigDict()  # a full pretraining config when run_pretraining
 
     c.data = ml_collections.ConfigDict()

@@ -463,6 +463,15 @@ def _float_image(canvas: np.ndarray, valid_size: np.ndarray) -> np.ndarray:
 # Batches.
 
 
+class NoBatches:
+    """The batches of an evaluation-only run (total_steps = 0): asking for one is an error."""
+
+    skipped = 0
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        raise RuntimeError(f"an evaluation-only run has no training batch (step {step})")
+
+
 class DetectionBatches:
     """Deterministic per-step detection training batches for this host.
 

@@ -254,9 +254,11 @@ class DetectTask:
         from rovit_jax.data import detection_input
 
         if self.data.train is None:
+            if int(self.config.total_steps) == 0:
+                return detection_input.NoBatches()
             raise ValueError(
                 f"config key `data.name` = {self.config.data.name!r} is for evaluation only "
-                "(no training data); set total_steps=0 with a finetuned detector"
+                "(no training data): set total_steps=0 and init.detector_workdir"
             )
         return detection_input.DetectionBatches(
             self.data.train,
@@ -303,11 +305,33 @@ class DetectTask:
         self._mesh = mesh
         # Everything derived from the pretrained run is computed here, eagerly: inside the
         # traced init/loss functions it would be staged into the trace instead.
-        _ = self.pretrained, self.model, self.base_vocabulary, self.full_vocabulary
+        _ = self.pretrained, self.model, self.full_vocabulary, self.finetuned
+        if int(self.config.total_steps) > 0:
+            _ = self.base_vocabulary
+
+    @cached_property
+    def finetuned(self) -> Any | None:
+        """Parameters of a finetuned detector run (`init.detector_workdir`), or None."""
+        workdir = self.config.init.get("detector_workdir")
+        if not workdir:
+            return None
+        params, step = load_params(workdir)
+        logging.info("loaded detector parameters from %s at step %d", workdir, step)
+        return params
 
     def init_params(self, rng: jax.Array) -> Any:
         s = int(self.config.det.image_size)
         params = self.model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+        if self.finetuned is not None:
+            # Vocabulary transfer: the detector is reused as is; only the text classifier changes.
+            fresh = jax.tree.map(jnp.shape, params)
+            if jax.tree.map(jnp.shape, self.finetuned) != fresh:
+                raise ValueError(
+                    f"config key `init.detector_workdir` = {self.config.init.detector_workdir!r}: "
+                    "its parameters do not match this config's detector (same backbone, heads "
+                    "and det.* settings are needed)"
+                )
+            return jax.tree.map(jnp.asarray, self.finetuned)
         params = dict(params)
         pretrained_img = self.pretrained[1]["img"]
         # Window attention adds no parameters, so every backbone leaf has a pretrained value;

@@ -152,7 +152,8 @@ def _metrics(
         return det_eval.evaluate_coco(g, d, iou_type=iou_type)  # COCO's fixed 100 per image
 
     m = dict(run(gt, dets))
-    m["AP_base"] = run(*_restrict(gt, dets, base_ids, protocol))["AP"]
+    if base_ids:
+        m["AP_base"] = run(*_restrict(gt, dets, base_ids, protocol))["AP"]
     if protocol == "coco" and novel_ids:
         novel = run(*_restrict(gt, dets, novel_ids, protocol))
         m["AP_novel"], m["AP50_novel"] = novel["AP"], novel["AP50"]
