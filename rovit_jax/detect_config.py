@@ -53,6 +53,7 @@ def detect_defaults() -> ml_collections.ConfigDict:
     c.data.train_images = ""
     c.data.eval_annotations = ""
     c.data.eval_images = ""
+    c.data.num_workers = 1  # threads decoding and augmenting each host's batch
     c.data.with_masks = True  # box-only datasets (objects365, tfds_coco) never have masks
     # Categories held out of detection training (novel): LVIS frequency groups listed here
     # (OV-COCO marks its 17 novel categories "r").
@@ -100,6 +101,9 @@ def detect_defaults() -> ml_collections.ConfigDict:
 
     c.text = ml_collections.ConfigDict()
     c.text.templates = "vild"  # prompt ensemble name in detection.text_classifier
+    # A saved classifier prefix (python -m rovit_jax.classifier) for the evaluation vocabulary;
+    # "" = computed from the category names with `templates`.
+    c.text.classifier = ""
 
     c.infer = ml_collections.ConfigDict()
     c.infer.pre_nms_top_k = 1000

@@ -54,7 +54,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.data.train_files = ""  # with name="web_shards": folder, glob or {000..099} pattern
     c.data.annotations = ""  # with name="coco_captions" / "karpathy": the captions JSON
     c.data.images = ""  # ... and their image folder
-    c.data.num_workers = 1  # threads indexing web shards
+    c.data.num_workers = 1  # threads indexing web shards and decoding each host's batch
     c.data.shard_image_key = "jpg"  # img2dataset's feature names in web shards
     c.data.shard_caption_key = "txt"
     c.data.train_split = "train"

@@ -503,6 +503,23 @@ def test_unusable_examples_are_replaced_and_counted():
         ).batch(0)
 
 
+def test_worker_threads_give_the_same_batches_and_counts():
+    good = rect_example(20, 20, ((2, 2, 10, 10),), [0])
+    items = [_batch_source()[i] for i in range(4)] + [{**good, "image": b"junk bytes"}, good]
+    src = ListSource(items)
+    kw = dict(global_batch=6, image_size=S, max_instances=4, seed=2, category_map={1: 0, 2: 1})
+    serial, threaded = di.DetectionBatches(src, **kw), di.DetectionBatches(src, num_workers=3, **kw)
+    for step in range(3):
+        a, b = serial.batch(step), threaded.batch(step)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert serial.skipped == threaded.skipped >= 1
+    assert serial.dropped == threaded.dropped and serial.dropped["bad_box"] > 0
+    with pytest.raises(ValueError, match="num_workers"):
+        di.DetectionBatches(src, num_workers=0, **kw)
+
+
 # ------------------------------------------------------------------------------------------
 # Evaluation batches.
 

@@ -65,6 +65,19 @@ def test_deterministic_and_host_slices_form_the_global_batch():
         np.testing.assert_allclose(b["image"][:, 0, 0, 0], _ids(b) / 127.5 - 1.0, atol=1e-6)
 
 
+def test_worker_threads_give_the_same_batches_and_skip_counts():
+    src = ListSource(29, corrupt=(3, 17))
+    kw = dict(global_batch=8, image_size=16, seed=1, crop_scale=(0.5, 1.0), flip=True)
+    serial = image_text.PretrainBatches(src, WordTokenizer(), **kw)
+    threaded = image_text.PretrainBatches(src, WordTokenizer(), num_workers=4, **kw)
+    for step in range(8):  # over two epochs: corrupt images are met and replaced
+        a, b = serial.batch(step), threaded.batch(step)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["text"], b["text"])
+    met = sum(serial.index_at(p)[1] in (3, 17) for p in range(8 * 8))
+    assert met >= 4 and serial.skipped == threaded.skipped == met
+
+
 def test_each_epoch_is_a_permutation_and_epochs_differ():
     src = ListSource(24)
     p = image_text.PretrainBatches(src, WordTokenizer(), global_batch=8, image_size=8, seed=0)

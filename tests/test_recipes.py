@@ -13,6 +13,7 @@ import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -324,3 +325,74 @@ def test_objects365_transfer_evaluates_an_lvis_detector(files, pretrained, tmp_p
     m = result["eval"]
     assert "fused/bbox/AP" in m and "fused/segm/AP" not in m  # boxes only
     assert math.isfinite(m["fused/bbox/AP"])
+
+
+def test_classifier_command_writes_lvis_and_coco_vocabularies(files, pretrained, tmp_path):
+    from rovit_jax import classifier
+    from rovit_jax.data import vocabularies
+
+    for name, size, templates in (("lvis", 1203, "clip"), ("coco", 80, "vild")):
+        prefix = str(tmp_path / name)
+        argv = [f"--pretrain_workdir={pretrained[0]}", f"--vocabulary={name}"]
+        argv += [f"--templates={templates}", f"--out={prefix}"]
+        assert classifier.main(argv) == 0
+        emb = np.load(prefix + ".npy")
+        meta = json.loads(open(prefix + ".json").read())
+        assert emb.shape[0] == size and meta["names"] == vocabularies.names(name)
+        assert meta["ids"] == vocabularies.vocabulary(name).ids()
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # Re-derive two LVIS rows: the normalised mean of the normalised template embeddings.
+    from rovit_jax.data import sources
+    from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, clean_name
+
+    pcfg = ml_collections.ConfigDict(
+        json.loads(open(os.path.join(pretrained[0], "config.json")).read())
+    )
+    params, _ = load_params(pretrained[0])
+    embed = classifier.make_text_embedder(pcfg, params, sources.tokenizer_for(pcfg))
+    lvis = np.load(str(tmp_path / "lvis.npy"))
+    for k in (0, 1202):
+        name = clean_name(vocabularies.names("lvis")[k])
+        z = embed([t.format(name) for t in PROMPT_ENSEMBLES["clip"]])
+        z = z / np.linalg.norm(z, axis=1, keepdims=True)
+        mean = z.mean(0)
+        np.testing.assert_allclose(lvis[k], mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_saved_classifier_is_used_and_checked(files, pretrained, tmp_path):
+    from rovit_jax import classifier
+
+    prefix = str(tmp_path / "fixture_lvis")
+    table = classifier.read_vocabulary(files["lvis"])
+    emb, meta = classifier.compute(pretrained[0], table, "vild")
+    classifier.save_classifier(prefix, emb, meta)
+    c = _detect_config("lvis_detect", files, pretrained[0])
+    c.data.train_annotations = c.data.eval_annotations = files["lvis"]
+    c.data.train_images = c.data.eval_images = files["coco_root"]
+    c.text.classifier = prefix
+    vocab = get_task(c, str(tmp_path / "a")).full_vocabulary
+    np.testing.assert_array_equal(vocab["embeddings"][:3], emb)
+    assert vocab["valid"].tolist()[:4] == [True, True, True, False]
+    # A classifier of another vocabulary is refused, naming the config key.
+    other = str(tmp_path / "coco")
+    assert (
+        classifier.main(
+            [
+                f"--pretrain_workdir={pretrained[0]}",
+                "--vocabulary=coco",
+                "--templates=single",
+                f"--out={other}",
+            ]
+        )
+        == 0
+    )
+    c.text.classifier = other
+    with pytest.raises(ValueError, match="text.classifier"):
+        _ = get_task(c, str(tmp_path / "b")).full_vocabulary
+    # Missing files and unknown vocabularies: exit code 2, no traceback.
+    assert (
+        classifier.main(
+            [f"--pretrain_workdir={pretrained[0]}", "--vocabulary=nope", f"--out={other}"]
+        )
+        == 2
+    )

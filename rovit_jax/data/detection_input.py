@@ -37,7 +37,13 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from rovit_jax.data.image_text import DEFAULT_MAX_PIXELS, CorruptImageError, decode_image
+from rovit_jax.data.image_text import (
+    DEFAULT_MAX_PIXELS,
+    CorruptImageError,
+    decode_image,
+    map_in_order,
+    worker_pool,
+)
 from rovit_jax.data.stream import EpochShuffledStream, load_with_substitutes
 
 # Instance-drop reasons counted by DetectionBatches.dropped.
@@ -518,6 +524,7 @@ class DetectionBatches:
         process_count: int = 1,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_substitutes: int = 64,
+        num_workers: int = 1,
     ):
         self.stream = EpochShuffledStream(
             len(source),
@@ -527,6 +534,7 @@ class DetectionBatches:
             process_count=process_count,
         )
         self.index_at, self.positions = self.stream.index_at, self.stream.positions
+        self.pool = worker_pool(num_workers)
         size = _check_output_size(image_size)
         if max_instances < 1:
             raise ValueError(f"max_instances must be >= 1, got {max_instances!r}")
@@ -554,8 +562,8 @@ class DetectionBatches:
         self.skipped = 0
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
 
-    def _load(self, index: int) -> tuple[int, dict[str, Any]]:
-        """(dataset index, validated example), substituting unusable examples deterministically."""
+    def _load(self, index: int) -> tuple[int, dict[str, Any], bool]:
+        """(dataset index, validated example, substituted?); unusable examples are replaced."""
 
         def load(idx: int) -> dict[str, Any]:
             ex = validate_example(self.source[idx], max_pixels=self.max_pixels)
@@ -573,20 +581,22 @@ class DetectionBatches:
             max_substitutes=self.max_substitutes,
             what="detection example",
         )
-        self.skipped += substituted  # One count per replaced stream position.
-        return idx, ex
+        return idx, ex, substituted
 
-    def _row(self, position: int) -> dict[str, np.ndarray]:
+    def _row(self, position: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """(one batch row, counts: "skipped" and one per DROP_REASONS) of a stream position."""
+        counts = dict.fromkeys(DROP_REASONS, 0)
         epoch, index = self.index_at(position)
-        idx, ex = self._load(index)
+        idx, ex, substituted = self._load(index)
+        counts["skipped"] = int(substituted)  # One count per replaced stream position.
         ex, bad = drop_invalid_boxes(ex)
-        self.dropped["bad_box"] += bad
+        counts["bad_box"] += bad
         if self.category_map is not None:
             ex, unmapped = filter_categories(ex, self.category_map)
         else:  # identity vocabulary: only negative labels cannot index it
             keep = ex["labels"] >= 0
             ex, unmapped = _select(ex, keep), int((~keep).sum())
-        self.dropped["unmapped_category"] += unmapped
+        counts["unmapped_category"] += unmapped
         num_before = len(ex["labels"])
         if not self.with_masks:
             ex.pop("masks", None)
@@ -599,8 +609,8 @@ class DetectionBatches:
             min_box_size=self.min_box_size,
         )
         num = len(ex["labels"])
-        self.dropped["cropped_or_tiny"] += num_before - num
-        self.dropped["over_max_instances"] += max(num - self.max_instances, 0)
+        counts["cropped_or_tiny"] += num_before - num
+        counts["over_max_instances"] += max(num - self.max_instances, 0)
         k = min(num, self.max_instances)
 
         size, cap = self.image_size, self.max_instances
@@ -627,10 +637,15 @@ class DetectionBatches:
                 cover = ex["masks"][:k].reshape(k, m, stride, m, stride).mean(axis=(2, 4))
                 masks[:k] = cover >= 0.5
             row["masks"] = masks
-        return row
+        return row, counts
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        rows = [self._row(p) for p in self.stream.host_positions(step)]
+        results = map_in_order(self.pool, self._row, self.stream.host_positions(step))
+        for _, counts in results:
+            self.skipped += counts.pop("skipped")
+            for reason, n in counts.items():
+                self.dropped[reason] += n
+        rows = [row for row, _ in results]
         return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
 

@@ -13,7 +13,8 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -22,6 +23,8 @@ from rovit_jax.data.stream import EpochShuffledStream, load_with_substitutes
 
 if TYPE_CHECKING:
     from rovit_jax.data.tokenizer import Tokenizer
+
+T = TypeVar("T")
 
 # Refuse images that would decode to more pixels than this (decompression bombs).
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
@@ -137,13 +140,29 @@ def preprocess_image(
     return image.astype(np.float32) / 127.5 - 1.0
 
 
+def worker_pool(num_workers: int) -> ThreadPoolExecutor | None:
+    """Threads that decode and augment a batch's examples (PIL releases the GIL), or None."""
+    if int(num_workers) != num_workers or num_workers < 1:
+        raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+    return ThreadPoolExecutor(int(num_workers)) if num_workers > 1 else None
+
+
+def map_in_order(pool: ThreadPoolExecutor | None, fn: Callable[[Any], T], items) -> list[T]:
+    """[fn(x) for x in items], on the pool when there is one; results keep the input order, so
+    batches do not depend on the number of workers."""
+    if pool is None:
+        return [fn(x) for x in items]
+    return list(pool.map(fn, items))
+
+
 class PretrainBatches:
     """Deterministic per-step training batches for this host.
 
     `batch(step)` returns `{"image": f32 [b, S, S, 3], "text": i32 [b, L]}` where b is this host's
     share of `global_batch`. An example whose image cannot be decoded is replaced by a
     deterministic substitute and counted in `skipped` (replaced stream positions), so one bad file
-    never stops training.
+    never stops training. `num_workers` threads decode a batch in parallel; the batch is the same
+    for any number of workers.
     """
 
     def __init__(
@@ -160,6 +179,7 @@ class PretrainBatches:
         process_count: int = 1,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_substitutes: int = 64,
+        num_workers: int = 1,
     ):
         self.stream = EpochShuffledStream(
             len(source),
@@ -168,6 +188,7 @@ class PretrainBatches:
             process_index=process_index,
             process_count=process_count,
         )
+        self.pool = worker_pool(num_workers)
         self.source, self.tokenizer = source, tokenizer
         self.global_batch, self.image_size, self.seed = global_batch, image_size, seed
         self.crop_scale, self.flip = crop_scale, flip
@@ -175,7 +196,8 @@ class PretrainBatches:
         self.skipped = 0
         self.index_at, self.positions = self.stream.index_at, self.stream.positions
 
-    def _example(self, position: int) -> tuple[np.ndarray, str]:
+    def _example(self, position: int) -> tuple[np.ndarray, str, bool]:
+        """(image [S, S, 3], caption, whether a substitute was used) of a stream position."""
         epoch, index = self.index_at(position)
 
         def load(idx: int) -> tuple[np.ndarray, str]:
@@ -190,15 +212,16 @@ class PretrainBatches:
             max_substitutes=self.max_substitutes,
             what="image",
         )
-        self.skipped += substituted  # One count per replaced stream position.
         rng = np.random.default_rng([self.seed, epoch, idx, 1])
         image = preprocess_image(
             image, rng, size=self.image_size, crop_scale=self.crop_scale, flip=self.flip
         )
-        return image, caption
+        return image, caption, substituted
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        images, captions = zip(*(self._example(p) for p in self.stream.host_positions(step)))
+        examples = map_in_order(self.pool, self._example, self.stream.host_positions(step))
+        images, captions, substituted = zip(*examples)
+        self.skipped += sum(substituted)  # One count per replaced stream position.
         return {"image": np.stack(images), "text": self.tokenizer.encode(list(captions))}
 
 

@@ -212,16 +212,12 @@ class DetectTask:
         pcfg.data.data_dir = pcfg.data.get("data_dir") or self.config.data.data_dir
         return sources.tokenizer_for(pcfg)
 
-    def _embed_texts(self, texts: list[str]) -> np.ndarray:
-        params = self.pretrained[1]
-        fn = jax.jit(
-            lambda p, t: self.two_tower.apply({"params": p}, t, method=self.two_tower.embed_texts)
-        )
-        out = [
-            np.asarray(fn(params, self.tokenizer.encode(texts[i : i + 256])))
-            for i in range(0, len(texts), 256)
-        ]
-        return np.concatenate(out)
+    @cached_property
+    def _embed_texts(self):
+        """texts -> [N, E] unit-norm embeddings with the pretrained text tower."""
+        from rovit_jax.classifier import make_text_embedder
+
+        return make_text_embedder(self.pretrained[0], self.pretrained[1], self.tokenizer)
 
     def vocabulary(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         templates = PROMPT_ENSEMBLES[self.config.text.templates]
@@ -242,13 +238,41 @@ class DetectTask:
 
     @cached_property
     def full_vocabulary(self) -> dict[str, Any]:
-        """Evaluation vocabulary: every category; `is_novel` marks held-out ones."""
+        """Evaluation vocabulary: every category; `is_novel` marks held-out ones.
+
+        With `text.classifier` set, the saved classifier (rovit_jax.classifier) is used; its
+        names must be this dataset's categories, in order.
+        """
         table = self.table
         novel = set(self.config.data.novel_frequencies)
-        emb, valid = self.vocabulary([n for _, n, _ in table])
+        names = [n for _, n, _ in table]
+        if self.config.text.get("classifier"):
+            emb, valid = self._saved_classifier(names)
+        else:
+            emb, valid = self.vocabulary(names)
         is_novel = np.zeros(valid.shape, bool)
         is_novel[: len(table)] = [f in novel for _, _, f in table]
         return dict(embeddings=emb, valid=valid, is_novel=is_novel, table=table)
+
+    def _saved_classifier(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        from rovit_jax.classifier import load_classifier
+        from rovit_jax.detection.text_classifier import bucket_size
+
+        prefix = self.config.text.classifier
+        emb, meta = load_classifier(prefix)
+        if list(meta["names"]) != names:
+            bad = next(
+                (i for i, (a, b) in enumerate(zip(meta["names"], names)) if a != b),
+                min(len(names), len(meta["names"])),
+            )
+            raise ValueError(
+                f"config key `text.classifier` = {prefix!r}: its {len(meta['names'])} names are "
+                f"not this dataset's {len(names)} categories (first difference at position {bad})"
+            )
+        k = bucket_size(len(names))
+        padded = np.zeros((k, emb.shape[1]), np.float32)
+        padded[: len(names)] = emb
+        return padded, np.arange(k) < len(names)
 
     def train_batches(self, process_index: int, process_count: int):
         from rovit_jax.data import detection_input
@@ -271,6 +295,7 @@ class DetectTask:
             flip=bool(self.config.det.flip),
             mask_stride=int(self.config.det.mask_stride),
             with_masks=sources.detection_has_masks(self.config.data),
+            num_workers=int(self.config.data.get("num_workers") or 1),
             process_index=process_index,
             process_count=process_count,
         )

@@ -166,6 +166,7 @@ class PretrainTask:
             seed=int(self.config.seed),
             crop_scale=None if pp.crop_scale is None else tuple(pp.crop_scale),
             flip=bool(pp.flip),
+            num_workers=int(self.config.data.get("num_workers") or 1),
             process_index=process_index,
             process_count=process_count,
         )
