@@ -25,9 +25,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # Independent oracles (torchvision ops) and the test runner.
+    # Independent oracles (torchvision ops), the test runner and property-based fuzzing.
     "test": [
         "pytest>=9,<10",
+        "hypothesis>=6.150,<7",
         "torch>=2.9,<=2.14.1",
         "torchvision>=0.24,<=0.29.1",
     ],

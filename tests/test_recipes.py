@@ -262,21 +262,36 @@ def _detect_config(name: str, files, pretrain_workdir: str):
     return c
 
 
-def test_lvis_recipe_trains_and_evaluates_federated(files, pretrained, tmp_path):
-    c = _detect_config("lvis_detect", files, pretrained[0])
+def _lvis_config(files, pretrain_workdir: str):
+    c = _detect_config("lvis_detect", files, pretrain_workdir)
     c.data.train_annotations = c.data.eval_annotations = files["lvis"]
     c.data.train_images = c.data.eval_images = files["coco_root"]
-    task = get_task(c, str(tmp_path))
+    return c
+
+
+@pytest.fixture(scope="module")
+def lvis_run(files, pretrained):
+    """The `small` LVIS recipe trained and evaluated once: (workdir, task, result)."""
+    workdir = str(files["root"] / "lvis")
+    c = _lvis_config(files, pretrained[0])
+    task = get_task(c, workdir)
+    return workdir, task, run(c, workdir, task)
+
+
+def test_lvis_recipe_trains_and_evaluates_federated(lvis_run):
+    workdir, task, result = lvis_run
     # base = f + c (red, green), novel = r (blue): the training vocabulary has exactly 2 names.
     assert sorted(task.base_vocabulary["category_map"]) == [1, 2]
     assert task.full_vocabulary["is_novel"][:3].tolist() == [False, False, True]
-    result = run(c, str(tmp_path), task)
     m = result["eval"]
     for variant in ("fused", "detector_only"):
         for key in ("bbox/AP", "bbox/APr", "bbox/AP_base", "segm/AP"):
             value = m[f"{variant}/{key}"]
             assert value == -1.0 or 0.0 <= value <= 1.0, (key, value)
-    assert os.path.exists(tmp_path / "detections_fused.json")
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+    with open(os.path.join(workdir, "detections_fused.json")) as f:
+        written = json.load(f)
+    assert written["metrics"]["fused/bbox/AP"] == m["fused/bbox/AP"]
 
 
 def test_ov_coco_recipe_reports_novel_ap50(files, pretrained, tmp_path):
@@ -297,13 +312,8 @@ def test_ov_coco_recipe_reports_novel_ap50(files, pretrained, tmp_path):
             assert value == -1.0 or 0.0 <= value <= 1.0, (key, value)
 
 
-def test_objects365_transfer_evaluates_an_lvis_detector(files, pretrained, tmp_path):
-    lvis_dir = str(tmp_path / "lvis")
-    c = _detect_config("lvis_detect", files, pretrained[0])
-    c.data.train_annotations = c.data.eval_annotations = files["lvis"]
-    c.data.train_images = c.data.eval_images = files["coco_root"]
-    c.eval.num_images = 2
-    run(c, lvis_dir, get_task(c, lvis_dir))
+def test_objects365_transfer_evaluates_an_lvis_detector(files, pretrained, lvis_run, tmp_path):
+    lvis_dir = lvis_run[0]
 
     t = _detect_config("objects365_transfer", files, pretrained[0])
     t.init.detector_workdir = lvis_dir
@@ -366,9 +376,7 @@ def test_saved_classifier_is_used_and_checked(files, pretrained, tmp_path):
     table = classifier.read_vocabulary(files["lvis"])
     emb, meta = classifier.compute(pretrained[0], table, "vild")
     classifier.save_classifier(prefix, emb, meta)
-    c = _detect_config("lvis_detect", files, pretrained[0])
-    c.data.train_annotations = c.data.eval_annotations = files["lvis"]
-    c.data.train_images = c.data.eval_images = files["coco_root"]
+    c = _lvis_config(files, pretrained[0])
     c.text.classifier = prefix
     vocab = get_task(c, str(tmp_path / "a")).full_vocabulary
     np.testing.assert_array_equal(vocab["embeddings"][:3], emb)
