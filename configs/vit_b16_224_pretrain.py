@@ -14,7 +14,7 @@ to 64x64 (the 1024 px detection grid), focal sigmoid loss (alpha 0.5, gamma 1), 
 CLS token, 224 px, batch 4096 for ablations and 16384 for the main models. Unverified: the text
 tower (12 layers, length 64, 64k SentencePiece vocabulary, from the authors' sibling code), the
 optimizer (AdamW; lr, warmup, weight decay below), the step count, the embedding width and the
-mild random resized crop of web images.
+image augmentation (a mild random resized crop and a horizontal flip).
 
 Arguments: `batch`, `steps`, `loss`, `cpe`, `variant` (B/16 | L/16), `data` (tfds | web_shards |
 coco_captions | karpathy), `cpu` (B/16 at batch 8 on the shapes world: step benchmarks on a CPU)
@@ -46,8 +46,9 @@ def get_config(arg=None):
     c.model.image.variant = a.variant
     c.model.text.variant = TEXT_TOWER.get(a.variant, a.variant.split("/")[0])
     c.pp.image_size = 224
-    c.pp.crop_scale = (0.9, 1.0)  # mild RRC on web images (unverified)
-    c.pp.flip = False  # captions name left/right: no flip
+    # Random resized crop + horizontal flip of web images (the paper states neither; unverified).
+    c.pp.crop_scale = (0.9, 1.0)
+    c.pp.flip = True
     c.cpe.enabled = a.cpe
     c.cpe.up_size = 64  # 1024 / 16
     c.loss.kind = a.loss
