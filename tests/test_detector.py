@@ -115,7 +115,7 @@ def test_sharded_detection_step_matches_single_device(data_dir):
 def test_one_image_overfit_reaches_ap50(data_dir):
     config = _config(
         batch_size=2,
-        total_steps=500,
+        total_steps=800,
         **{
             "optim.lr": 2e-3,
             "optim.warmup_steps": 10,
