@@ -25,6 +25,56 @@ cut too, which clipping the old box cannot know. Instances whose box ends up thi
 `DetectionBatches` turns a random-access source of examples into deterministic fixed-shape
 training batches (see its docstring); `eval_detection_batches` gives ordered, unaugmented,
 padded batches for inference.
+
+What happens to hostile input. Three outcomes, decided by where the problem is:
+
+* Refused with an error, at construction: problems of a whole annotation file or of the
+  arguments — a missing JSON or image folder (FileNotFoundError naming it), a JSON without a
+  required key, duplicate image ids, an annotation naming an image or category the JSON does
+  not have (ValueError naming the file, the record and the id; see `coco`), a bad argument of
+  `DetectionBatches` (ValueError naming it).
+
+* Skipped (the example is replaced by a deterministic substitute, counted once per replaced
+  stream position in `skipped` and in `skipped_by_reason[reason]`, the reason of the original
+  example's first problem) — one image or record that cannot be used as a whole:
+
+    reason               skipped when
+    -------------------  ----------------------------------------------------------------------
+    undecodable_image    image bytes cannot be decoded (random bytes, truncated file, missing
+                         file of a COCO-format dataset)
+    unreadable_file      reading the image failed with an OSError
+    image_too_large      the header (or the array) has more than `max_pixels` pixels
+    zero_size_image      the image has zero height or width (0 x W)
+    image_too_small      a side is shorter than 2 pixels (e.g. a 1x1 image)
+    bad_image_format     the image is not uint8 [H, W, 3]
+    bad_image_id         image_id is not an integer
+    missing_field        "image", "boxes" or "labels" is missing (or the example is not a dict)
+    bad_boxes            boxes are not numeric or not [N, 4]
+    bad_labels           labels are not integers (int32 range), not [N], or N differs from boxes
+    bad_mask_shape       masks are not [N, H, W] for the N boxes and the image's H x W
+    bad_mask_dtype       masks are neither bool nor numeric
+    undecodable_mask     an encoded mask cannot be decoded
+    missing_masks        the batcher trains masks (`with_masks=True`) but the example has
+                         instances and no masks
+    invalid_annotation   a reader found an annotation it cannot turn into targets (e.g. an
+                         undecodable COCO segmentation)
+
+* Dropped (the instance leaves the example, the example stays; counted per instance in
+  `dropped[reason]`) — one annotation among good ones:
+
+    bad_box              the box is unusable; `bad_boxes[kind]` says how (`bad_box_counts`):
+                         nonfinite (NaN / inf coordinate), negative_size (y1 < y0 or x1 < x0),
+                         zero_size (y1 == y0 or x1 == x0), outside_image (no overlap with the
+                         image); boxes partly outside are clipped, not dropped
+    unmapped_category    its category is not in the training vocabulary (unknown ids, and the
+                         held-out novel categories)
+    cropped_or_tiny      the augmentation cropped it away or left it thinner than min_box_size
+    over_max_instances   beyond the first `max_instances` of the image
+
+`counts()` gives all tallies flat: `{"skipped/<reason>": n, "dropped/<reason>": n,
+"bad_box/<kind>": n}` (the bad_box kinds add up to "dropped/bad_box"). Errors other than
+CorruptImageError / InvalidExampleError (a reader bug) are not caught and stop the run.
+Evaluation (`eval_detection_batches`) never substitutes: an unusable image's row has mask 0.
 """
 
 from __future__ import annotations
@@ -39,19 +89,45 @@ from PIL import Image
 
 from rovit_jax.data.image_text import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_SKIP_REASONS,
+    MIN_IMAGE_SIDE,
     CorruptImageError,
+    check_image_size,
     decode_image,
     map_in_order,
     worker_pool,
 )
-from rovit_jax.data.stream import EpochShuffledStream, load_with_substitutes
+from rovit_jax.data.stream import (
+    EpochShuffledStream,
+    UnusableExampleError,
+    error_reason,
+    load_with_substitutes,
+)
 
 # Instance-drop reasons counted by DetectionBatches.dropped.
 DROP_REASONS = ("bad_box", "unmapped_category", "cropped_or_tiny", "over_max_instances")
+# How a dropped box is bad (DetectionBatches.bad_boxes), in the order they are tested.
+BAD_BOX_KINDS = ("nonfinite", "negative_size", "zero_size", "outside_image")
+# Example-skip reasons counted by DetectionBatches.skipped_by_reason (module docstring).
+DETECTION_SKIP_REASONS = IMAGE_SKIP_REASONS + (
+    "bad_image_format",
+    "bad_image_id",
+    "missing_field",
+    "bad_boxes",
+    "bad_labels",
+    "bad_mask_shape",
+    "bad_mask_dtype",
+    "undecodable_mask",
+    "missing_masks",
+    "invalid_annotation",
+)
 
 
-class InvalidExampleError(ValueError):
-    """An example does not follow the documented format (wrong shapes, dtypes or lengths)."""
+class InvalidExampleError(UnusableExampleError):
+    """An example does not follow the documented format (wrong shapes, dtypes or lengths) or
+    its annotations cannot be turned into targets; `reason` says which rule it broke."""
+
+    default_reason = "invalid_annotation"
 
 
 class DetectionSource(Protocol):
@@ -76,7 +152,9 @@ def _decode_mask(data: Any) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as im:
                 data = np.asarray(im.convert("L"))
         except Exception as e:  # PIL raises many types for bad data.
-            raise CorruptImageError(f"undecodable mask ({type(e).__name__}: {e})") from e
+            raise CorruptImageError(
+                f"undecodable mask ({type(e).__name__}: {e})", reason="undecodable_mask"
+            ) from e
     mask = np.asarray(data)
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
@@ -155,63 +233,133 @@ def base_category_map(
     return {cid: index for index, cid in enumerate(ids)}
 
 
+def _image_array(image: Any, *, max_pixels: int, min_side: int) -> np.ndarray:
+    """A decoded image as checked uint8 [H, W, 3]; raises InvalidExampleError / CorruptImageError."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(image, max_pixels=max_pixels, min_side=min_side)
+    try:
+        image = np.asarray(image)
+    except Exception as e:  # ragged lists and other non-arrays
+        raise InvalidExampleError(
+            f"image must be uint8 [H, W, 3], got {type(image).__name__} ({e})",
+            reason="bad_image_format",
+        ) from e
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidExampleError(
+            f"image must be uint8 [H, W, 3] with H, W > 0, got {image.dtype} {image.shape}",
+            reason="bad_image_format",
+        )
+    try:
+        check_image_size(image.shape[0], image.shape[1], max_pixels=max_pixels, min_side=min_side)
+    except CorruptImageError as e:  # same rule and reason as for encoded images
+        raise InvalidExampleError(str(e), reason=e.reason) from e
+    return image
+
+
 def validate_example(
-    example: Mapping[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS
+    example: Mapping[str, Any],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = MIN_IMAGE_SIDE,
 ) -> dict[str, Any]:
     """Checks an example and returns a normalised copy (decoded image, canonical dtypes).
 
     Returns:
       dict with image uint8 [H, W, 3], image_id int, boxes float32 [N, 4], labels int32 [N],
-      masks bool [N, H, W] (only if given), and any other keys passed through.
+      masks bool [N, H, W] (only if given), and any other keys passed through. Box VALUES are
+      not checked here (NaN, inverted, outside): `drop_invalid_boxes` drops those instances.
 
-    Raises:
-      InvalidExampleError: a field is missing or has the wrong shape, dtype or length.
-      CorruptImageError: encoded image bytes cannot be decoded.
+    Raises (only these two, whatever the input; `reason` names the broken rule, see the
+    module docstring):
+      InvalidExampleError: a field is missing or has the wrong type, shape, dtype or length,
+        or the image array is empty, too small or too large.
+      CorruptImageError: encoded image bytes cannot be decoded or are refused by their header.
     """
+    if not isinstance(example, Mapping):
+        raise InvalidExampleError(
+            f"an example must be a dict, got {type(example).__name__}", reason="missing_field"
+        )
     for key in ("image", "boxes", "labels"):
         if key not in example:
-            raise InvalidExampleError(f"example has no {key!r} field (keys: {sorted(example)})")
+            raise InvalidExampleError(
+                f"example has no {key!r} field (keys: {sorted(map(str, example))})",
+                reason="missing_field",
+            )
     out = dict(example)
-    image = example["image"]
-    if isinstance(image, bytes):
-        image = decode_image(image, max_pixels=max_pixels)
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise InvalidExampleError(
-            f"image must be uint8 [H, W, 3] with H, W > 0, got {image.dtype} {image.shape}"
-        )
+    image = _image_array(example["image"], max_pixels=max_pixels, min_side=min_side)
     out["image"] = image
-    out["image_id"] = int(np.asarray(example.get("image_id", -1)).item())
+    try:
+        out["image_id"] = int(np.asarray(example.get("image_id", -1)).item())
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InvalidExampleError(
+            f"image_id must be an integer, got {example.get('image_id')!r:.80}",
+            reason="bad_image_id",
+        ) from e
     try:
         boxes = np.asarray(example["boxes"], np.float32)
-        labels = np.asarray(example["labels"])
-    except (TypeError, ValueError) as e:
-        raise InvalidExampleError(f"boxes/labels are not numeric arrays: {e}") from e
+    except Exception as e:  # strings, ragged lists, objects: all "not numeric"
+        raise InvalidExampleError(
+            f"boxes are not a numeric array ({type(e).__name__}: {e})", reason="bad_boxes"
+        ) from e
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise InvalidExampleError(f"boxes must be [N, 4], got shape {boxes.shape}")
+        raise InvalidExampleError(
+            f"boxes must be [N, 4], got shape {boxes.shape}", reason="bad_boxes"
+        )
+    try:
+        labels = np.asarray(example["labels"])
+    except Exception as e:
+        raise InvalidExampleError(
+            f"labels are not an array ({type(e).__name__}: {e})", reason="bad_labels"
+        ) from e
     labels = labels.reshape(-1) if labels.size == 0 or labels.ndim == 1 else labels
     if labels.ndim != 1 or labels.shape[0] != boxes.shape[0]:
         raise InvalidExampleError(
-            f"labels must be [N] with N = {boxes.shape[0]} boxes, got shape {labels.shape}"
+            f"labels must be [N] with N = {boxes.shape[0]} boxes, got shape {labels.shape}",
+            reason="bad_labels",
         )
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        raise InvalidExampleError(f"labels must be integers, got dtype {labels.dtype}")
+        raise InvalidExampleError(
+            f"labels must be integers, got dtype {labels.dtype}", reason="bad_labels"
+        )
+    info = np.iinfo(np.int32)
+    if labels.size and (labels.min() < info.min or labels.max() > info.max):
+        raise InvalidExampleError(
+            f"labels must fit int32, got range [{labels.min()}, {labels.max()}]",
+            reason="bad_labels",
+        )
     out["boxes"], out["labels"] = boxes, labels.astype(np.int32)
     if example.get("masks") is not None:
-        masks = np.asarray(example["masks"])
-        h, w = image.shape[:2]
-        if masks.size == 0 and boxes.shape[0] == 0:
-            masks = np.zeros((0, h, w), np.bool_)
-        if masks.shape != (boxes.shape[0], h, w):
-            raise InvalidExampleError(
-                f"masks must be [N, H, W] = {(boxes.shape[0], h, w)}, got shape {masks.shape}"
-            )
-        out["masks"] = masks if masks.dtype == np.bool_ else masks != 0
+        out["masks"] = _checked_masks(example["masks"], boxes.shape[0], image.shape[:2])
     else:
         out.pop("masks", None)
     return out
+
+
+def _checked_masks(masks: Any, num: int, hw: tuple[int, int]) -> np.ndarray:
+    """Masks as bool [num, H, W]; raises InvalidExampleError (bad_mask_shape / bad_mask_dtype)."""
+    try:
+        masks = np.asarray(masks)
+    except Exception as e:  # ragged per-instance masks
+        raise InvalidExampleError(
+            f"masks must be [N, H, W] = {(num, *hw)}, got {type(masks).__name__} ({e})",
+            reason="bad_mask_shape",
+        ) from e
+    if masks.size == 0 and num == 0:
+        masks = np.zeros((0, *hw), np.bool_)
+    if masks.shape != (num, *hw):
+        raise InvalidExampleError(
+            f"masks must be [N, H, W] = {(num, *hw)}, got shape {masks.shape}",
+            reason="bad_mask_shape",
+        )
+    if masks.dtype == np.bool_:
+        return masks
+    if not np.issubdtype(masks.dtype, np.number):
+        raise InvalidExampleError(
+            f"masks must be bool or numeric, got dtype {masks.dtype}", reason="bad_mask_dtype"
+        )
+    return masks != 0
 
 
 def _select(example: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
@@ -237,6 +385,27 @@ def drop_invalid_boxes(example: dict[str, Any]) -> tuple[dict[str, Any], int]:
     out = _select(example, keep)
     out["boxes"] = clipped[keep]
     return out, int((~keep).sum())
+
+
+def bad_box_counts(boxes: np.ndarray) -> dict[str, int]:
+    """How many of `boxes` (float [N, 4] normalised) `drop_invalid_boxes` drops, by kind.
+
+    Each dropped box counts once, under the first kind of BAD_BOX_KINDS that applies:
+    nonfinite (a NaN / inf coordinate), negative_size (y1 < y0 or x1 < x0), zero_size
+    (y1 == y0 or x1 == x0), outside_image (no positive-area overlap with [0, 1]^2). The counts
+    add up to the number `drop_invalid_boxes` drops.
+    """
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    finite = np.isfinite(b).all(axis=1)
+    safe = np.where(finite[:, None], b, 0.0)
+    h, w = safe[:, 2] - safe[:, 0], safe[:, 3] - safe[:, 1]
+    negative = finite & ((h < 0) | (w < 0))
+    zero = finite & ~negative & ((h == 0) | (w == 0))
+    clipped = np.clip(safe, 0.0, 1.0)
+    overlaps = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    outside = finite & ~negative & ~zero & ~overlaps
+    kinds = (~finite, negative, zero, outside)
+    return {kind: int(mask.sum()) for kind, mask in zip(BAD_BOX_KINDS, kinds)}
 
 
 def filter_categories(
@@ -472,7 +641,12 @@ def _float_image(canvas: np.ndarray, valid_size: np.ndarray) -> np.ndarray:
 class NoBatches:
     """The batches of an evaluation-only run (total_steps = 0): asking for one is an error."""
 
-    skipped = 0
+    def __init__(self) -> None:
+        self.skipped = 0
+        self.skipped_by_reason: dict[str, int] = {}
+
+    def counts(self) -> dict[str, int]:
+        return {}
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         raise RuntimeError(f"an evaluation-only run has no training batch (step {step})")
@@ -501,9 +675,11 @@ class DetectionBatches:
     category is not in `category_map` (this holds rare / novel categories out of training), apply
     `large_scale_jitter` (seeded by (seed, epoch, dataset index)), keep the first `max_instances`
     instances in annotation order. Images left without instances are kept as negatives (a row of
-    padding, `valid` all False). Dropped instances are counted per reason in `dropped`.
-    An example whose image cannot be decoded or that breaks the format is replaced by a
-    deterministic substitute and counted in `skipped` (replaced stream positions).
+    padding, `valid` all False). Dropped instances are counted per reason in `dropped` (and
+    bad boxes per kind in `bad_boxes`). An example whose image cannot be used or that breaks
+    the format is replaced by a deterministic substitute and counted in `skipped` (replaced
+    stream positions) and in `skipped_by_reason`. The module docstring lists every reason;
+    batches and counts are the same for any `num_workers`.
     """
 
     def __init__(
@@ -560,35 +736,44 @@ class DetectionBatches:
         self.min_box_size = _check_min_box_size(min_box_size)
         self.max_pixels, self.max_substitutes = max_pixels, max_substitutes
         self.skipped = 0
+        self.skipped_by_reason: dict[str, int] = dict.fromkeys(DETECTION_SKIP_REASONS, 0)
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.bad_boxes = dict.fromkeys(BAD_BOX_KINDS, 0)
 
-    def _load(self, index: int) -> tuple[int, dict[str, Any], bool]:
-        """(dataset index, validated example, substituted?); unusable examples are replaced."""
+    def _load_one(self, idx: int) -> dict[str, Any]:
+        """The validated example at dataset index `idx`, or raises (see the module docstring)."""
+        ex = validate_example(self.source[idx], max_pixels=self.max_pixels)
+        if self.with_masks and "masks" not in ex:
+            if len(ex["labels"]):
+                raise InvalidExampleError(
+                    "with_masks=True but the example has no masks", reason="missing_masks"
+                )
+            ex["masks"] = np.zeros((0,) + ex["image"].shape[:2], np.bool_)
+        return ex
 
-        def load(idx: int) -> dict[str, Any]:
-            ex = validate_example(self.source[idx], max_pixels=self.max_pixels)
-            if self.with_masks and "masks" not in ex:
-                if len(ex["labels"]):
-                    raise InvalidExampleError("with_masks=True but the example has no masks")
-                ex["masks"] = np.zeros((0,) + ex["image"].shape[:2], np.bool_)
-            return ex
-
+    def _load(self, index: int) -> tuple[int, dict[str, Any], str | None]:
+        """(dataset index, validated example, skip reason of `index` or None if it was used)."""
+        failures: list[Exception] = []
         idx, ex, substituted = load_with_substitutes(
             index,
             len(self.source),
-            load,
+            self._load_one,
             errors=(CorruptImageError, InvalidExampleError),
             max_substitutes=self.max_substitutes,
             what="detection example",
+            failures=failures,
         )
-        return idx, ex, substituted
+        # Counted under the original example's problem, whatever its substitutes' were.
+        return idx, ex, error_reason(failures[0]) if substituted else None
 
-    def _row(self, position: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """(one batch row, counts: "skipped" and one per DROP_REASONS) of a stream position."""
+    def _row(
+        self, position: int
+    ) -> tuple[dict[str, np.ndarray], str | None, dict[str, int], dict[str, int]]:
+        """(one batch row, skip reason or None, drops per DROP_REASONS, bad boxes per kind)."""
         counts = dict.fromkeys(DROP_REASONS, 0)
         epoch, index = self.index_at(position)
-        idx, ex, substituted = self._load(index)
-        counts["skipped"] = int(substituted)  # One count per replaced stream position.
+        idx, ex, reason = self._load(index)
+        kinds = bad_box_counts(ex["boxes"])
         ex, bad = drop_invalid_boxes(ex)
         counts["bad_box"] += bad
         if self.category_map is not None:
@@ -637,16 +822,42 @@ class DetectionBatches:
                 cover = ex["masks"][:k].reshape(k, m, stride, m, stride).mean(axis=(2, 4))
                 masks[:k] = cover >= 0.5
             row["masks"] = masks
-        return row, counts
+        return row, reason, counts, kinds
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         results = map_in_order(self.pool, self._row, self.stream.host_positions(step))
-        for _, counts in results:
-            self.skipped += counts.pop("skipped")
-            for reason, n in counts.items():
-                self.dropped[reason] += n
-        rows = [row for row, _ in results]
+        for _, reason, drops, kinds in results:  # in stream order, whatever the workers
+            if reason is not None:  # One count per replaced stream position.
+                self.skipped += 1
+                self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+            for key, n in drops.items():
+                self.dropped[key] += n
+            for key, n in kinds.items():
+                self.bad_boxes[key] += n
+        rows = [row for row, _, _, _ in results]
         return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+    def counts(self) -> dict[str, int]:
+        """Flat tallies for logging: `{"skipped/<reason>": n, "dropped/<reason>": n,
+        "bad_box/<kind>": n}`, every known key present (zeros too)."""
+        out = {f"skipped/{reason}": n for reason, n in self.skipped_by_reason.items()}
+        out.update({f"dropped/{reason}": n for reason, n in self.dropped.items()})
+        out.update({f"bad_box/{kind}": n for kind, n in self.bad_boxes.items()})
+        return out
+
+    def restore_counts(self, counts: Mapping[str, int]) -> None:
+        """Restores tallies saved from `counts()` (e.g. on resume); `skipped` becomes the sum of
+        the per-reason skips."""
+        for key, n in counts.items():
+            group, _, name = str(key).partition("/")
+            table = {
+                "skipped": self.skipped_by_reason,
+                "dropped": self.dropped,
+                "bad_box": self.bad_boxes,
+            }.get(group)
+            if table is not None and name:
+                table[name] = int(n)
+        self.skipped = sum(self.skipped_by_reason.values())
 
 
 def eval_detection_batches(
@@ -669,6 +880,7 @@ def eval_detection_batches(
       mask: bool [b], False on padding and on unusable examples (undecodable or malformed images);
       index: int32 [b], the dataset index (-1 on padding).
     Annotations are ignored here; evaluation reads ground truth from the dataset itself.
+    Unusable images (any skip reason of the module docstring) are masked, never substituted.
     """
     if batch_size < 1 or batch_size % process_count:
         raise ValueError(

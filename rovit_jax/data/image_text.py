@@ -4,6 +4,39 @@ The batch of global step `s` is a pure function of (seed, s): example positions
 `[s * B, (s + 1) * B)` of an endless stream that visits the dataset in a fresh permutation each
 epoch. Each host takes its contiguous slice of those positions. Resuming therefore only needs the
 step number, and any host count sees the same global batch.
+
+What happens to hostile input (training, `PretrainBatches`). An unusable example is skipped: its
+stream position gets a deterministic substitute (`stream.load_with_substitutes`) and is counted
+once in `skipped` and in `skipped_by_reason[reason]`, the reason of the ORIGINAL example's first
+problem (the caption is checked before the image is decoded):
+
+  reason              skipped when
+  ------------------  -----------------------------------------------------------------------
+  missing_caption     the example has no "caption" (or it is None)
+  empty_caption       the caption is empty or whitespace only
+  non_utf8_caption    the caption is bytes that are not valid UTF-8 (or text holding lone
+                      surrogates): skipped, not repaired — a mis-encoded caption is not a
+                      trustworthy target. (The web-shard reader repairs such bytes with U+FFFD
+                      itself and counts them in its `undecodable_captions`; the batcher then
+                      sees valid text.)
+  invalid_caption     the caption is neither text nor bytes
+  undecodable_image   the image bytes cannot be decoded (random bytes, truncated JPEG / PNG, a
+                      missing image, ...)
+  unreadable_file     reading the image failed with an OSError (wrapped by the reader)
+  image_too_large     the header claims more than `max_pixels` pixels (decompression bombs are
+                      refused from the header, before any pixel is allocated)
+  zero_size_image     the header claims a zero width or height (PNG, BMP and JPEG headers are
+                      read even when PIL refuses to open them)
+  image_too_small     a side is shorter than `MIN_IMAGE_SIDE` (2) pixels, e.g. a 1x1 image
+
+A run of `max_substitutes + 1` consecutive unusable examples raises RuntimeError (the dataset
+is broken, not one file). Errors other than `CorruptImageError` / `InvalidCaptionError` (a
+reader bug, a missing dataset) are not caught: they stop the run with their own message.
+`counts()` gives the tallies as flat `{"skipped/<reason>": n}` for logging.
+
+Evaluation (`eval_batches`) never substitutes: an unusable image sets `mask` to 0 for its row,
+and a caption that is not clean text is tokenized as best it can be (bytes decoded with U+FFFD
+replacement, a missing caption as "") so the pairing of captions and images is kept.
 """
 
 from __future__ import annotations
@@ -11,15 +44,21 @@ from __future__ import annotations
 import io
 import logging
 import queue
+import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from rovit_jax.data.stream import EpochShuffledStream, load_with_substitutes
+from rovit_jax.data.stream import (
+    EpochShuffledStream,
+    UnusableExampleError,
+    error_reason,
+    load_with_substitutes,
+)
 
 if TYPE_CHECKING:
     from rovit_jax.data.tokenizer import Tokenizer
@@ -28,6 +67,20 @@ T = TypeVar("T")
 
 # Refuse images that would decode to more pixels than this (decompression bombs).
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+# Refuse images with a side shorter than this: a 1-pixel side has no structure to crop or resize.
+MIN_IMAGE_SIDE = 2
+
+# Reasons an image is refused (decode_image), shared with the detection input.
+IMAGE_SKIP_REASONS = (
+    "undecodable_image",
+    "unreadable_file",
+    "image_too_large",
+    "zero_size_image",
+    "image_too_small",
+)
+CAPTION_SKIP_REASONS = ("missing_caption", "empty_caption", "non_utf8_caption", "invalid_caption")
+# Keys of PretrainBatches.skipped_by_reason (see the module docstring).
+PRETRAIN_SKIP_REASONS = CAPTION_SKIP_REASONS + IMAGE_SKIP_REASONS
 
 
 class ImageTextSource(Protocol):
@@ -38,34 +91,160 @@ class ImageTextSource(Protocol):
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
-class CorruptImageError(ValueError):
-    """An example's image bytes could not be decoded (or exceed the pixel budget)."""
+class CorruptImageError(UnusableExampleError):
+    """An example's image cannot be used (undecodable, too large or too small); see `reason`."""
+
+    default_reason = "undecodable_image"
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decodes encoded image bytes to uint8 `[H, W, 3]` RGB; raises CorruptImageError.
+class InvalidCaptionError(UnusableExampleError):
+    """An example's caption is missing, empty or not clean text; see `reason`."""
 
-    The header is read first so an oversized image is refused before its pixels are allocated.
+    default_reason = "invalid_caption"
+
+
+def check_image_size(
+    height: int, width: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = MIN_IMAGE_SIDE
+) -> None:
+    """Raises CorruptImageError (zero_size_image / image_too_small / image_too_large)."""
+    if height <= 0 or width <= 0:
+        raise CorruptImageError(
+            f"image of {width}x{height} (WxH) has no pixels", reason="zero_size_image"
+        )
+    if min(height, width) < min_side:
+        raise CorruptImageError(
+            f"image of {width}x{height} (WxH) has a side shorter than {min_side} pixels",
+            reason="image_too_small",
+        )
+    if height * width > max_pixels:
+        raise CorruptImageError(
+            f"image of {width}x{height} exceeds max_pixels={max_pixels}", reason="image_too_large"
+        )
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) a PNG, BMP or JPEG header declares, read without decoding; else None.
+
+    PIL refuses to open some headers (e.g. a PNG of width 0) without saying why; this lets
+    `decode_image` still name the reason.
     """
+    data = bytes(data[:65536])
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return height, width
+    if data.startswith(b"BM") and len(data) >= 26:
+        width, height = struct.unpack("<ii", data[18:26])
+        return abs(height), abs(width)  # negative height: rows stored top-down
+    if data.startswith(b"\xff\xd8"):
+        pos = 2
+        while pos + 9 <= len(data) and data[pos] == 0xFF:
+            marker, length = data[pos + 1], struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+                return height, width
+            pos += 2 + length
+    return None
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = MIN_IMAGE_SIDE
+) -> np.ndarray:
+    """Decodes encoded image bytes to uint8 `[H, W, 3]` RGB; raises CorruptImageError only.
+
+    The header is read first so an oversized (or empty, or too small) image is refused before
+    its pixels are allocated; the error's `reason` says which rule refused it (see the module
+    docstring).
+    """
+    if isinstance(data, np.ndarray) and data.dtype.kind in "SO" and data.size == 1:
+        data = data.item()  # a bytes scalar held in an array (tfds records)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CorruptImageError(
+            f"undecodable image: expected encoded bytes, got {type(data).__name__}",
+            reason="undecodable_image",
+        )
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
-            if width * height > max_pixels:
-                raise CorruptImageError(
-                    f"image of {width}x{height} exceeds max_pixels={max_pixels}"
-                )
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            check_image_size(height, width, max_pixels=max_pixels, min_side=min_side)
+            image = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except CorruptImageError:
         raise
+    except Image.DecompressionBombError as e:  # PIL's own limit, when above max_pixels
+        raise CorruptImageError(
+            f"image exceeds PIL's decompression-bomb limit (max_pixels={max_pixels}): {e}",
+            reason="image_too_large",
+        ) from e
     except Exception as e:  # PIL raises many types for bad data; all mean "unusable example".
-        raise CorruptImageError(f"undecodable image ({type(e).__name__}: {e})") from e
+        size = declared_size(data)
+        if size is not None and 0 in size:
+            raise CorruptImageError(
+                f"image of {size[1]}x{size[0]} (WxH) has no pixels", reason="zero_size_image"
+            ) from e
+        raise CorruptImageError(
+            f"undecodable image ({type(e).__name__}: {e})", reason="undecodable_image"
+        ) from e
+    if image.shape != (height, width, 3):
+        raise CorruptImageError(
+            f"undecodable image: header says {width}x{height}, decoded {image.shape}",
+            reason="undecodable_image",
+        )
+    return image
 
 
-def _as_str(x: Any) -> str:
-    if isinstance(x, bytes):
-        return x.decode("utf-8")
+def caption_text(value: Any) -> str:
+    """A training caption as clean text; raises InvalidCaptionError naming the reason.
+
+    Accepts str, UTF-8 bytes, or a one-element array of either. Empty / whitespace-only text,
+    bytes that are not UTF-8 and text with lone surrogates are refused (see the module
+    docstring); the text is otherwise returned unchanged.
+    """
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.item()
+    if value is None:
+        raise InvalidCaptionError("the example has no caption", reason="missing_caption")
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidCaptionError(
+                f"caption is not valid UTF-8 ({e})", reason="non_utf8_caption"
+            ) from e
+    if not isinstance(value, str):
+        raise InvalidCaptionError(
+            f"caption must be text, got {type(value).__name__}", reason="invalid_caption"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates, e.g. from errors="surrogateescape"
+        raise InvalidCaptionError(
+            f"caption is not valid Unicode ({e})", reason="non_utf8_caption"
+        ) from e
+    if not value.strip():
+        raise InvalidCaptionError(f"empty caption {value!r}", reason="empty_caption")
+    return value
+
+
+def _eval_caption(value: Any) -> str:
+    """Best-effort text of an evaluation caption (never raises: pairs must stay aligned)."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.item()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        return value.encode("utf-8", errors="replace").decode("utf-8")
+    return "" if value is None else str(value)
+
+
+def _as_text(x: Any) -> str | bytes:
+    """A tfds text feature as str; bytes that are not UTF-8 are returned as they are, so the
+    batcher can skip and count them (`caption_text`)."""
     if isinstance(x, np.ndarray):
-        return _as_str(x.item())
+        return _as_text(x.item())
+    if isinstance(x, bytes):
+        try:
+            return x.decode("utf-8")
+        except UnicodeDecodeError:
+            return x
     return str(x)
 
 
@@ -92,7 +271,7 @@ class TfdsImageTextSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ex = self._source[int(index)]
-        return {"image": ex[self._image_key], "caption": _as_str(ex[self._caption_key])}
+        return {"image": ex[self._image_key], "caption": _as_text(ex[self._caption_key])}
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -159,10 +338,11 @@ class PretrainBatches:
     """Deterministic per-step training batches for this host.
 
     `batch(step)` returns `{"image": f32 [b, S, S, 3], "text": i32 [b, L]}` where b is this host's
-    share of `global_batch`. An example whose image cannot be decoded is replaced by a
-    deterministic substitute and counted in `skipped` (replaced stream positions), so one bad file
-    never stops training. `num_workers` threads decode a batch in parallel; the batch is the same
-    for any number of workers.
+    share of `global_batch`. An unusable example (see the module docstring's table) is replaced
+    by a deterministic substitute and counted once per replaced stream position, in `skipped`
+    (the total, read by the training loop) and in `skipped_by_reason`; so one bad file never
+    stops training. `num_workers` threads decode a batch in parallel; batches and counts are the
+    same for any number of workers.
     """
 
     def __init__(
@@ -194,35 +374,58 @@ class PretrainBatches:
         self.crop_scale, self.flip = crop_scale, flip
         self.max_pixels, self.max_substitutes = max_pixels, max_substitutes
         self.skipped = 0
+        self.skipped_by_reason: dict[str, int] = dict.fromkeys(PRETRAIN_SKIP_REASONS, 0)
         self.index_at, self.positions = self.stream.index_at, self.stream.positions
 
-    def _example(self, position: int) -> tuple[np.ndarray, str, bool]:
-        """(image [S, S, 3], caption, whether a substitute was used) of a stream position."""
+    def _load(self, idx: int) -> tuple[np.ndarray, str]:
+        """(decoded image uint8 [H, W, 3], caption) of dataset index `idx`, or raises."""
+        ex = self.source[idx]
+        caption = caption_text(ex.get("caption") if isinstance(ex, Mapping) else None)
+        image = decode_image(
+            ex.get("image") if isinstance(ex, Mapping) else None, max_pixels=self.max_pixels
+        )
+        return image, caption
+
+    def _example(self, position: int) -> tuple[np.ndarray, str, str | None]:
+        """(image [S, S, 3], caption, skip reason or None) of a stream position."""
         epoch, index = self.index_at(position)
-
-        def load(idx: int) -> tuple[np.ndarray, str]:
-            ex = self.source[idx]
-            return decode_image(ex["image"], max_pixels=self.max_pixels), ex["caption"]
-
+        failures: list[Exception] = []
         idx, (image, caption), substituted = load_with_substitutes(
             index,
             len(self.source),
-            load,
-            errors=(CorruptImageError,),
+            self._load,
+            errors=(CorruptImageError, InvalidCaptionError),
             max_substitutes=self.max_substitutes,
-            what="image",
+            what="image-text example",
+            failures=failures,
         )
         rng = np.random.default_rng([self.seed, epoch, idx, 1])
         image = preprocess_image(
             image, rng, size=self.image_size, crop_scale=self.crop_scale, flip=self.flip
         )
-        return image, caption, substituted
+        # Counted under the original example's problem, whatever its substitutes' were.
+        return image, caption, error_reason(failures[0]) if substituted else None
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         examples = map_in_order(self.pool, self._example, self.stream.host_positions(step))
-        images, captions, substituted = zip(*examples)
-        self.skipped += sum(substituted)  # One count per replaced stream position.
+        images, captions, reasons = zip(*examples)
+        for reason in reasons:  # One count per replaced stream position.
+            if reason is not None:
+                self.skipped += 1
+                self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
         return {"image": np.stack(images), "text": self.tokenizer.encode(list(captions))}
+
+    def counts(self) -> dict[str, int]:
+        """Flat tallies for logging: `{"skipped/<reason>": n}` (every known reason, zeros too)."""
+        return {f"skipped/{reason}": n for reason, n in self.skipped_by_reason.items()}
+
+    def restore_counts(self, counts: Mapping[str, int]) -> None:
+        """Restores tallies saved from `counts()` (e.g. on resume); `skipped` becomes their sum."""
+        for key, n in counts.items():
+            group, _, reason = str(key).partition("/")
+            if group == "skipped" and reason:
+                self.skipped_by_reason[reason] = int(n)
+        self.skipped = sum(self.skipped_by_reason.values())
 
 
 def prefetch(
@@ -280,7 +483,8 @@ def eval_batches(
 
     Every host yields the same number of batches (big_vision-style padding), holding its
     `batch_size // process_count` slice of each global batch; `mask` is 0 on padding and on
-    undecodable images, `index` is the dataset index (-1 on padding).
+    unusable images (CorruptImageError, any reason), `index` is the dataset index (-1 on
+    padding). Captions are never refused here (see the module docstring).
     """
     n = len(source)
     local = batch_size // process_count
@@ -294,11 +498,11 @@ def eval_batches(
             ok = i < n
             image, caption = blank, ""
             if ok:
-                ex = source[i]
-                caption = ex["caption"]
                 try:
+                    ex = source[i]
+                    caption = _eval_caption(ex.get("caption"))
                     image = preprocess_image(
-                        decode_image(ex["image"], max_pixels=max_pixels),
+                        decode_image(ex.get("image"), max_pixels=max_pixels),
                         None,
                         size=image_size,
                         crop_scale=None,

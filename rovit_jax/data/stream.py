@@ -5,6 +5,12 @@ by (seed, epoch). The global batch of step s holds positions [s * B, (s + 1) * B
 its contiguous slice. A batch is therefore a pure function of (seed, step), whatever the number
 of hosts, and resuming needs only the step. An unusable example is replaced by a deterministic
 substitute (`load_with_substitutes`), so one bad file never stops training.
+
+Why an example is unusable travels with the error: readers and checks raise a subclass of
+`UnusableExampleError` carrying a short `reason` ("undecodable_image", "bad_mask_shape", ...),
+and the batchers count skipped examples per reason (`error_reason`). A reader that wraps an
+error (`raise CorruptImageError(f"{path}: {e}") from e`) keeps the inner reason: the reason is
+looked up along the exception's cause chain.
 """
 
 from __future__ import annotations
@@ -16,6 +22,48 @@ from typing import TypeVar
 import numpy as np
 
 T = TypeVar("T")
+
+# Reason of a wrapped OSError (permission denied, I/O error, ...) that names no reason itself.
+UNREADABLE_FILE = "unreadable_file"
+
+
+class UnusableExampleError(ValueError):
+    """An example that cannot be served as it is; `reason` says why in a short snake_case key.
+
+    Subclasses set `default_reason`, used when no reason is given here or along the cause chain.
+    """
+
+    default_reason = "unusable_example"
+
+    def __init__(self, message: str = "", *, reason: str | None = None):
+        super().__init__(message)
+        self.explicit_reason = reason
+
+    @property
+    def reason(self) -> str:
+        return error_reason(self)
+
+
+def error_reason(error: BaseException) -> str:
+    """The counting key of an error that made an example unusable.
+
+    The first explicit `reason` along the chain of causes (outermost first) wins; otherwise
+    "unreadable_file" when an OSError is in the chain; otherwise the outermost error's
+    `default_reason` ("unusable_example" for other error types).
+    """
+    seen: set[int] = set()
+    node: BaseException | None = error
+    os_error = False
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        reason = getattr(node, "explicit_reason", None)
+        if reason:
+            return str(reason)
+        os_error = os_error or isinstance(node, OSError)
+        node = node.__cause__ or (None if node.__suppress_context__ else node.__context__)
+    if os_error:
+        return UNREADABLE_FILE
+    return str(getattr(type(error), "default_reason", UnusableExampleError.default_reason))
 
 
 class EpochShuffledStream:
@@ -78,11 +126,13 @@ def load_with_substitutes(
     errors: tuple[type[Exception], ...],
     max_substitutes: int,
     what: str = "example",
+    failures: list[Exception] | None = None,
 ) -> tuple[int, T, bool]:
     """Loads dataset `index`, or a deterministic substitute when loading raises one of `errors`.
 
-    Returns (dataset index used, loaded value, whether it is a substitute). Raises RuntimeError
-    after `max_substitutes + 1` consecutive failures, quoting the last error.
+    Returns (dataset index used, loaded value, whether it is a substitute). Each caught error is
+    appended to `failures` when given (the first one is the original example's). Raises
+    RuntimeError after `max_substitutes + 1` consecutive failures, quoting the last error.
     """
     last_error: Exception | None = None
     for attempt in range(max_substitutes + 1):
@@ -91,6 +141,8 @@ def load_with_substitutes(
             return idx, load(idx), attempt > 0
         except errors as e:
             logging.warning("skipping %s %d: %s", what, idx, e)
+            if failures is not None:
+                failures.append(e)
             last_error = e
     raise RuntimeError(
         f"{max_substitutes + 1} consecutive unusable {what}s near dataset index {index}; "

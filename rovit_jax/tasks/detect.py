@@ -32,47 +32,191 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks detection settings that would otherwise fail late or silently."""
-    _check(
-        config.data.name in sources.DETECTION_DATASETS,
-        "data.name",
-        config.data.name,
-        f"choose one of {sources.DETECTION_DATASETS}",
-    )
-    _check(
-        config.rpn.objectness in rcnn.OBJECTNESS_MODES,
+    """Checks detection settings that would otherwise fail late or silently.
+
+    Raises:
+      rovit_jax.config_check.ConfigError (a ValueError) listing every problem found, one per
+      line, each naming the config key and its value. With `init.run_pretraining`, problems of
+      the nested pretraining config are listed too, as `pretrain.<key>`.
+    """
+    from rovit_jax import config_check as cc  # Local: keeps this module's imports unchanged.
+    from rovit_jax.tasks import pretrain
+
+    p = cc.Problems()
+    cc.check_run_settings(p, config)
+    cc.check_optim(p, config)
+    _check_detection_data(p, config)
+    cc.check_int(p, config, "eval.num_images", min_value=0, default=0)
+    cc.check_int(p, config, "eval.render_images", min_value=0, default=0)
+    cc.check_choice(p, config, "compute_dtype", tuple(DTYPES), why=str(tuple(DTYPES)))
+    cc.check_choice(p, config, "remat", pretrain.REMAT)
+
+    # Image size, pyramid levels and mask targets.
+    size = cc.check_int(p, config, "det.image_size", min_value=1)
+    min_level = cc.check_int(p, config, "det.min_level", min_value=0)
+    max_level = cc.check_int(p, config, "det.max_level", min_value=0, max_value=16)
+    if min_level is not None and max_level is not None:
+        p.check(
+            min_level <= max_level,
+            "det.min_level",
+            min_level,
+            f"must be <= det.max_level = {max_level}",
+        )
+    if size is not None and max_level is not None:
+        p.check(
+            size % (2**max_level) == 0,
+            "det.image_size",
+            size,
+            f"must be divisible by the coarsest stride 2**{max_level} (det.max_level)",
+        )
+    stride = cc.check_int(p, config, "det.mask_stride", min_value=1)
+    if stride is not None and size is not None:
+        p.check(
+            size % stride == 0, "det.mask_stride", stride, f"must divide det.image_size = {size}"
+        )
+    scale = cc.check_number_pair(p, config, "det.scale_range")
+    if scale is not None:
+        p.check(
+            0 < scale[0] <= scale[1],
+            "det.scale_range",
+            tuple(config.det.scale_range),
+            "need 0 < low <= high",
+        )
+    cc.check_bool(p, config, "det.flip")
+    cc.check_int(p, config, "det.max_instances", min_value=1)
+    cc.check_int(p, config, "det.window_size", min_value=0)
+    cc.check_int_list(p, config, "det.global_blocks", min_value=0)
+    cc.check_int(p, config, "det.fpn_channels", min_value=1)
+
+    # Proposals, RoI heads and inference.
+    cc.check_choice(
+        p,
+        config,
         "rpn.objectness",
-        config.rpn.objectness,
-        f"choose one of {rcnn.OBJECTNESS_MODES}",
+        rcnn.OBJECTNESS_MODES,
+        why=f"choose one of {rcnn.OBJECTNESS_MODES}",
     )
-    lo, hi = config.det.scale_range
-    _check(0 < lo <= hi, "det.scale_range", tuple(config.det.scale_range), "need 0 < low <= high")
-    _check(
-        config.det.image_size % (2**config.det.max_level) == 0,
-        "det.image_size",
-        config.det.image_size,
-        f"must be divisible by the coarsest stride 2**{config.det.max_level}",
+    cc.check_number(p, config, "rpn.anchor_size", min_value=0.0, min_exclusive=True)
+    ratios = cc.config_get(config, "rpn.aspect_ratios")
+    if (
+        isinstance(ratios, (str, bytes))
+        or not isinstance(ratios, (list, tuple))
+        or not ratios
+        or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < float("inf")
+            for r in ratios
+        )
+    ):
+        p.add("rpn.aspect_ratios", ratios, "must be a non-empty list of positive finite numbers")
+    fg = cc.check_number(p, config, "rpn.fg_iou", min_value=0.0, max_value=1.0)
+    bg = cc.check_number(p, config, "rpn.bg_iou", min_value=0.0, max_value=1.0)
+    if fg is not None and bg is not None:
+        p.check(bg <= fg, "rpn.bg_iou", bg, f"must be <= rpn.fg_iou = {fg}")
+    for block in ("rpn", "roi"):
+        cc.check_int(p, config, f"{block}.batch_per_image", min_value=1)
+        cc.check_number(
+            p,
+            config,
+            f"{block}.positive_fraction",
+            min_value=0.0,
+            max_value=1.0,
+            min_exclusive=True,
+        )
+    for key in ("rpn.pre_nms_top_k", "rpn.post_nms_top_k", "infer.pre_nms_top_k"):
+        cc.check_int(p, config, key, min_value=1)
+    for key in ("infer.post_nms_top_k", "infer.max_detections", "roi.pool_size"):
+        cc.check_int(p, config, key, min_value=1)
+    cc.check_int(p, config, "roi.mask_pool_size", min_value=1)
+    for key in ("rpn.nms_iou", "infer.nms_iou"):
+        cc.check_number(p, config, key, min_value=0.0, max_value=1.0, min_exclusive=True)
+    cc.check_number(p, config, "roi.fg_iou", min_value=0.0, max_value=1.0)
+    cc.check_number(p, config, "roi.mask_loss_weight", min_value=0.0)
+    for key in ("head.conv_dim", "head.fc_dim", "head.mask_conv_dim"):
+        cc.check_int(p, config, key, min_value=1)
+    for key in ("head.num_convs", "head.mask_num_convs"):
+        cc.check_int(p, config, key, min_value=0)
+    cc.check_number(p, config, "head.base_temperature", min_value=0.0, min_exclusive=True)
+    cc.check_number(p, config, "infer.score_threshold")
+    cc.check_number(p, config, "infer.vlm_box_scale", min_value=0.0, min_exclusive=True)
+    cc.check_number(
+        p, config, "infer.vlm_temperature", min_value=0.0, min_exclusive=True, allow_none=True
     )
-    _check(
-        config.det.image_size % config.det.mask_stride == 0,
-        "det.mask_stride",
-        config.det.mask_stride,
-        "must divide det.image_size",
-    )
-    _check(
-        config.text.templates in PROMPT_ENSEMBLES,
-        "text.templates",
-        config.text.templates,
-        f"choose one of {tuple(PROMPT_ENSEMBLES)}",
-    )
-    t = config.infer.vlm_temperature
-    _check(t is None or t > 0, "infer.vlm_temperature", t, "must be > 0, or None (learned)")
     for key in ("w_base", "w_novel"):
-        w = config.infer[key]
-        _check(0.0 <= w <= 1.0, f"infer.{key}", w, "must be in [0, 1]")
-    _check(
-        config.compute_dtype in DTYPES, "compute_dtype", config.compute_dtype, str(tuple(DTYPES))
+        cc.check_number(p, config, f"infer.{key}", min_value=0.0, max_value=1.0)
+    cc.check_number(p, config, "infer.objectness_exponent", min_value=0.0)
+
+    # Vocabulary and initialisation.
+    cc.check_choice(
+        p,
+        config,
+        "text.templates",
+        tuple(PROMPT_ENSEMBLES),
+        why=f"choose one of {tuple(PROMPT_ENSEMBLES)}",
     )
+    cc.check_str(p, config, "text.classifier", default="")
+    cc.check_str(p, config, "init.pretrain_workdir", default="")
+    run_pretraining = cc.check_bool(p, config, "init.run_pretraining", default=False)
+    if cc.check_str(p, config, "init.detector_workdir", default=""):
+        cc.check_path(
+            p, config, "init.detector_workdir", kind="dir", needed_for="init.detector_workdir"
+        )
+    if run_pretraining:
+        nested = cc.config_get(config, "pretrain", None)
+        if not nested:
+            p.add(
+                "pretrain",
+                nested,
+                "must be a full pretraining config when init.run_pretraining=True",
+            )
+        else:
+            try:
+                pretrain.validate_config(nested)
+            except cc.ConfigError as e:
+                p.extend(e.problems, prefix="pretrain.")
+    p.raise_if_any()
+
+
+def _check_detection_data(p: Any, config: ml_collections.ConfigDict) -> None:
+    """Dataset name, the annotation files and image folders it needs, novel frequency groups.
+
+    Mirrors what `data.sources.detection_data` reads (COCO-format datasets always need their
+    evaluation JSON; all but objects365 and tfds_coco train from a JSON too), so a missing file
+    is reported before anything is built. Remote paths (gs://...) are not checked on disk.
+    """
+    from rovit_jax import config_check as cc
+
+    name = cc.check_choice(
+        p,
+        config,
+        "data.name",
+        sources.DETECTION_DATASETS,
+        why=f"choose one of {sources.DETECTION_DATASETS}",
+    )
+    cc.check_bool(p, config, "data.with_masks", default=True)
+    novel = cc.config_get(config, "data.novel_frequencies")
+    if not isinstance(novel, (list, tuple)) or not all(f in ("f", "c", "r") for f in novel):
+        p.add("data.novel_frequencies", novel, "must be a list of frequency groups 'f', 'c', 'r'")
+    if name in (None, "shapes_world"):
+        return
+    needed_for = f"data.name={name!r}"
+    cc.check_path(p, config, "data.eval_annotations", kind="file", needed_for=needed_for)
+    cc.check_path(p, config, "data.eval_images", kind="dir", needed_for=needed_for)
+    if name not in ("objects365", "tfds_coco"):
+        cc.check_path(p, config, "data.train_annotations", kind="file", needed_for=needed_for)
+        cc.check_path(p, config, "data.train_images", kind="dir", needed_for=needed_for)
+    steps = cc.config_get(config, "total_steps")
+    if (
+        name == "objects365"
+        and isinstance(steps, int)
+        and not isinstance(steps, bool)
+        and steps > 0
+    ):
+        p.add(
+            "data.name",
+            name,
+            f"is for evaluation only (no training data) but total_steps = {steps}: set "
+            "total_steps=0 and init.detector_workdir",
+        )
 
 
 def rcnn_config(config: ml_collections.ConfigDict) -> rcnn.RCNNConfig:

@@ -34,79 +34,170 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks every pretraining setting that would otherwise fail late or silently."""
-    _check(
-        config.data.name in sources.PRETRAIN_DATASETS,
-        "data.name",
-        config.data.name,
-        f"choose one of {sources.PRETRAIN_DATASETS}",
-    )
-    patch = vit_variant(config.model.image.variant)["patch_size"]
-    _check(
-        config.pp.image_size % patch == 0,
-        "pp.image_size",
-        config.pp.image_size,
-        f"must be divisible by the patch size {patch} of model.image.variant="
-        f"{config.model.image.variant!r}",
-    )
-    _check(
-        config.loss.kind in LOSS_KINDS,
-        "loss.kind",
-        config.loss.kind,
-        f"unknown loss; choose one of {LOSS_KINDS}",
-    )
-    _check(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", config.loss.alpha, "must be in [0, 1]")
-    _check(config.loss.gamma >= 0.0, "loss.gamma", config.loss.gamma, "must be >= 0")
-    _check(
-        config.model.image.pool_type in IMAGE_POOLS,
+    """Checks every pretraining setting that would otherwise fail late or silently.
+
+    Raises:
+      rovit_jax.config_check.ConfigError (a ValueError) listing every problem found, one per
+      line, each naming the config key and its value.
+    """
+    from rovit_jax import config_check as cc  # Local: keeps this module's imports unchanged.
+
+    p = cc.Problems()
+    cc.check_run_settings(p, config)
+    cc.check_optim(p, config)
+    _check_pretrain_data(p, config)
+
+    patch = None
+    variant = cc.config_get(config, "model.image.variant")
+    try:
+        patch = vit_variant(variant)["patch_size"]
+    except (ValueError, TypeError, KeyError) as e:
+        p.add("model.image.variant", variant, str(e))
+    text = cc.config_get(config, "model.text.variant")
+    try:
+        text_variant(text)
+    except (ValueError, TypeError, KeyError) as e:
+        p.add("model.text.variant", text, str(e))
+    cc.check_choice(
+        p,
+        config,
         "model.image.pool_type",
-        config.model.image.pool_type,
-        f"unknown pooling; choose one of {IMAGE_POOLS}",
+        IMAGE_POOLS,
+        why=f"unknown pooling; choose one of {IMAGE_POOLS}",
     )
-    _check(
-        config.model.text.pool_type in TEXT_POOLS,
+    cc.check_choice(
+        p,
+        config,
         "model.text.pool_type",
-        config.model.text.pool_type,
-        f"unknown pooling; choose one of {TEXT_POOLS}",
+        TEXT_POOLS,
+        why=f"unknown pooling; choose one of {TEXT_POOLS}",
     )
-    text_variant(config.model.text.variant)  # Raises naming the variant.
-    lo, hi = config.cpe.scale
-    _check(
-        0.0 < lo <= hi <= 1.0,
-        "cpe.scale",
-        tuple(config.cpe.scale),
-        "crop area fractions must satisfy 0 < low <= high <= 1",
-    )
-    rlo, rhi = config.cpe.ratio
-    _check(
-        0.0 < rlo <= rhi,
-        "cpe.ratio",
-        tuple(config.cpe.ratio),
-        "aspect ratios must satisfy 0 < low <= high",
-    )
-    grid = config.pp.image_size // patch
-    _check(
-        config.cpe.up_size >= grid,
-        "cpe.up_size",
-        config.cpe.up_size,
-        f"must be >= the pretraining patch grid {grid}",
-    )
-    _check(
-        config.compute_dtype in DTYPES,
-        "compute_dtype",
-        config.compute_dtype,
-        f"choose one of {tuple(DTYPES)}",
-    )
-    _check(config.remat in REMAT, "remat", config.remat, f"choose one of {REMAT}")
-    _check(config.batch_size > 0, "batch_size", config.batch_size, "must be positive")
-    if config.pp.crop_scale is not None:
-        clo, chi = config.pp.crop_scale
-        _check(
-            0.0 < clo <= chi <= 1.0,
+    cc.check_int(p, config, "model.embed_dim", min_value=1)
+    cc.check_number(p, config, "model.temperature_init", min_value=0.0, min_exclusive=True)
+    cc.check_number(p, config, "model.bias_init", allow_none=True)
+    cc.check_int(p, config, "tokenizer.max_len", min_value=1)
+    cc.check_int(p, config, "tokenizer.vocab_size", min_value=1)
+
+    size = cc.check_int(p, config, "pp.image_size", min_value=1)
+    if size is not None and patch is not None:
+        p.check(
+            size % patch == 0,
+            "pp.image_size",
+            size,
+            f"must be divisible by the patch size {patch} of model.image.variant={variant!r}",
+        )
+    crop = cc.check_number_pair(p, config, "pp.crop_scale", allow_none=True)
+    if crop is not None:
+        p.check(
+            0.0 < crop[0] <= crop[1] <= 1.0,
             "pp.crop_scale",
             tuple(config.pp.crop_scale),
             "crop area fractions must satisfy 0 < low <= high <= 1",
         )
+    cc.check_bool(p, config, "pp.flip")
+
+    cc.check_choice(
+        p, config, "loss.kind", LOSS_KINDS, why=f"unknown loss; choose one of {LOSS_KINDS}"
+    )
+    cc.check_number(p, config, "loss.alpha", min_value=0.0, max_value=1.0)
+    cc.check_number(p, config, "loss.gamma", min_value=0.0)
+    cc.check_choice(p, config, "loss.chunked", (True, False, "auto"), default="auto")
+
+    cc.check_bool(p, config, "cpe.enabled")
+    scale = cc.check_number_pair(p, config, "cpe.scale")
+    if scale is not None:
+        p.check(
+            0.0 < scale[0] <= scale[1] <= 1.0,
+            "cpe.scale",
+            tuple(config.cpe.scale),
+            "crop area fractions must satisfy 0 < low <= high <= 1",
+        )
+    ratio = cc.check_number_pair(p, config, "cpe.ratio")
+    if ratio is not None:
+        p.check(
+            0.0 < ratio[0] <= ratio[1],
+            "cpe.ratio",
+            tuple(config.cpe.ratio),
+            "aspect ratios must satisfy 0 < low <= high",
+        )
+    up_size = cc.check_int(p, config, "cpe.up_size", min_value=1)
+    if up_size is not None and size is not None and patch is not None:
+        grid = size // patch
+        p.check(
+            up_size >= grid,
+            "cpe.up_size",
+            up_size,
+            f"must be >= the pretraining patch grid {grid} (pp.image_size={size} / patch {patch})",
+        )
+    cc.check_choice(p, config, "compute_dtype", tuple(DTYPES))
+    cc.check_choice(p, config, "remat", REMAT)
+    cc.check_int_list(p, config, "eval.recall_ks", min_value=1, nonempty=True)
+    p.raise_if_any()
+
+
+def _check_pretrain_data(p: Any, config: ml_collections.ConfigDict) -> None:
+    """Dataset name, the paths and names that dataset needs, retrieval data and tokenizer file.
+
+    Mirrors what `data.sources.image_text_data` reads, so a missing file is reported before
+    anything is built. Remote paths (gs://...) and file patterns are not checked on disk.
+    """
+    from rovit_jax import config_check as cc
+
+    name = cc.check_choice(
+        p,
+        config,
+        "data.name",
+        sources.PRETRAIN_DATASETS,
+        why=f"choose one of {sources.PRETRAIN_DATASETS}",
+    )
+    _check_image_text_fields(p, config, "data", name)
+    eval_name = cc.config_get(config, "data.eval.name", "")
+    if eval_name in ("", None):
+        if name == "web_shards":
+            p.add(
+                "data.eval.name",
+                eval_name,
+                f"is required with data.name='web_shards' (choose one of {sources.PRETRAIN_DATASETS})",
+            )
+    elif (
+        cc.check_choice(
+            p,
+            config,
+            "data.eval.name",
+            sources.PRETRAIN_DATASETS,
+            why=f"choose one of {sources.PRETRAIN_DATASETS}, or '' for the training data",
+        )
+        is not None
+    ):
+        _check_image_text_fields(p, config, "data.eval", eval_name)
+
+    model_path = cc.check_str(p, config, "tokenizer.model_path", default="")
+    if model_path:
+        cc.check_path(p, config, "tokenizer.model_path", kind="file", needed_for="the tokenizer")
+    elif model_path is not None and name not in (None, "shapes_world"):
+        p.add(
+            "tokenizer.model_path",
+            model_path,
+            f"is required (a SentencePiece .model file) for data.name={name!r}",
+        )
+
+
+def _check_image_text_fields(p: Any, config: ml_collections.ConfigDict, prefix: str, name) -> None:
+    """The fields `prefix` (data or data.eval) needs for dataset `name` (see data.sources)."""
+    from rovit_jax import config_check as cc
+
+    needed_for = f"{prefix}.name={name!r}"
+    if name == "tfds":
+        cc.check_str(
+            p, config, f"{prefix}.tfds_name", nonempty=True, why=f"is required for {needed_for}"
+        )
+    elif name == "web_shards":
+        files = cc.config_get(config, "data.train_files", "")
+        if not files:
+            p.add("data.train_files", files, f"is required for {needed_for}")
+    elif name in ("coco_captions", "karpathy"):
+        cc.check_path(p, config, f"{prefix}.annotations", kind="file", needed_for=needed_for)
+        cc.check_path(p, config, f"{prefix}.images", kind="dir", needed_for=needed_for)
 
 
 def build_model(config: ml_collections.ConfigDict) -> TwoTower:
