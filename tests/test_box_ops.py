@@ -208,11 +208,25 @@ def test_clip_shrink_valid_and_conversions():
 def test_jit_and_bad_input():
     rs = np.random.RandomState(7)
     a, b = jnp.asarray(random_boxes(rs, 5)), jnp.asarray(random_boxes(rs, 3))
-    np.testing.assert_allclose(jax.jit(box_iou)(a, b), box_iou(a, b))
-    np.testing.assert_allclose(jax.jit(generalized_box_iou)(a, b), generalized_box_iou(a, b))
+    # Fused (jit) and op-by-op evaluation may round differently in the last bit.
+    np.testing.assert_allclose(jax.jit(box_iou)(a, b), box_iou(a, b), rtol=1e-6)
+    giou = generalized_box_iou(a, b)
+    np.testing.assert_allclose(jax.jit(generalized_box_iou)(a, b), giou, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="a must be"):
         box_iou(jnp.zeros((3, 5)), b)
     with pytest.raises(ValueError, match="weights"):
         encode_deltas(a, a, weights=(1.0, 1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="points"):
         encode_ltrb(a, jnp.zeros((5, 3)))
+
+
+def test_huge_and_infinite_coordinates_stay_in_range():
+    inf = np.inf
+    a = jnp.array([[0.0, 0.0, 1e30, 1e30], [-inf, -inf, inf, inf], [0.0, 0.0, 2.0, 2.0]])
+    iou = np.asarray(box_iou(a, a))
+    giou = np.asarray(generalized_box_iou(a, a))
+    assert np.isfinite(iou).all() and np.isfinite(giou).all()
+    np.testing.assert_allclose(np.diag(iou), 1.0)  # every box overlaps itself fully
+    assert (iou >= 0).all() and (iou <= 1).all() and (giou >= -1).all() and (giou <= 1).all()
+    # A 2x2 box inside an enormous one: IoU ~ 0 and GIoU ~ 0 - (E - U) / E ~ 0.
+    assert iou[0, 2] < 1e-20 and abs(giou[0, 2]) < 1e-6

@@ -41,6 +41,9 @@ DEFAULT_DELTA_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 DEFAULT_DELTA_CLIP = math.log(1000.0 / 16.0)
 # Smallest side used inside log() when encoding, so padded (all-zero) boxes stay finite.
 _MIN_SIDE = 1e-6
+# Coordinates are clamped to +-this in the overlap measures: areas then stay below float32's
+# maximum, so huge or infinite (diverged) boxes give IoU/GIoU in range instead of inf - inf = NaN.
+_COORD_LIMIT = 1e15
 
 
 def _check_boxes(name: str, boxes: jax.Array) -> None:
@@ -70,7 +73,8 @@ def box_area(boxes: jax.Array) -> jax.Array:
 
 
 def _inter_union(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Broadcasting intersection and union areas of a [..., 4] and b [..., 4]."""
+    """Broadcasting intersection and union areas of a [..., 4] and b [..., 4] (clamped coords)."""
+    a, b = jnp.clip(a, -_COORD_LIMIT, _COORD_LIMIT), jnp.clip(b, -_COORD_LIMIT, _COORD_LIMIT)
     top = jnp.maximum(a[..., 0], b[..., 0])
     left = jnp.maximum(a[..., 1], b[..., 1])
     bottom = jnp.minimum(a[..., 2], b[..., 2])
@@ -81,6 +85,7 @@ def _inter_union(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _enclosing_area(a: jax.Array, b: jax.Array) -> jax.Array:
+    a, b = jnp.clip(a, -_COORD_LIMIT, _COORD_LIMIT), jnp.clip(b, -_COORD_LIMIT, _COORD_LIMIT)
     h = jnp.maximum(a[..., 2], b[..., 2]) - jnp.minimum(a[..., 0], b[..., 0])
     w = jnp.maximum(a[..., 3], b[..., 3]) - jnp.minimum(a[..., 1], b[..., 1])
     return jnp.maximum(h, 0.0) * jnp.maximum(w, 0.0)
@@ -94,7 +99,8 @@ def paired_iou(a: jax.Array, b: jax.Array) -> jax.Array:
       b: [..., 4] boxes, broadcastable against ``a``.
 
     Returns:
-      [...] IoU in [0, 1]; 0 where the union is empty.
+      [...] IoU in [0, 1]; 0 where the union is empty. Infinite or huge coordinates are
+      clamped to +-1e15 (results stay in range); NaN coordinates give NaN.
     """
     _check_boxes("a", a)
     _check_boxes("b", b)
