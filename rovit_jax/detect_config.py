@@ -21,6 +21,9 @@ def detect_defaults() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.async_checkpointing = True
+    # Non-finite loss/gradients (rovit_jax.train.guards): the step's update is skipped; "skip"
+    # stops after `max_consecutive` such steps in a row (0 = never), "halt" at the first one.
+    c.guard = ml_collections.ConfigDict(dict(policy="skip", max_consecutive=10))
     c.mesh = [("data", -1), ("fsdp", 1)]
     c.sharding_rules = [(".*", "fsdp")]
     c.fsdp_min_size = 2**14

@@ -31,6 +31,9 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.async_checkpointing = True
+    # Non-finite loss/gradients (rovit_jax.train.guards): the step's update is skipped; "skip"
+    # stops after `max_consecutive` such steps in a row (0 = never), "halt" at the first one.
+    c.guard = ml_collections.ConfigDict(dict(policy="skip", max_consecutive=10))
 
     # Parallelism: mesh axes [(name, size)], -1 = the remaining devices. The batch is split over
     # data x fsdp; parameters and optimizer state over fsdp by the rules below.

@@ -1,4 +1,4 @@
-"""The one training loop every task runs: resume, step, log, evaluate, checkpoint."""
+"""The one training loop every task runs: resume, step, log, evaluate, checkpoint, guard."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 
 from rovit_jax.data.image_text import prefetch
+from rovit_jax.train import guards, preemption
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from rovit_jax.train.trainer import Trainer
@@ -33,7 +34,26 @@ def run(
     The task supplies `validate`, `init_params`, `loss_fn`, `batch_shapes`,
     `train_batches(process_index, process_count)` (an object with `batch(step)`, `skipped`) and
     `evaluate(trainer, params) -> dict`. Returns the last evaluation's metrics and the final state.
+
+    Reliability: SIGTERM/SIGINT stop the run after the current step with a committed checkpoint
+    and raise `preemption.Preempted`; non-finite steps are skipped and policed by `config.guard`
+    (train.guards), raising FloatingPointError when the policy says stop; no checkpoint with
+    non-finite values is ever written; half-written checkpoints are skipped on resume.
     """
+    # Installed first, so that a signal during a task's own setup (detection pretraining its
+    # backbone through a nested run) is not lost.
+    with preemption.PreemptionWatcher() as watcher:
+        return _run(config, workdir, task, watcher, stop_after)
+
+
+def _run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    task: Any,
+    watcher: preemption.PreemptionWatcher,
+    stop_after: int | None,
+) -> dict[str, Any]:
+    guard = guards.GuardConfig.from_config(config)  # Before a task's (possibly long) setup.
     mesh = mesh_lib.make_mesh([tuple(a) for a in config.mesh])
     task.validate(mesh)
     total = int(config.total_steps)
@@ -51,64 +71,127 @@ def run(
         workdir, keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
     )
     batches = task.train_batches(jax.process_index(), jax.process_count())
-    latest = checkpointer.latest_step()
-    if latest is None:
+    restored = checkpointer.restore_latest(
+        abstract_with_shardings(trainer.abstract_state, trainer.state_shardings),
+        optional={k: np.zeros((), np.int32) for k in guards.COUNTER_KEYS},
+    )
+    if restored is None:
         state = trainer.init_state()
         start = 0
         parameter_overview.log_parameter_overview(state["params"])
     else:
-        state, input_state = checkpointer.restore(
-            latest, abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
-        )
+        latest, state, input_state = restored
         start = int(jax.device_get(state["step"]))
         _check_input_state(input_state, config, latest)
-        batches.skipped = int(input_state.get("skipped", 0))
+        _restore_tallies(batches, input_state)
         logging.info("resumed from step %d in %s", start, checkpointer.directory)
 
+    monitor = guards.NonFiniteMonitor(guard)
+    finite = guards.make_finite_check(trainer.replicated)
     progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
     eval_metrics: dict[str, Any] = {}
     t0 = time.time()
     end = total if stop_after is None else min(total, int(stop_after))
-    for step, local_batch in prefetch(batches.batch, start, end):
-        state, metrics = trainer.train_step(state, trainer.global_batch(local_batch))
-        done = step + 1
-        progress(done)
-        if _every(done, int(config.log_every), total):
-            scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-            scalars["train/skipped_examples"] = batches.skipped
-            if not np.isfinite(scalars["train/loss"]):
-                raise FloatingPointError(f"non-finite loss {scalars['train/loss']} at step {done}")
-            writer.write_scalars(done, scalars)
-            rate = (done - start) / max(time.time() - t0, 1e-9)
-            logging.info(
-                "step %d/%d (%.0f%%): loss %.4f, %.2f steps/s, ETA %s",
-                done,
-                total,
-                100 * done / total,
-                scalars["train/loss"],
-                rate,
-                _duration((total - done) / max(rate, 1e-9)),
-            )
-        if _every(done, int(config.checkpoint_every), total) or done == end:
-            checkpointer.save(done, state, _input_state(config, done, batches.skipped))
-        if _every(done, int(config.eval_every), total):
-            with progress.timed("eval"):
-                eval_metrics = task.evaluate(trainer, state["params"])
-            writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
-    if not eval_metrics and end == total:  # Already trained (a rerun): still report the result.
-        eval_metrics = task.evaluate(trainer, state["params"])
-    checkpointer.close()
-    writer.flush()
+
+    def make_batch(step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        # The producer runs ahead of training: pair each batch with the input tallies as of that
+        # batch, so what is logged and checkpointed at a step is exact.
+        local_batch = batches.batch(step)
+        return local_batch, _tallies(batches)
+
+    stream = prefetch(make_batch, start, end)
+    try:
+        for step, (local_batch, tallies) in stream:
+            state, metrics = trainer.train_step(state, trainer.global_batch(local_batch))
+            done = step + 1
+            monitor.observe(done, metrics)  # Judges the previous step; raises if it must stop.
+            progress(done)
+            if _every(done, int(config.log_every), total):
+                scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+                scalars["train/skipped_examples"] = tallies["skipped"]
+                scalars.update({f"input/{k}": v for k, v in tallies["counts"].items()})
+                writer.write_scalars(done, scalars)
+                rate = (done - start) / max(time.time() - t0, 1e-9)
+                logging.info(
+                    "step %d/%d (%.0f%%): loss %.4f, %.2f steps/s, ETA %s",
+                    done,
+                    total,
+                    100 * done / total,
+                    scalars["train/loss"],
+                    rate,
+                    _duration((total - done) / max(rate, 1e-9)),
+                )
+            stop = watcher.should_stop(done)  # Collective: every process gets the same answer.
+            if stop or _every(done, int(config.checkpoint_every), total) or done == end:
+                monitor.flush()
+                _save(checkpointer, finite, done, state, _input_state(config, done, tallies))
+            if stop:
+                reason = watcher.reason()
+                checkpointer.wait()
+                preemption.clear()
+                logging.warning(
+                    "stopping on %s after step %d: checkpoint committed in %s",
+                    reason,
+                    done,
+                    checkpointer.directory,
+                )
+                raise preemption.Preempted(done, reason)
+            if _every(done, int(config.eval_every), total):
+                with progress.timed("eval"):
+                    eval_metrics = task.evaluate(trainer, state["params"])
+                writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        monitor.flush()
+        if not eval_metrics and end == total:  # Already trained (a rerun): still report the result.
+            eval_metrics = task.evaluate(trainer, state["params"])
+    finally:
+        stream.close()
+        checkpointer.close()  # Waits for a save in flight: it holds a good state.
+        writer.flush()
     logging.info("trained steps %d..%d in %.1fs", start, total, time.time() - t0)
     return {"eval": eval_metrics, "state": state, "start_step": start}
 
 
-def _input_state(config: ml_collections.ConfigDict, step: int, skipped: int) -> dict[str, Any]:
+def _save(
+    checkpointer: Checkpointer,
+    finite: Any,
+    step: int,
+    state: dict[str, Any],
+    input_state: dict[str, Any],
+) -> None:
+    """Saves `state` at `step` unless it holds a NaN/inf (then FloatingPointError, nothing saved)."""
+    if not bool(
+        jax.device_get(finite({"params": state["params"], "opt_state": state["opt_state"]}))
+    ):
+        raise FloatingPointError(
+            f"refusing to checkpoint step {step}: the parameters or optimizer state hold non-finite "
+            f"values; the last checkpoint in {checkpointer.directory} is left as it is"
+        )
+    checkpointer.save(step, state, input_state)
+
+
+def _tallies(batches: Any) -> dict[str, Any]:
+    """The input pipeline's counters: substituted examples, and per-reason tallies if it has any."""
+    counts = batches.counts() if hasattr(batches, "counts") else {}
+    return {"skipped": int(batches.skipped), "counts": {k: int(v) for k, v in counts.items()}}
+
+
+def _restore_tallies(batches: Any, input_state: dict[str, Any]) -> None:
+    batches.skipped = int(input_state.get("skipped", 0))
+    if input_state.get("counts") and hasattr(batches, "restore_counts"):
+        batches.restore_counts(input_state["counts"])
+
+
+def _input_state(
+    config: ml_collections.ConfigDict, step: int, tallies: dict[str, Any]
+) -> dict[str, Any]:
+    """What resumes the input exactly: the next step (batches are a function of the step, the
+    seed and the batch size) and the counters as of that step."""
     return {
         "next_step": step,
         "seed": int(config.seed),
         "batch_size": int(config.batch_size),
-        "skipped": int(skipped),
+        "skipped": tallies["skipped"],
+        "counts": tallies["counts"],
     }
 
 

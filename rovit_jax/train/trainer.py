@@ -15,10 +15,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from rovit_jax.train import guards
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.optim import make_optimizer
 
-State = dict[str, Any]  # {"params", "opt_state", "step"}
+# {"params", "opt_state", "step", "skipped_updates", "consecutive_nonfinite"} (see train.guards).
+State = dict[str, Any]
 
 
 class Task(Protocol):
@@ -74,6 +76,7 @@ class Trainer:
             "params": params,
             "opt_state": self.tx.init(params),
             "step": jnp.zeros((), jnp.int32),
+            **guards.init_counters(),
         }
 
     def init_state(self) -> State:
@@ -82,19 +85,26 @@ class Trainer:
     def _train_step(
         self, state: State, batch: dict[str, jax.Array]
     ) -> tuple[State, dict[str, jax.Array]]:
+        # The step's RNG depends only on (seed, step): a resumed run draws the same numbers.
         rng = jax.random.fold_in(self.step_rng, state["step"])
         grad_fn = jax.value_and_grad(self.task.loss_fn, has_aux=True)
         (loss, metrics), grads = grad_fn(state["params"], batch, rng)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite step keeps the old params/opt_state but still advances "step" (guards).
+        guarded, guard_metrics = guards.guarded_update(
+            state, params, opt_state, loss, grad_norm, optax.tree.norm(params)
+        )
         metrics = dict(
             metrics,
             loss=loss,
             learning_rate=self.schedule(state["step"]),
-            grad_norm=optax.tree.norm(grads),
-            param_norm=optax.tree.norm(params),
+            grad_norm=grad_norm,
+            param_norm=optax.tree.norm(guarded["params"]),
+            **guard_metrics,
         )
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        return dict(guarded, step=state["step"] + 1), metrics
 
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Assembles each host's slice of the batch into global arrays sharded over the batch axes."""
