@@ -272,9 +272,19 @@ def check_str(
 
 
 def check_number_pair(
-    problems: Problems, config: Any, key: str, *, allow_none: bool = False
+    problems: Problems,
+    config: Any,
+    key: str,
+    *,
+    allow_none: bool = False,
+    ordered: bool = False,
+    upper: float | None = None,
+    why: str | None = None,
 ) -> tuple[float, float] | None:
-    """The (low, high) pair of finite numbers at `key` (ordering left to the caller)."""
+    """The (low, high) pair of finite numbers at `key`, or None + a problem.
+
+    With `ordered`, also 0 < low <= high (<= upper when given); `why` words that problem.
+    """
     value = _lookup(problems, config, key, MISSING)
     if value is MISSING or (allow_none and value is None):
         return None
@@ -288,7 +298,12 @@ def check_number_pair(
             key, value, "must be a pair of finite numbers (low, high)" + (", or None" * allow_none)
         )
         return None
-    return float(value[0]), float(value[1])
+    low, high = float(value[0]), float(value[1])
+    if ordered and not (0.0 < low <= high and (upper is None or high <= upper)):
+        bound = "" if upper is None else f" <= {upper:g}"
+        problems.add(key, tuple(value), why or f"need 0 < low <= high{bound}")
+        return None
+    return low, high
 
 
 def check_int_list(

@@ -50,9 +50,11 @@ def f32s(lo: float, hi: float):
 
 
 HOSTILE_FLOATS = [np.nan, np.inf, -np.inf, F32_MAX, -F32_MAX, 0.0, -0.0]
-HOSTILE_FLOATS += [f32(1e30), f32(-1e30), f32(1e-42)]  # huge, and a subnormal
+HOSTILE_FLOATS += [f32(1e30), f32(-1e30)]  # huge (subnormals: see below)
 any_float = st.one_of(
-    st.floats(width=32, allow_nan=True, allow_infinity=True), st.sampled_from(HOSTILE_FLOATS)
+    # No subnormals: XLA on CPU flushes them to zero, so numpy references would disagree.
+    st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=False),
+    st.sampled_from(HOSTILE_FLOATS),
 )
 # Large but safe: |coord| <= 1e15 keeps every area (<= 4e30) representable in float32, and the
 # coordinates come in any order, so negative and zero sizes are common.

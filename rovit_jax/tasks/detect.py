@@ -74,14 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         p.check(
             size % stride == 0, "det.mask_stride", stride, f"must divide det.image_size = {size}"
         )
-    scale = cc.check_number_pair(p, config, "det.scale_range")
-    if scale is not None:
-        p.check(
-            0 < scale[0] <= scale[1],
-            "det.scale_range",
-            tuple(config.det.scale_range),
-            "need 0 < low <= high",
-        )
+    cc.check_number_pair(p, config, "det.scale_range", ordered=True)
     cc.check_bool(p, config, "det.flip")
     cc.check_int(p, config, "det.max_instances", min_value=1)
     cc.check_int(p, config, "det.window_size", min_value=0)

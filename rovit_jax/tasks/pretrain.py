@@ -86,14 +86,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             size,
             f"must be divisible by the patch size {patch} of model.image.variant={variant!r}",
         )
-    crop = cc.check_number_pair(p, config, "pp.crop_scale", allow_none=True)
-    if crop is not None:
-        p.check(
-            0.0 < crop[0] <= crop[1] <= 1.0,
-            "pp.crop_scale",
-            tuple(config.pp.crop_scale),
-            "crop area fractions must satisfy 0 < low <= high <= 1",
-        )
+    area_rule = "crop area fractions must satisfy 0 < low <= high <= 1"
+    cc.check_number_pair(
+        p, config, "pp.crop_scale", allow_none=True, ordered=True, upper=1.0, why=area_rule
+    )
     cc.check_bool(p, config, "pp.flip")
 
     cc.check_choice(
@@ -104,22 +100,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     cc.check_choice(p, config, "loss.chunked", (True, False, "auto"), default="auto")
 
     cc.check_bool(p, config, "cpe.enabled")
-    scale = cc.check_number_pair(p, config, "cpe.scale")
-    if scale is not None:
-        p.check(
-            0.0 < scale[0] <= scale[1] <= 1.0,
-            "cpe.scale",
-            tuple(config.cpe.scale),
-            "crop area fractions must satisfy 0 < low <= high <= 1",
-        )
-    ratio = cc.check_number_pair(p, config, "cpe.ratio")
-    if ratio is not None:
-        p.check(
-            0.0 < ratio[0] <= ratio[1],
-            "cpe.ratio",
-            tuple(config.cpe.ratio),
-            "aspect ratios must satisfy 0 < low <= high",
-        )
+    cc.check_number_pair(p, config, "cpe.scale", ordered=True, upper=1.0, why=area_rule)
+    cc.check_number_pair(
+        p, config, "cpe.ratio", ordered=True, why="aspect ratios must satisfy 0 < low <= high"
+    )
     up_size = cc.check_int(p, config, "cpe.up_size", min_value=1)
     if up_size is not None and size is not None and patch is not None:
         grid = size // patch
