@@ -29,6 +29,7 @@ def detect_defaults() -> ml_collections.ConfigDict:
     c.fsdp_min_size = 2**14
     c.compute_dtype = "float32"
     c.remat = "none"
+    c.prefetch = 2  # batches decoded and copied to the devices ahead of the step
 
     # Where the pretrained towers come from: a pretraining run's workdir ("" = <workdir>/pretrain).
     # With run_pretraining, a missing pretraining run is trained first from `c.pretrain`.

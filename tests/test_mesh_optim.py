@@ -44,10 +44,15 @@ def test_sharding_rules():
         mesh_lib.infer_shardings(
             {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)}, mesh, [("w", ("fsdp", None))]
         )
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(ValueError, match="more entries than dimensions"):
         mesh_lib.infer_shardings(
             {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, mesh, [("w", ("fsdp", None))]
         )
+    # Specs name trailing dimensions: a stacked [layers, ...] leaf keeps its layer axis whole.
+    stacked = mesh_lib.infer_shardings(
+        {"w": jax.ShapeDtypeStruct((3, 8, 4), jnp.float32)}, mesh, [("w", ("fsdp", None))]
+    )
+    assert stacked["w"].spec == P(None, "fsdp", None)
 
 
 def test_schedule_shape():

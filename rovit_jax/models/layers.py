@@ -7,6 +7,9 @@ Parameter layout of an encoder (kept stable: checkpoint converters map these nam
   Transformer/encoderblock_{i}/LayerNorm_1
   Transformer/encoderblock_{i}/MlpBlock_0/{Dense_0,Dense_1}
   Transformer/encoder_norm
+
+With ``scan_layers`` the blocks are one scanned module ``Transformer/encoderblock/...`` whose
+leaves carry a leading [depth] axis; `unscan_params` converts such a tree to the layout above.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "Encoder1DBlock",
     "Encoder",
     "MAPHead",
+    "unscan_params",
 ]
 
 Dtype = Any
@@ -128,11 +132,12 @@ class Encoder1DBlock(nn.Module):
     dtype: Dtype = jnp.float32
     window_size: int = 0
     grid_hw: tuple[int, int] | None = None
+    scanned: bool = False  # return (x, None), the carry/output pair nn.scan expects
 
     @nn.compact
     def __call__(
         self, x: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
-    ) -> jax.Array:
+    ) -> jax.Array | tuple[jax.Array, None]:
         """x: [B, N, D]; mask: None or bool broadcastable to [B, heads, N, N] (True = attend)."""
         attn = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
@@ -163,13 +168,16 @@ class Encoder1DBlock(nn.Module):
             mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype, name="MlpBlock_0"
         )(y, deterministic)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
-        return x + y
+        return (x + y, None) if self.scanned else x + y
 
 
 class Encoder(nn.Module):
     """A stack of pre-LN blocks plus the final LayerNorm "encoder_norm".
 
     ``window_sizes`` gives each block its attention window (0 = global); empty means all global.
+    ``scan_layers`` runs the (identical, global-attention) blocks as one `nn.scan`: XLA compiles
+    one block instead of `depth` copies, which cuts compile time of deep models; parameters are
+    stacked along a leading [depth] axis and the per-block outputs `block_{i}` are not returned.
     """
 
     depth: int
@@ -180,12 +188,13 @@ class Encoder(nn.Module):
     remat_policy: str = "none"
     window_sizes: tuple[int, ...] = ()
     grid_hw: tuple[int, int] | None = None
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
         self, x: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x: [B, N, D] -> (normed [B, N, D], aux {"block_{i}": [B, N, D]})."""
+        """x: [B, N, D] -> (normed [B, N, D], aux {"block_{i}": [B, N, D]}, empty when scanned)."""
         check_remat_policy(self.remat_policy)
         if self.window_sizes and len(self.window_sizes) != self.depth:
             raise ValueError(
@@ -199,8 +208,36 @@ class Encoder(nn.Module):
                 else None
             )
             # Argument 2 (`deterministic`; 0 is self) selects Python control flow: keep it static.
-            block_cls = nn.remat(Encoder1DBlock, policy=policy, static_argnums=(2,))
+            # Inside a scan, CSE cannot merge the recomputation away, so its prevention is moot.
+            block_cls = nn.remat(
+                Encoder1DBlock,
+                policy=policy,
+                static_argnums=(2,),
+                prevent_cse=not self.scan_layers,
+            )
         aux = {}
+        if self.scan_layers:
+            if any(self.window_sizes):
+                raise ValueError(
+                    "scan_layers needs identical blocks; window attention in some blocks "
+                    f"(window_sizes={self.window_sizes!r}) is not supported"
+                )
+            x, _ = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+            )(
+                mlp_dim=self.mlp_dim,
+                num_heads=self.num_heads,
+                dropout=self.dropout,
+                dtype=self.dtype,
+                grid_hw=self.grid_hw,
+                scanned=True,
+                name="encoderblock",
+            )(x, deterministic, mask)
+            return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), aux
         for i in range(self.depth):
             window = self.window_sizes[i] if self.window_sizes else 0
             x = block_cls(
@@ -214,6 +251,28 @@ class Encoder(nn.Module):
             )(x, deterministic, mask)
             aux[f"block_{i}"] = x
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), aux
+
+
+def unscan_params(tree: Any) -> Any:
+    """Splits every scanned `encoderblock` subtree (leaves [depth, ...]) into `encoderblock_{i}`.
+
+    Works on any nested dict of parameters (a whole model or one tower); other entries are
+    returned unchanged. Used to load a checkpoint trained with ``scan_layers`` into a model built
+    without it (e.g. a detector backbone with window attention).
+    """
+    if not isinstance(tree, dict) and not hasattr(tree, "items"):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "encoderblock" and hasattr(value, "items"):
+            depth = {int(leaf.shape[0]) for leaf in jax.tree.leaves(value)}
+            if len(depth) != 1:
+                raise ValueError(f"scanned encoderblock leaves disagree on depth: {sorted(depth)}")
+            for i in range(depth.pop()):
+                out[f"encoderblock_{i}"] = jax.tree.map(lambda a, i=i: a[i], dict(value))
+        else:
+            out[key] = unscan_params(value)
+    return out
 
 
 class MAPHead(nn.Module):

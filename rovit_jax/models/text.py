@@ -67,6 +67,7 @@ class TextTransformer(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -116,6 +117,7 @@ class TextTransformer(nn.Module):
             dropout=self.dropout,
             dtype=self.dtype,
             remat_policy=self.remat_policy,
+            scan_layers=self.scan_layers,
             name="Transformer",
         )(x, not train, valid[:, None, None, :])
         aux["tokens"] = x

@@ -71,6 +71,7 @@ class ViT(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = False
     cpe_up_size: int = 64
     window_size: int = 0
     global_blocks: tuple[int, ...] = ()
@@ -171,6 +172,7 @@ class ViT(nn.Module):
             dropout=self.dropout,
             dtype=self.dtype,
             remat_policy=self.remat_policy,
+            scan_layers=self.scan_layers,
             window_sizes=window_sizes,
             grid_hw=(gh, gw),
             name="Transformer",

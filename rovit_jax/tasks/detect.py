@@ -21,6 +21,7 @@ from rovit_jax.models.detector import OpenVocabDetector
 from rovit_jax.models.vit import vit_variant
 from rovit_jax.ops.roi_align import batched_roi_align
 from rovit_jax.train import mesh as mesh_lib
+from rovit_jax.models.layers import unscan_params
 from rovit_jax.train.checkpoint import load_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -495,7 +496,8 @@ class DetectTask:
                 )
             return jax.tree.map(jnp.asarray, self.finetuned)
         params = dict(params)
-        pretrained_img = self.pretrained[1]["img"]
+        # A backbone pretrained with scan_layers has stacked blocks; the detector's are separate.
+        pretrained_img = unscan_params(self.pretrained[1]["img"])
         # Window attention adds no parameters, so every backbone leaf has a pretrained value;
         # pooling parameters of other pooling types (cls, MAPHead) are not used by detection.
         missing = set(params["backbone"]) - set(pretrained_img)

@@ -115,6 +115,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     cc.check_choice(p, config, "compute_dtype", tuple(DTYPES))
     cc.check_choice(p, config, "remat", REMAT)
+    cc.check_bool(p, config, "scan_layers", default=False)
     cc.check_int_list(p, config, "eval.recall_ks", min_value=1, nonempty=True)
     p.raise_if_any()
 
@@ -196,6 +197,7 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTower:
         cpe_up_size=int(config.cpe.up_size),
         dtype=dtype,
         remat_policy=config.remat,
+        scan_layers=bool(config.get("scan_layers", False)),
     )
     text = dict(
         text_variant(config.model.text.variant),
@@ -204,6 +206,7 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTower:
         pool_type=config.model.text.pool_type,
         dtype=dtype,
         remat_policy=config.remat,
+        scan_layers=bool(config.get("scan_layers", False)),
     )
     bias = config.model.bias_init
     return TwoTower(

@@ -93,34 +93,40 @@ def _run(
     t0 = time.time()
     end = total if stop_after is None else min(total, int(stop_after))
 
-    def make_batch(step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        # The producer runs ahead of training: pair each batch with the input tallies as of that
-        # batch, so what is logged and checkpointed at a step is exact.
-        local_batch = batches.batch(step)
-        return local_batch, _tallies(batches)
+    def make_batch(step: int) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+        # The producer runs ahead of training: it decodes AND copies the batch to the devices
+        # (prefetch to device), so the step never waits for a host-to-device transfer. Each batch
+        # is paired with the input tallies as of that batch, so what is logged and checkpointed
+        # at a step is exact.
+        device_batch = trainer.global_batch(batches.batch(step))
+        return device_batch, _tallies(batches)
 
-    stream = prefetch(make_batch, start, end)
+    stream = prefetch(make_batch, start, end, depth=max(1, int(config.get("prefetch", 2))))
+    stall = InputStall()
     try:
-        for step, (local_batch, tallies) in stream:
-            state, metrics = trainer.train_step(state, trainer.global_batch(local_batch))
+        for step, (device_batch, tallies) in stall.timed(stream):
+            state, metrics = trainer.train_step(state, device_batch)
             done = step + 1
             monitor.observe(done, metrics)  # Judges the previous step; raises if it must stop.
             progress(done)
             if _every(done, int(config.log_every), total):
                 scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
                 scalars["train/skipped_examples"] = tallies["skipped"]
+                scalars.update(stall.report())
                 scalars.update({f"input/{k}": v for k, v in tallies["counts"].items()})
                 writer.write_scalars(done, scalars)
                 rate = (done - start) / max(time.time() - t0, 1e-9)
                 logging.info(
-                    "step %d/%d (%.0f%%): loss %.4f, %.2f steps/s, ETA %s",
+                    "step %d/%d (%.0f%%): loss %.4f, %.2f steps/s, input wait %.0f%%, ETA %s",
                     done,
                     total,
                     100 * done / total,
                     scalars["train/loss"],
                     rate,
+                    100 * scalars["input/wait_fraction"],
                     _duration((total - done) / max(rate, 1e-9)),
                 )
+                stall.reset()
             stop = watcher.should_stop(done)  # Collective: every process gets the same answer.
             if stop or _every(done, int(config.checkpoint_every), total) or done == end:
                 monitor.flush()
@@ -149,6 +155,40 @@ def _run(
         writer.flush()
     logging.info("trained steps %d..%d in %.1fs", start, total, time.time() - t0)
     return {"eval": eval_metrics, "state": state, "start_step": start}
+
+
+class InputStall:
+    """Measures how long the training loop waits for its next batch (the input stall).
+
+    `timed(stream)` wraps the prefetching iterator; `report()` gives, since the last `reset()`,
+    the fraction of wall time spent waiting and the mean wait per step. Step dispatch is
+    asynchronous, so a wait also covers the device finishing earlier steps only when the
+    prefetch queue is empty, i.e. when input is the bottleneck.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.wait, self.steps, self.since = 0.0, 0, time.perf_counter()
+
+    def timed(self, stream):
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(stream)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t
+            self.steps += 1
+            yield item
+
+    def report(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.since, 1e-9)
+        return {
+            "input/wait_fraction": min(1.0, self.wait / elapsed),
+            "input/wait_ms_per_step": 1e3 * self.wait / max(self.steps, 1),
+        }
 
 
 def _save(

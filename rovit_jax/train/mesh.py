@@ -113,7 +113,8 @@ def infer_shardings(
 
     Each rule is `(regex, spec)`; the first regex that `re.search`-matches a leaf's path wins. A spec
     is "replicate", "fsdp" (shard the largest divisible dimension over the `fsdp` axis), or a tuple of
-    mesh axis names / None per dimension. Leaves matched by no rule are replicated. Paths of optimizer
+    mesh axis names / None for the trailing dimensions (leading ones, e.g. the layer axis of
+    scanned blocks, are not split). Leaves matched by no rule are replicated. Paths of optimizer
     state mirror the parameter paths (e.g. `opt_state/0/mu/img/...`), so one rule covers both.
     """
     compiled = [(re.compile(rx), spec) for rx, spec in rules]
@@ -128,11 +129,13 @@ def infer_shardings(
                 if spec == "fsdp":
                     return NamedSharding(mesh, _fsdp_spec(shape, mesh, "fsdp", fsdp_min_size))
                 spec = tuple(spec)
-                if len(spec) != len(shape):
+                if len(spec) > len(shape):
                     raise ValueError(
                         f"config key `sharding_rules`: rule {rx.pattern!r} gives spec {spec} for "
-                        f"`{name}` of shape {shape} (rank mismatch)"
+                        f"`{name}` of shape {shape} (more entries than dimensions)"
                     )
+                # Specs name the trailing dimensions: stacked (scanned) layers stay unsplit.
+                spec = (None,) * (len(shape) - len(spec)) + spec
                 for dim, ax in zip(shape, spec):
                     axes = () if ax is None else (ax if isinstance(ax, tuple) else (ax,))
                     size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
