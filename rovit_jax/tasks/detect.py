@@ -18,10 +18,10 @@ from rovit_jax.data import sources
 from rovit_jax.detection import rcnn
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier
 from rovit_jax.models.detector import OpenVocabDetector
+from rovit_jax.models.layers import unscan_params
 from rovit_jax.models.vit import vit_variant
 from rovit_jax.ops.roi_align import batched_roi_align
 from rovit_jax.train import mesh as mesh_lib
-from rovit_jax.models.layers import unscan_params
 from rovit_jax.train.checkpoint import load_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
