@@ -24,12 +24,14 @@ def detect_defaults() -> ml_collections.ConfigDict:
     # Non-finite loss/gradients (rovit_jax.train.guards): the step's update is skipped; "skip"
     # stops after `max_consecutive` such steps in a row (0 = never), "halt" at the first one.
     c.guard = ml_collections.ConfigDict(dict(policy="skip", max_consecutive=10))
-    c.mesh = [("data", -1), ("fsdp", 1)]
-    c.sharding_rules = [(".*", "fsdp")]
+    # Tuples, so that the command line can override them: --config.mesh="(('fsdp', -1), ...)".
+    c.mesh = (("data", -1), ("fsdp", 1))
+    c.sharding_rules = ((".*", "fsdp"),)
     c.fsdp_min_size = 2**14
     c.compute_dtype = "float32"
     c.remat = "none"
     c.prefetch = 2  # batches decoded and copied to the devices ahead of the step
+    c.donate_state = True  # the train step reuses the old state's buffers
 
     # Where the pretrained towers come from: a pretraining run's workdir ("" = <workdir>/pretrain).
     # With run_pretraining, a missing pretraining run is trained first from `c.pretrain`.

@@ -31,6 +31,12 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_integer(
     "heartbeat_timeout", 30, "Multi-host: seconds before a silent process counts as dead."
 )
+flags.DEFINE_integer(
+    "stop_after_step",
+    None,
+    "Stop at this step with a committed checkpoint, as a preemption would (exit code 0); "
+    "rerunning resumes from it.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -68,7 +74,7 @@ def main(argv):
     logging.info("config:\n%s", config)
     task = get_task(config, workdir)
     try:
-        result = run(config, workdir, task)
+        result = run(config, workdir, task, stop_after=flags.FLAGS.stop_after_step)
     except Preempted as e:
         logging.warning("%s; exiting with code %d", e, e.exit_code)
         sys.stdout.flush()

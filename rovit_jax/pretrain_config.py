@@ -37,12 +37,14 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
 
     # Parallelism: mesh axes [(name, size)], -1 = the remaining devices. The batch is split over
     # data x fsdp; parameters and optimizer state over fsdp by the rules below.
-    c.mesh = [("data", -1), ("fsdp", 1)]
-    c.sharding_rules = [(".*", "fsdp")]
+    # Tuples, so that the command line can override them: --config.mesh="(('fsdp', -1), ...)".
+    c.mesh = (("data", -1), ("fsdp", 1))
+    c.sharding_rules = ((".*", "fsdp"),)
     c.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated under "fsdp" rules
     c.compute_dtype = "float32"  # or "bfloat16" (parameters and optimizer state stay float32)
     c.remat = "none"  # "none" | "full" | "dots": rematerialise each transformer block
     c.prefetch = 2  # batches decoded and copied to the devices ahead of the step
+    c.donate_state = True  # the train step reuses the old state's buffers
     c.scan_layers = False  # one nn.scan over the blocks: faster compiles, stacked parameters
 
     c.data = ml_collections.ConfigDict()

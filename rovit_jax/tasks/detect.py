@@ -32,8 +32,14 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
         raise ValueError(f"config key `{key}` = {value!r}: {why}")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
     """Checks detection settings that would otherwise fail late or silently.
+
+    Args:
+      config: a detection config.
+      check_files: also check the dataset settings and that annotation files, image folders,
+        a detector run to start from and (nested) pretraining data exist. False when only the
+        model and the step are built (memory planning, `DetectTask.for_planning`).
 
     Raises:
       rovit_jax.config_check.ConfigError (a ValueError) listing every problem found, one per
@@ -46,7 +52,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     p = cc.Problems()
     cc.check_run_settings(p, config)
     cc.check_optim(p, config)
-    _check_detection_data(p, config)
+    if check_files:
+        _check_detection_data(p, config)
     cc.check_int(p, config, "eval.num_images", min_value=0, default=0)
     cc.check_int(p, config, "eval.render_images", min_value=0, default=0)
     cc.check_choice(p, config, "compute_dtype", tuple(DTYPES), why=str(tuple(DTYPES)))
@@ -150,7 +157,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     cc.check_str(p, config, "text.classifier", default="")
     cc.check_str(p, config, "init.pretrain_workdir", default="")
     run_pretraining = cc.check_bool(p, config, "init.run_pretraining", default=False)
-    if cc.check_str(p, config, "init.detector_workdir", default=""):
+    if cc.check_str(p, config, "init.detector_workdir", default="") and check_files:
         cc.check_path(
             p, config, "init.detector_workdir", kind="dir", needed_for="init.detector_workdir"
         )
@@ -164,7 +171,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
         else:
             try:
-                pretrain.validate_config(nested)
+                pretrain.validate_config(nested, check_files=check_files)
             except cc.ConfigError as e:
                 p.extend(e.problems, prefix="pretrain.")
     p.raise_if_any()
@@ -251,13 +258,47 @@ def rcnn_config(config: ml_collections.ConfigDict) -> rcnn.RCNNConfig:
 class DetectTask:
     """Finetunes `OpenVocabDetector` on base categories; evaluates base + novel AP."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str = ""):
-        validate_config(config)
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: str = "", *, check_files: bool = True
+    ):
+        validate_config(config, check_files=check_files)
         self.config = config
         self.workdir = workdir
         self.rcnn = rcnn_config(config)
         self._mesh: Mesh | None = None
         self._predict_cache: dict[str, Any] = {}
+
+    @classmethod
+    def for_planning(
+        cls,
+        config: ml_collections.ConfigDict,
+        pretrain_config: ml_collections.ConfigDict,
+        num_classes: int,
+    ) -> DetectTask:
+        """A task for ahead-of-time compilation only (memory / FLOPs planning, `rovit_jax.plan`).
+
+        Reads no dataset, tokenizer or checkpoint. The backbone is described by
+        `pretrain_config` (model.image.variant, pp.image_size, model.embed_dim), as a real run's
+        pretraining config.json would; the training vocabulary is `num_classes` zero text
+        embeddings padded to the classifier bucket, [bucket_size(num_classes), embed_dim], as
+        `build_text_classifier` pads a real one. `init_params` returns fresh parameters (the
+        same shapes and shardings as the loaded backbone), so this task must not be trained.
+        """
+        from rovit_jax.detection.text_classifier import bucket_size
+        from rovit_jax.tasks import pretrain
+
+        pretrain.validate_config(pretrain_config, check_files=False)
+        task = cls(config, check_files=False)
+        k, e = bucket_size(int(num_classes)), int(pretrain_config.model.embed_dim)
+        vocab = dict(embeddings=np.zeros((k, e), np.float32), valid=np.arange(k) < num_classes)
+        # Fill the cached properties that would otherwise read the pretraining run and the data.
+        task.__dict__.update(
+            pretrained=(pretrain_config, None),
+            finetuned=None,
+            base_vocabulary=dict(vocab, category_map={}),
+            full_vocabulary=dict(vocab, is_novel=np.zeros(k, bool), table=[]),
+        )
+        return task
 
     # ---- the pretrained run --------------------------------------------------------------------
     @property
@@ -495,6 +536,8 @@ class DetectTask:
                     "and det.* settings are needed)"
                 )
             return jax.tree.map(jnp.asarray, self.finetuned)
+        if self.pretrained[1] is None:
+            return params  # for_planning: no pretrained values, only their shapes matter
         params = dict(params)
         # A backbone pretrained with scan_layers has stacked blocks; the detector's are separate.
         pretrained_img = unscan_params(self.pretrained[1]["img"])

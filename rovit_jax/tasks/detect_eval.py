@@ -105,9 +105,9 @@ def evaluate(task, trainer, params) -> dict[str, float]:
                         out["classes"][row][keep],
                     )
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+            from rovit_jax.train.distributed import all_gather_json
 
-            dets = [d for part in multihost_utils.process_allgather(dets) for d in part]
+            dets = [d for part in all_gather_json(dets) for d in part]
         iou_types = ("bbox", "segm") if data.with_masks else ("bbox",)
         for iou_type in iou_types:
             metrics.update(

@@ -33,8 +33,14 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
         raise ValueError(f"config key `{key}` = {value!r}: {why}")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
     """Checks every pretraining setting that would otherwise fail late or silently.
+
+    Args:
+      config: a pretraining config.
+      check_files: also check the dataset settings and that the data and tokenizer files exist.
+        False when only the model and the step are built (memory planning, `rovit_jax.plan`),
+        which reads no data.
 
     Raises:
       rovit_jax.config_check.ConfigError (a ValueError) listing every problem found, one per
@@ -45,7 +51,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     p = cc.Problems()
     cc.check_run_settings(p, config)
     cc.check_optim(p, config)
-    _check_pretrain_data(p, config)
+    if check_files:
+        _check_pretrain_data(p, config)
 
     patch = None
     variant = cc.config_get(config, "model.image.variant")
@@ -222,8 +229,9 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTower:
 class PretrainTask:
     """Image-text contrastive pretraining with optional CPE; zero-shot retrieval as evaluation."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        validate_config(config)
+    def __init__(self, config: ml_collections.ConfigDict, *, check_files: bool = True):
+        # check_files=False: planning only (see validate_config); the data is never read then.
+        validate_config(config, check_files=check_files)
         self.config = config
         self.model = build_model(config)
         self._mesh: Mesh | None = None

@@ -268,6 +268,18 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     )
 
 
+def _local_target(ckpt: Checkpointer, step: int) -> Any:
+    """The saved state's shapes and dtypes, placed on this process's first device.
+
+    Without a target, orbax restores onto the saving job's device topology, which fails when a
+    checkpoint written by a multi-host job is read by one process (e.g. detection finetuning or
+    export reading a pod's pretraining run).
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = ckpt._manager.item_metadata(step)["state"]
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+
+
 def load_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
     """Parameters of a training run's checkpoint (latest complete when `step` is None), on host.
 
@@ -285,7 +297,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
     for s in candidates:
         try:
             restored = ckpt._manager.restore(
-                s, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+                s, args=ocp.args.Composite(state=ocp.args.StandardRestore(_local_target(ckpt, s)))
             )
         except Exception as e:  # noqa: BLE001 - an unreadable checkpoint: try the previous one.
             logging.warning(

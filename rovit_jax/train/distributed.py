@@ -16,6 +16,7 @@ JAX's (100 s) so a dead host is noticed within a minute.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -104,3 +105,35 @@ def initialize(
         jax.device_count(),
     )
     return True
+
+
+def _json_default(value):
+    if isinstance(value, bytes):
+        return value.decode("ascii")  # RLE counts
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    raise TypeError(f"cannot send a {type(value).__name__} between processes: {value!r}")
+
+
+def all_gather_json(value) -> list:
+    """Every process's `value` (JSON-serialisable: dicts, lists, numbers, strings), in process order.
+
+    For results of variable size (e.g. each host's detections), which array collectives cannot
+    carry: each process encodes its value as UTF-8 JSON, the lengths are gathered first, then the
+    bytes padded to the longest. A single-process run returns `[value]` without any collective.
+    """
+    if jax.process_count() == 1:
+        return [value]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(json.dumps(value, default=_json_default).encode("utf-8"), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([payload.size], np.int64))
+    longest = int(np.max(lengths))
+    padded = np.zeros((max(longest, 1),), np.uint8)
+    padded[: payload.size] = payload
+    gathered = multihost_utils.process_allgather(padded)
+    return [
+        json.loads(bytes(gathered[i][: int(n)]).decode("utf-8"))
+        for i, n in enumerate(np.asarray(lengths).reshape(-1))
+    ]

@@ -26,17 +26,17 @@ LAYOUTS = ("data", "fsdp", "fsdp_tp")
 _ATTN = r"MultiHeadDotProductAttention_0"
 # Megatron tensor-parallel rules: [D, heads, head_dim] in, [heads, head_dim, D] out; [D, M] then
 # [M, D] for the MLP. The other dimension of each kernel is FSDP-sharded.
-TENSOR_PARALLEL_RULES: list[tuple[str, Any]] = [
+TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
     (rf"{_ATTN}/(query|key|value)/kernel$", ("fsdp", "model", None)),
     (rf"{_ATTN}/(query|key|value)/bias$", ("model", None)),
     (rf"{_ATTN}/out/kernel$", ("model", None, "fsdp")),
     (r"MlpBlock_0/Dense_0/kernel$", ("fsdp", "model")),
     (r"MlpBlock_0/Dense_0/bias$", ("model",)),
     (r"MlpBlock_0/Dense_1/kernel$", ("model", "fsdp")),
-]
+)
 
 
-def layout(name: str, model_parallel: int = 1) -> tuple[list[tuple[str, int]], list[tuple]]:
+def layout(name: str, model_parallel: int = 1) -> tuple[tuple[tuple[str, int], ...], tuple]:
     """Returns `(mesh, sharding_rules)` config values of the named layout.
 
     Args:
@@ -45,16 +45,16 @@ def layout(name: str, model_parallel: int = 1) -> tuple[list[tuple[str, int]], l
         MLP width of every tower); ignored otherwise.
     """
     if name == "data":
-        return [("data", -1), ("fsdp", 1)], [(".*", "replicate")]
+        return (("data", -1), ("fsdp", 1)), ((".*", "replicate"),)
     if name == "fsdp":
-        return [("data", 1), ("fsdp", -1)], [(".*", "fsdp")]
+        return (("data", 1), ("fsdp", -1)), ((".*", "fsdp"),)
     if name == "fsdp_tp":
         if int(model_parallel) < 1:
             raise ValueError(
                 f"config argument `tp`: model_parallel must be >= 1, got {model_parallel}"
             )
-        mesh = [("data", 1), ("fsdp", -1), ("model", int(model_parallel))]
-        return mesh, [*TENSOR_PARALLEL_RULES, (".*", "fsdp")]
+        mesh = (("data", 1), ("fsdp", -1), ("model", int(model_parallel)))
+        return mesh, (*TENSOR_PARALLEL_RULES, (".*", "fsdp"))
     raise ValueError(f"config argument `layout`={name!r}: choose one of {LAYOUTS}")
 
 

@@ -153,7 +153,7 @@ def _run(
         stream.close()
         checkpointer.close()  # Waits for a save in flight: it holds a good state.
         writer.flush()
-    logging.info("trained steps %d..%d in %.1fs", start, total, time.time() - t0)
+    logging.info("trained steps %d..%d in %.1fs", start, end, time.time() - t0)
     return {"eval": eval_metrics, "state": state, "start_step": start}
 
 

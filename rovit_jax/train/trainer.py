@@ -67,7 +67,8 @@ class Trainer:
             self._train_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, self.replicated),
-            donate_argnums=(0,),
+            # The old state's buffers are reused for the new one (halves state memory).
+            donate_argnums=(0,) if bool(config.get("donate_state", True)) else (),
         )
 
     def _init_state(self, rng: jax.Array) -> State:
