@@ -411,6 +411,8 @@ def check_run_settings(problems: Problems, config: Any) -> None:
     check_bool(problems, config, "async_checkpointing", default=True)
     check_int(problems, config, "fsdp_min_size", min_value=0, default=0)
     check_int(problems, config, "data.num_workers", min_value=1, default=1)
+    check_int(problems, config, "prefetch", min_value=0, default=2)
+    check_bool(problems, config, "donate_state", default=True)
     _check_sharding_rules(problems, config)
     mesh_problems(problems, config)
 

@@ -30,7 +30,7 @@ def detect_defaults() -> ml_collections.ConfigDict:
     c.fsdp_min_size = 2**14
     c.compute_dtype = "float32"
     c.remat = "none"
-    c.prefetch = 2  # batches decoded and copied to the devices ahead of the step
+    c.prefetch = 2  # batches decoded and copied to the devices ahead of the step (0: none)
     c.donate_state = True  # the train step reuses the old state's buffers
 
     # Where the pretrained towers come from: a pretraining run's workdir ("" = <workdir>/pretrain).

@@ -43,7 +43,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated under "fsdp" rules
     c.compute_dtype = "float32"  # or "bfloat16" (parameters and optimizer state stay float32)
     c.remat = "none"  # "none" | "full" | "dots": rematerialise each transformer block
-    c.prefetch = 2  # batches decoded and copied to the devices ahead of the step
+    c.prefetch = 2  # batches decoded and copied to the devices ahead of the step (0: none)
     c.donate_state = True  # the train step reuses the old state's buffers
     c.scan_layers = False  # one nn.scan over the blocks: faster compiles, stacked parameters
 

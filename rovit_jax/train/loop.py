@@ -101,7 +101,13 @@ def _run(
         device_batch = trainer.global_batch(batches.batch(step))
         return device_batch, _tallies(batches)
 
-    stream = prefetch(make_batch, start, end, depth=max(1, int(config.get("prefetch", 2))))
+    depth = int(config.get("prefetch", 2))
+    # prefetch=0 produces each batch when the step asks for it (to measure what prefetch buys).
+    stream = (
+        prefetch(make_batch, start, end, depth=depth)
+        if depth > 0
+        else ((step, make_batch(step)) for step in range(start, end))
+    )
     stall = InputStall()
     try:
         for step, (device_batch, tallies) in stall.timed(stream):
@@ -188,6 +194,7 @@ class InputStall:
         return {
             "input/wait_fraction": min(1.0, self.wait / elapsed),
             "input/wait_ms_per_step": 1e3 * self.wait / max(self.steps, 1),
+            "train/steps_per_s": self.steps / elapsed,
         }
 
 
