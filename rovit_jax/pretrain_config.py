@@ -87,8 +87,10 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.pp.flip = False
 
     c.model = ml_collections.ConfigDict()
-    c.model.image = ml_collections.ConfigDict(dict(variant="B/16", pool_type="gap"))
-    c.model.text = ml_collections.ConfigDict(dict(variant="B", pool_type="mean"))
+    # pre_norm (CLIP's ln_pre) and a causal text tower are off in RO-ViT; they exist so that
+    # CLIP-family weights can be imported exactly (rovit_jax.interop).
+    c.model.image = ml_collections.ConfigDict(dict(variant="B/16", pool_type="gap", pre_norm=False))
+    c.model.text = ml_collections.ConfigDict(dict(variant="B", pool_type="mean", causal=False))
     c.model.embed_dim = 768  # unverified
     c.model.temperature_init = 10.0  # learnable scale = exp(t), t initialised to log(this)
     c.model.bias_init = ml_collections.FieldReference(

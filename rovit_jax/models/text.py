@@ -1,4 +1,4 @@
-"""Text transformer tower: token + learned position embeddings, non-causal pre-LN encoder.
+"""Text transformer tower: token + learned position embeddings, pre-LN encoder (optionally causal).
 
 Padding convention: a sequence's length is the number of tokens before its first ``pad_id``;
 everything from the first pad on is ignored (masked as attention keys and excluded from pooling),
@@ -54,6 +54,9 @@ class TextTransformer(nn.Module):
       dropout: dropout rate inside blocks.
       dtype: compute dtype; parameters are always float32.
       remat_policy: "none", "full" or "dots".
+      causal: autoregressive attention (token i attends to tokens <= i), as CLIP's text tower;
+        off by default (bidirectional). With ``pool_type="last"`` this is CLIP's EOT pooling
+        when the EOT token is the last one before the padding.
     """
 
     vocab_size: int
@@ -68,6 +71,7 @@ class TextTransformer(nn.Module):
     dtype: Any = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = False
+    causal: bool = False
 
     @nn.compact
     def __call__(
@@ -110,6 +114,9 @@ class TextTransformer(nn.Module):
         x = (x + pe[None, :length]).astype(self.dtype)
         x = nn.Dropout(rate=self.dropout)(x, not train)
 
+        mask = valid[:, None, None, :]  # [B, 1, 1, L]: keys from the first pad on are ignored
+        if self.causal:
+            mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
         x, aux = Encoder(
             depth=self.depth,
             mlp_dim=self.mlp_dim,
@@ -119,7 +126,7 @@ class TextTransformer(nn.Module):
             remat_policy=self.remat_policy,
             scan_layers=self.scan_layers,
             name="Transformer",
-        )(x, not train, valid[:, None, None, :])
+        )(x, not train, mask)
         aux["tokens"] = x
         aux["valid"] = valid
 

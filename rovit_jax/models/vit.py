@@ -5,6 +5,7 @@ Parameters (big_vision layout)::
   embedding/{kernel,bias}        patch embedding Conv, kernel [P, P, 3, D]
   pos_embedding                  [gh, gw, D] learned PE over the patch grid only
   cls, cls_pos_embedding         [1, 1, D] each, only for pool_type="tok"
+  pre_norm/{scale,bias}          [D] each, only with pre_norm=True (CLIP's ln_pre)
   Transformer/...                see rovit_jax.models.layers
   MAPHead_0/...                  only for pool_type="map"
 """
@@ -59,6 +60,9 @@ class ViT(nn.Module):
       window_size: attention window (in patches) of the blocks not listed in ``global_blocks``;
         0 = global attention everywhere (ViTDet-style backbones set both).
       global_blocks: indices of blocks that keep global attention when ``window_size > 0``.
+      pre_norm: LayerNorm on the embedded tokens (PE and CLS added) before the first block, as
+        CLIP's ``ln_pre`` (timm ``pre_norm=True``); off by default. Lets CLIP-family image towers
+        be imported exactly.
     """
 
     width: int
@@ -75,6 +79,7 @@ class ViT(nn.Module):
     cpe_up_size: int = 64
     window_size: int = 0
     global_blocks: tuple[int, ...] = ()
+    pre_norm: bool = False
 
     def _validate(self) -> None:
         if self.pool_type not in POOL_TYPES:
@@ -159,6 +164,8 @@ class ViT(nn.Module):
             )
             x = jnp.concatenate([jnp.tile((cls + cls_pe).astype(self.dtype), (b, 1, 1)), x], axis=1)
         x = nn.Dropout(rate=self.dropout)(x, not train)
+        if self.pre_norm:
+            x = nn.LayerNorm(dtype=self.dtype, name="pre_norm")(x)
 
         window_sizes = ()
         if self.window_size > 0:

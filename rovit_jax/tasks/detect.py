@@ -355,6 +355,7 @@ class DetectTask:
             pool_type="gap",
             window_size=int(self.config.det.window_size),
             global_blocks=tuple(int(i) for i in self.config.det.global_blocks),
+            pre_norm=bool(pcfg.model.image.get("pre_norm", False)),
             remat_policy=self.config.remat,
         )
         return OpenVocabDetector(

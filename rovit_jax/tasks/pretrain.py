@@ -123,6 +123,8 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     cc.check_choice(p, config, "compute_dtype", tuple(DTYPES))
     cc.check_choice(p, config, "remat", REMAT)
     cc.check_bool(p, config, "scan_layers", default=False)
+    cc.check_bool(p, config, "model.image.pre_norm", default=False)
+    cc.check_bool(p, config, "model.text.causal", default=False)
     cc.check_int_list(p, config, "eval.recall_ks", min_value=1, nonempty=True)
     p.raise_if_any()
 
@@ -201,6 +203,7 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTower:
         img,
         posemb_grid=(grid, grid),
         pool_type=config.model.image.pool_type,
+        pre_norm=bool(config.model.image.get("pre_norm", False)),
         cpe_up_size=int(config.cpe.up_size),
         dtype=dtype,
         remat_policy=config.remat,
@@ -211,6 +214,7 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTower:
         vocab_size=int(config.tokenizer.vocab_size),
         max_len=int(config.tokenizer.max_len),
         pool_type=config.model.text.pool_type,
+        causal=bool(config.model.text.get("causal", False)),
         dtype=dtype,
         remat_policy=config.remat,
         scan_layers=bool(config.get("scan_layers", False)),

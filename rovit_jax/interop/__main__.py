@@ -1,0 +1,157 @@
+r"""Weight interchange from the command line.
+
+Import public weights into a pretraining workdir (step-0 checkpoint; see interop.workdir):
+
+  python -m rovit_jax.interop import --from timm|open_clip|big_vision --weights FILE \
+      --config configs/X.py[:arg] --out WORKDIR
+  python -m rovit_jax.main --config=configs/X.py[:arg] --workdir=WORKDIR   # pretrain from them
+
+The config must describe the checkpoint's architecture (variant, patch size, embed_dim,
+vocabulary size, pooling); position embeddings are resized to its grid. The import report is
+printed and written to WORKDIR/import_report.{txt,json}.
+
+Export a pretraining run's towers (latest checkpoint, or --step):
+
+  python -m rovit_jax.interop export --checkpoint WORKDIR --out DIR
+
+writes DIR/image_tower.safetensors (timm ViT; kwargs in DIR/timm_kwargs.json),
+DIR/text_tower.safetensors and DIR/text_tower.json (layouts in interop.timm_export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _grid(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2:
+        raise ValueError(f"--source_grid must be 'gh,gw', got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _import(args: argparse.Namespace) -> int:
+    from rovit_jax.interop import import_weights as iw
+    from rovit_jax.interop.towers import init_params, resolve_model
+    from rovit_jax.interop.workdir import check_new_workdir, load_config, write_init_workdir
+
+    check_new_workdir(args.out)  # before the (slow) import
+    config = load_config(args.config)
+    if config.get("task", "pretrain") != "pretrain":
+        raise ValueError(
+            f"--config {args.config} is a {config.task!r} config; give a pretraining one"
+        )
+    grid = _grid(args.source_grid)
+    if args.source_format == "timm":
+        params_img, report = iw.import_timm(
+            args.weights, config, source_grid=grid, prefix=args.prefix
+        )
+        params = init_params(resolve_model(config), int(config.seed))
+        params["img"] = params_img
+        report.notes.append(
+            "a timm checkpoint holds only an image tower: img_proj, txt, txt_proj, t"
+            + (", b" if "b" in params else "")
+            + " are kept at init"
+        )
+    elif args.source_format == "open_clip":
+        model_cfg = None
+        if args.open_clip_config:
+            with open(args.open_clip_config) as f:
+                model_cfg = json.load(f)
+        params, report = iw.import_open_clip(
+            args.weights, config, model_cfg=model_cfg, source_grid=grid
+        )
+    else:
+        params, report = iw.import_big_vision(args.weights, config, source_grid=grid)
+    step_dir = write_init_workdir(config, params, args.out)
+    with open(os.path.join(args.out, "import_report.txt"), "w") as f:
+        f.write(str(report) + "\n")
+    with open(os.path.join(args.out, "import_report.json"), "w") as f:
+        json.dump(report.to_dict(), f, indent=2)
+    print(str(report) if args.verbose else report.summary())
+    for note in [] if args.verbose else report.notes:
+        print(f"  note: {note}")
+    print(
+        f"wrote {step_dir}; continue with: python -m rovit_jax.main --config={args.config} "
+        f"--workdir={args.out}"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import ml_collections
+
+    from rovit_jax.interop.timm_export import (
+        export_image_tower_safetensors,
+        export_text_tower_safetensors,
+    )
+    from rovit_jax.train.checkpoint import load_params
+
+    config_path = os.path.join(args.checkpoint, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no run config {config_path}")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("task", "pretrain") != "pretrain":
+        raise ValueError(
+            f"{args.checkpoint} is a {config.task!r} run; export its pretraining run "
+            "(<workdir>/pretrain or its init.pretrain_workdir)"
+        )
+    params, step = load_params(args.checkpoint, args.step)
+    os.makedirs(args.out, exist_ok=True)
+    image_path = os.path.join(args.out, "image_tower.safetensors")
+    text_path = os.path.join(args.out, "text_tower.safetensors")
+    kwargs = export_image_tower_safetensors(params, config, image_path)
+    settings = export_text_tower_safetensors(params, config, text_path)
+    with open(os.path.join(args.out, "timm_kwargs.json"), "w") as f:
+        json.dump(kwargs, f, indent=2)
+    with open(os.path.join(args.out, "text_tower.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+    print(f"exported step {step} of {args.checkpoint}: {image_path}, {text_path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rovit_jax.interop",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="import public weights into a pretraining workdir")
+    imp.add_argument(
+        "--from", dest="source_format", required=True, choices=("timm", "open_clip", "big_vision")
+    )
+    imp.add_argument("--weights", required=True, help=".safetensors, .pt/.pth/.bin or .npz")
+    imp.add_argument("--config", required=True, help="pretraining config: path.py[:arg] or .json")
+    imp.add_argument("--out", required=True, help="new workdir")
+    imp.add_argument(
+        "--source_grid", default=None, help="checkpoint patch grid 'gh,gw' if not square"
+    )
+    imp.add_argument("--prefix", default="", help="timm: read only tensors under this prefix")
+    imp.add_argument(
+        "--open_clip_config",
+        default=None,
+        help="open_clip: the model config JSON (architecture checks in the report)",
+    )
+    imp.add_argument("--verbose", action="store_true", help="print the whole report")
+    exp = sub.add_parser("export", help="export a pretraining run's towers as safetensors")
+    exp.add_argument("--checkpoint", required=True, help="a pretraining workdir")
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    args = parser.parse_args(argv)
+    if args.command == "import":
+        return _import(args)
+    return _export(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
