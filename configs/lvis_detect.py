@@ -14,8 +14,20 @@ objectness, 4-conv + FC box head, 512 RoIs at 25% foreground, 28x28 class-agnost
 temperature 0.01, VLM fusion w = 0.35 / 0.65 with objectness^3, per-class NMS 0.5, 300 detections,
 federated LVIS evaluation with AP_r. Unverified: backbone lr x0.1, batch, steps, optimizer values.
 
+  # Memory per device of the L/16 recipe on 256 devices (no LVIS, no pretraining run needed):
+  python -m rovit_jax.plan --devices=256 \
+      --config=configs/lvis_detect.py:variant=L/16,layout=fsdp,remat=full \
+      --config.eval.batch_size=256
+
 Arguments: `variant` (B/16 | L/16), `batch`, `steps`, `small` (a tiny CPU smoke run of the recipe
-on the configured data, with the backbone of a `small` pretraining run).
+on the configured data, with the backbone of a `small` pretraining run), and for parallelism and
+memory (configs/detect_recipe.py, rovit_jax.train.layouts):
+  layout  data (default: batch split over every device, state replicated) | fsdp (batch, parameters
+          and optimizer state split over every device) | fsdp_tp (fsdp x tensor parallelism over
+          a `model` axis of `tp` devices)
+  tp      size of the `model` axis with layout=fsdp_tp (default 1)
+  remat   none (default) | full | dots: rematerialise each backbone block in the backward pass
+  dtype   float32 (default) | bfloat16 compute; parameters and optimizer state stay float32
 """
 
 import os
@@ -29,8 +41,20 @@ from rovit_jax.config_args import parse_arg  # noqa: E402
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, variant="B/16", batch=256, steps=46_000, small=False)
-    c = detect_recipe.recipe(a.variant, a.batch, a.steps)
+    a = parse_arg(
+        arg,
+        variant="B/16",
+        batch=256,
+        steps=46_000,
+        small=False,
+        layout="data",
+        tp=1,
+        remat="none",
+        dtype="float32",
+    )
+    c = detect_recipe.recipe(
+        a.variant, a.batch, a.steps, layout=a.layout, tp=a.tp, remat=a.remat, dtype=a.dtype
+    )
     c.data.name = "lvis"
     c.data.novel_frequencies = ("r",)
     if a.small:

@@ -10,7 +10,8 @@ the per-device program a real run would execute, and its memory and cost analyse
       --config.compute_dtype=bfloat16 --json=plan.json
 
   python -m rovit_jax.plan --devices=256 \
-      --config=configs/lvis_detect.py:variant=L/16,layout=fsdp,remat=full
+      --config=configs/lvis_detect.py:variant=L/16,layout=fsdp,remat=full \
+      --config.eval.batch_size=256
 
 No dataset, tokenizer file or checkpoint is read: pretraining skips its data checks and a
 detection config is planned from its pretraining config (`config.pretrain`, or
@@ -34,13 +35,14 @@ The figures, all per device:
                    6 x parameters x tokens of the transformer matmuls, for the whole global batch
 The verdict compares the peak estimate with `--device_memory_gib` (default 32).
 
-Caveats. The program is compiled by the XLA CPU compiler: accelerator compilers fuse, lay out
-and schedule differently (and reserve memory of their own), so treat the figures as estimates
-with some tens of percent of margin. The CPU compiler is told to schedule for memory
-(`--xla_cpu_enable_concurrency_optimized_scheduler=false`, as accelerator compilers do); its
-default schedule for thread parallelism keeps more buffers alive and hides what remat saves.
-XLA's cost analysis counts the body of a loop once, so with `scan_layers` the FLOPs per device
-count one block per tower instead of all of them.
+Caveats. With `--devices` the program is compiled by the XLA CPU compiler: accelerator
+compilers fuse, lay out and schedule differently (and reserve memory of their own), so treat
+the figures as estimates, not guarantees. `--devices` also tells the CPU compiler to schedule
+for memory (`--xla_cpu_enable_concurrency_optimized_scheduler=false`, as accelerator compilers
+do); its default schedule for thread parallelism keeps more buffers alive and hides what remat
+saves. Even so, its schedule keeps more per-layer activations alive than full remat needs, so
+temp memory tends to be overestimated. XLA's cost analysis counts the body of a loop once, so
+with `scan_layers` the FLOPs per device count one block per tower instead of all of them.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def use_host_devices(num_devices: int | None) -> None:
     """Prepares XLA for planning: `num_devices` simulated CPU devices and a memory-minded schedule.
 
     Must run before JAX initialises its backends (it sets XLA_FLAGS and JAX_PLATFORMS). With
-    `num_devices=None` the devices are left alone (e.g. real accelerators) and only the CPU
-    scheduling flag is added.
+    `num_devices=None` nothing changes: the plan uses the devices JAX finds (e.g. real
+    accelerators), with their compiler's own settings.
 
     Raises:
       ValueError: `num_devices` < 1.
@@ -93,20 +95,20 @@ def use_host_devices(num_devices: int | None) -> None:
                     "(run `python -m rovit_jax.plan` in a fresh process)"
                 )
             return
+    if num_devices is None:
+        return
     keep = [
         f
         for f in os.environ.get("XLA_FLAGS", "").split()
         if not f.startswith((MEMORY_SCHEDULER_FLAG.split("=")[0], _DEVICE_COUNT_FLAG))
     ]
-    keep.append(MEMORY_SCHEDULER_FLAG)
-    if num_devices is not None:
-        keep.append(f"{_DEVICE_COUNT_FLAG}={int(num_devices)}")
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        if "jax" in sys.modules:  # imported but not initialised: the config option is read later
-            import jax
-
-            jax.config.update("jax_platforms", "cpu")
+    keep += [MEMORY_SCHEDULER_FLAG, f"{_DEVICE_COUNT_FLAG}={int(num_devices)}"]
     os.environ["XLA_FLAGS"] = " ".join(keep)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported but not initialised: the option is read at start-up
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -136,7 +138,8 @@ class Plan:
     flops_per_device: float  # XLA cost analysis, one step
     model_flops: float  # analytic, one step of the global batch
     model_flops_formula: str
-    compile_seconds: float
+    lower_seconds: float  # tracing and lowering to StableHLO
+    compile_seconds: float  # XLA: SPMD partitioning, optimisation, code generation
     device_memory_gib: float
     versions: dict[str, str]
 
@@ -200,14 +203,16 @@ class Plan:
             f"{_flops(self.flops_per_device * self.num_devices)} on all devices",
             f"model FLOPs        {_flops(self.model_flops)} per step = {self.model_flops_formula}"
             f"; {_flops(model_per_device)} per device = {share:.0%} of XLA's count",
-            f"compile time       {self.compile_seconds:.1f} s",
+            f"compile time       {self.compile_seconds:.1f} s (+ {self.lower_seconds:.1f} s lowering)",
             f"verdict            {self.verdict()}",
         ]
         return "\n".join(lines)
 
 
 def gib(num_bytes: float) -> str:
-    return f"{num_bytes / GIB:.2f} GiB"
+    """GiB with 2 decimals; below 1 GiB the MiB too, so small shards do not read as zero."""
+    text = f"{num_bytes / GIB:.2f} GiB"
+    return text if num_bytes >= GIB else f"{text} ({num_bytes / 2**20:.1f} MiB)"
 
 
 def _count(n: int) -> str:
@@ -356,6 +361,9 @@ def plan(
 ) -> Plan:
     """Compiles the config's train step for its mesh and measures it (see the module docstring).
 
+    Uses JAX's devices as they are: for simulated devices with the memory-minded CPU schedule,
+    call `use_host_devices` before JAX starts (the command line does).
+
     Args:
       config: a pretraining or detection config (its `mesh` must fit the devices).
       device_memory_gib: memory per device for the verdict.
@@ -382,7 +390,9 @@ def plan(
     pcfg = task.pretrained[0] if config.task == "detect" else None
     flops_model, formula = model_flops(config, state["params"], pcfg)
 
+    start = time.perf_counter()
     lowered = trainer.lower()
+    lower_seconds = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_seconds = time.perf_counter() - start
@@ -415,6 +425,7 @@ def plan(
         flops_per_device=float((cost or {}).get("flops", float("nan"))),
         model_flops=flops_model,
         model_flops_formula=formula,
+        lower_seconds=lower_seconds,
         compile_seconds=compile_seconds,
         device_memory_gib=float(device_memory_gib),
         versions={"jax": jax.__version__, "flax": flax.__version__},
