@@ -51,7 +51,7 @@ def cases() -> dict[str, tuple[ml_collections.ConfigDict, ml_collections.ConfigD
 
 def random_task(config, pretrain_config, num_classes: int) -> DetectTask:
     """A DetectTask with random towers and a random vocabulary (no data, no pretraining run)."""
-    task = DetectTask(config, "")
+    task = DetectTask(config, "", check_files=False)  # recipe configs name data files not here
     pcfg = ml_collections.ConfigDict(pretrain_config.to_dict())
     tt = build_model(pcfg)
     s, length = pcfg.pp.image_size, pcfg.tokenizer.max_len

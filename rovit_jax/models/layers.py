@@ -14,6 +14,9 @@ leaves carry a leading [depth] axis; `unscan_params` converts such a tree to the
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -46,6 +49,25 @@ TRANSFORMER_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 REMAT_POLICIES = ("none", "full", "dots")
+
+
+# The sharding of [batch, ...] activations, set by the trainer while it traces a train step.
+# Only the scanned block uses it: XLA's propagation does not carry the batch sharding into a
+# scan's loop carry under wide FSDP (it split the hidden dimension instead and kept the whole
+# global batch on every device). The mesh stays out of the model: the trainer supplies it.
+_BATCH_SHARDING: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "batch_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def batch_sharding(sharding: Any) -> Iterator[None]:
+    """Within this context, scanned blocks constrain their [B, ...] carry to `sharding`."""
+    token = _BATCH_SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        _BATCH_SHARDING.reset(token)
 
 
 def transformer_size(name: str) -> dict[str, int]:
@@ -118,6 +140,16 @@ def _window_merge(x: jax.Array, batch: int, grid_hw: tuple[int, int], window: in
     return x.reshape(batch, h * w, d)
 
 
+def _num_shards(sharding: Any) -> int:
+    """How many ways `sharding` splits the leading dimension."""
+    spec = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
+    n = 1
+    for a in axes:
+        n *= sharding.mesh.shape[a]
+    return n
+
+
 class Encoder1DBlock(nn.Module):
     """Pre-LN transformer block: x + MHA(LN(x)); x + MLP(LN(x)). [B, N, D] -> [B, N, D].
 
@@ -139,6 +171,9 @@ class Encoder1DBlock(nn.Module):
         self, x: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
     ) -> jax.Array | tuple[jax.Array, None]:
         """x: [B, N, D]; mask: None or bool broadcastable to [B, heads, N, N] (True = attend)."""
+        sharding = _BATCH_SHARDING.get() if self.scanned else None
+        if sharding is not None and x.shape[0] % _num_shards(sharding) == 0:
+            x = jax.lax.with_sharding_constraint(x, sharding)
         attn = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             dtype=self.dtype,

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from rovit_jax.models import layers
 from rovit_jax.train import guards
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.optim import make_optimizer
@@ -89,7 +90,8 @@ class Trainer:
         # The step's RNG depends only on (seed, step): a resumed run draws the same numbers.
         rng = jax.random.fold_in(self.step_rng, state["step"])
         grad_fn = jax.value_and_grad(self.task.loss_fn, has_aux=True)
-        (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+        with layers.batch_sharding(self.batch_sharding):  # for scanned blocks (see layers)
+            (loss, metrics), grads = grad_fn(state["params"], batch, rng)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
