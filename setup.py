@@ -34,7 +34,12 @@ PARITY = [
     "open_clip_torch>=3.0,<3.4",
 ]
 # Executing the Colab notebooks headless.
-NOTEBOOKS = ["nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8", "matplotlib>=3.8,<4"]
+NOTEBOOKS = [
+    "nbclient>=0.10,<0.12",
+    "nbformat>=5.10,<6",
+    "ipykernel>=6.29,<8",
+    "matplotlib>=3.8,<4",
+]
 
 EXTRAS_REQUIRE = {
     "parity": PARITY,
