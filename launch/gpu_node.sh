@@ -119,7 +119,7 @@ if ((DRY_RUN)); then
 fi
 
 FORWARDED=0
-# shellcheck disable=SC2317  # invoked by the traps below
+# shellcheck disable=SC2317,SC2329  # invoked by the traps below
 forward() {
     SIGNALLED=1
     FORWARDED=$((FORWARDED + 1))

@@ -216,7 +216,7 @@ job_script() {
         '# SIGTERM reaches this shell (--signal=B:..., preemption, scancel --batch): srun passes'
         '# it on to every task, which checkpoints and exits with code 75.'
         'signalled=0'
-        '# shellcheck disable=SC2317  # run by the trap below'
+        '# shellcheck disable=SC2317,SC2329  # run by the trap below'
         'on_term() {'
         '    signalled=1'
         '    echo "[rovit_jax] SIGTERM: asking the trainers to checkpoint and stop"'

@@ -417,7 +417,7 @@ if ((DRY_RUN)); then
 fi
 
 STOPPING=0
-# shellcheck disable=SC2317  # invoked by the trap below
+# shellcheck disable=SC2317,SC2329  # invoked by the trap below
 on_signal() {
     SIGNALLED=1
     if ((STOPPING)); then

@@ -105,3 +105,74 @@ def test_matches_optax_adamw_without_masks():
     u1, _ = tx.update(grads, tx.init(params), params)
     u2, _ = ref.update(grads, ref.init(params), params)
     np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
+
+
+class _TwoLayerTask:
+    """y = relu(x @ a) @ b with a squared loss: `a` is the 'backbone' a config may freeze."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def validate(self, mesh):
+        del mesh
+
+    def init_params(self, rng):
+        ka, kb = jax.random.split(rng)
+        return {
+            "backbone": {"a": jax.random.normal(ka, (16, 64))},
+            "head": {"b": jax.random.normal(kb, (64, 1))},
+        }
+
+    def loss_fn(self, params, batch, rng):
+        del rng
+        h = jax.nn.relu(batch["x"] @ params["backbone"]["a"])
+        loss = jnp.mean((h @ params["head"]["b"] - batch["y"]) ** 2)
+        return loss, {}
+
+    def batch_shapes(self):
+        return {
+            "x": jax.ShapeDtypeStruct((8, 16), jnp.float32),
+            "y": jax.ShapeDtypeStruct((8, 1), jnp.float32),
+        }
+
+
+def _trainer(frozen):
+    from rovit_jax.train.trainer import Trainer
+
+    config = pretrain_defaults()
+    config.total_steps, config.batch_size = 3, 8
+    config.optim.warmup_steps, config.optim.lr = 0, 0.1
+    config.optim.frozen = frozen
+    config.mesh = (("data", 1), ("fsdp", 1))
+    mesh = mesh_lib.make_mesh([("data", 1), ("fsdp", 1)], devices=jax.devices()[:1])
+    return Trainer(config, _TwoLayerTask(config), mesh)
+
+
+def test_frozen_parameters_get_no_update_and_no_backward_pass():
+    rng = np.random.default_rng(0)
+    batch = {
+        "x": rng.normal(size=(8, 16)).astype(np.float32),
+        "y": rng.normal(size=(8, 1)).astype(np.float32),
+    }
+    frozen, free = _trainer(["^backbone/"]), _trainer([])
+    s_frozen, s_free = frozen.init_state(), free.init_state()
+    a0 = np.asarray(s_frozen["params"]["backbone"]["a"])
+    np.testing.assert_array_equal(a0, s_free["params"]["backbone"]["a"])
+    s_frozen, m_frozen = frozen.train_step(s_frozen, frozen.global_batch(batch))
+    s_free, m_free = free.train_step(s_free, free.global_batch(batch))
+    # The backbone is untouched; the head moves exactly as in the unfrozen run's first step
+    # (Adam's first step is g / (|g| + eps): clipping the larger unfrozen gradient
+    # rescales g and so moves it only at the eps level).
+    np.testing.assert_array_equal(s_frozen["params"]["backbone"]["a"], a0)
+    assert not np.allclose(s_free["params"]["backbone"]["a"], a0)
+    np.testing.assert_allclose(
+        s_frozen["params"]["head"]["b"], s_free["params"]["head"]["b"], rtol=1e-5, atol=1e-7
+    )
+    # grad_norm covers only the trained parameters: re-derived in numpy for the head.
+    a, b = a0, np.asarray(free.init_state()["params"]["head"]["b"])
+    h = np.maximum(batch["x"] @ a, 0.0)
+    grad_b = h.T @ (2.0 * (h @ b - batch["y"]) / batch["y"].size)
+    np.testing.assert_allclose(float(m_frozen["grad_norm"]), np.linalg.norm(grad_b), rtol=1e-5)
+    # The frozen backbone's backward pass is not computed at all: fewer FLOPs per step.
+    flops = lambda t: t.lower().compile().cost_analysis()["flops"]  # noqa: E731
+    assert flops(frozen) < flops(free) - 0.5 * 2 * 8 * 16 * 64

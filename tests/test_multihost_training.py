@@ -150,6 +150,9 @@ def test_two_hosts_pretrain_then_detect_resume_equals_one_host(data_dir, tmp_pat
         "shapes_pretrain.py:tiny", tmp_path / "pretrain", pretrain, total=12, stop=4
     )
     detect = [
+        # Detection reads the world from data.data_dir: left unset, the reference and the two
+        # hosts would build it concurrently in the default folder.
+        f"--config.data.data_dir={data_dir}",
         f"--config.pretrain.data.data_dir={data_dir}",
         f"--config.init.pretrain_workdir={pretrain_dir}",
         "--config.init.run_pretraining=False",

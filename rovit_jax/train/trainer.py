@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from rovit_jax.models import layers
 from rovit_jax.train import guards
 from rovit_jax.train import mesh as mesh_lib
-from rovit_jax.train.optim import make_optimizer
+from rovit_jax.train.optim import make_optimizer, regex_mask
 
 # {"params", "opt_state", "step", "skipped_updates", "consecutive_nonfinite"} (see train.guards).
 State = dict[str, Any]
@@ -55,6 +55,12 @@ class Trainer:
         self._init_rng = init_rng
 
         self.abstract_state = jax.eval_shape(self._init_state, init_rng)
+        # Frozen parameters enter the loss behind stop_gradient, so their backward pass (e.g. a
+        # frozen detection backbone's) is never computed, not merely discarded by the optimizer.
+        frozen = list(config.optim.get("frozen", ()))
+        self.frozen_mask = (
+            regex_mask(self.abstract_state["params"], frozen) if frozen else None
+        )
         self.state_shardings = mesh_lib.infer_shardings(
             self.abstract_state,
             mesh,
@@ -89,7 +95,7 @@ class Trainer:
     ) -> tuple[State, dict[str, jax.Array]]:
         # The step's RNG depends only on (seed, step): a resumed run draws the same numbers.
         rng = jax.random.fold_in(self.step_rng, state["step"])
-        grad_fn = jax.value_and_grad(self.task.loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(self._loss_with_frozen, has_aux=True)
         with layers.batch_sharding(self.batch_sharding):  # for scanned blocks (see layers)
             (loss, metrics), grads = grad_fn(state["params"], batch, rng)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
@@ -108,6 +114,13 @@ class Trainer:
             **guard_metrics,
         )
         return dict(guarded, step=state["step"] + 1), metrics
+
+    def _loss_with_frozen(self, params, batch, rng):
+        if self.frozen_mask is not None:
+            params = jax.tree.map(
+                lambda p, f: jax.lax.stop_gradient(p) if f else p, params, self.frozen_mask
+            )
+        return self.task.loss_fn(params, batch, rng)
 
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Assembles each host's slice of the batch into global arrays sharded over the batch axes."""
