@@ -226,7 +226,36 @@ def test_import_timm_same_embeddings(tmp_path, config, vit_forward, fmt):
     diff = np.abs(ref - np.asarray(pooled)).max()
     print(f"timm import ({fmt}): max |diff| {diff:.2e}")
     assert diff < TOL
-    assert "GELU" in " ".join(report.notes)
+    # timm's default is exact GELU; this source was built with gelu_tanh, the config's default.
+    assert "activation 'gelu', this model 'gelu_tanh'" in " ".join(report.notes)
+
+
+def test_import_default_timm_vit_exactly_with_exact_gelu(tmp_path, config):
+    """A timm ViT with timm's own defaults (exact GELU, eps 1e-6) matches a config that says so."""
+    import timm
+
+    source = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, class_token=False,
+        global_pool="avg", fc_norm=False, num_classes=0,
+    )
+    source = _randomize_torch(source, 12)
+    exact = _tiny_config()
+    exact.model.image.activation = "gelu"
+    params_img, report = import_timm(source.state_dict(), exact)
+    assert not report.not_loaded and not report.missing and not report.notes, str(report)
+    x = _images(seed=13)
+    vit = image_tower(exact)
+    pooled = jax.jit(lambda p, x: vit.apply({"params": p}, x)[0])(params_img, x)
+    with torch.no_grad():
+        ref = source(_nchw(x)).numpy()
+    diff = np.abs(ref - np.asarray(pooled)).max()
+    print(f"timm import, exact GELU: max |diff| {diff:.2e}")
+    assert diff < TOL
+    # The tanh-GELU default differs measurably from the source: the option is what matches.
+    approx = jax.jit(lambda p, x: image_tower(config).apply({"params": p}, x)[0])(params_img, x)
+    assert np.abs(ref - np.asarray(approx)).max() > 10 * diff
+    # Exporting the exact-GELU tower names timm's exact GELU.
+    assert timm_model_kwargs(exact)["act_layer"] == "gelu"
 
 
 def test_import_timm_resizes_position_embeddings(config, vit_forward):
@@ -249,13 +278,15 @@ def test_import_timm_resizes_position_embeddings(config, vit_forward):
 
 
 # ---- (c) open_clip ----------------------------------------------------------------------------
-def _open_clip_model(seed):
-    """A small random open_clip CLIP and its model config."""
+def _open_clip_model(seed, defaults=False):
+    """A small random open_clip CLIP and its model config.
+
+    Configured to match this project's default blocks (tanh GELU, LayerNorm eps 1e-6), or with
+    open_clip's own defaults (exact GELU, eps 1e-5) when `defaults`.
+    """
     from open_clip.model import CLIP
 
-    # Configured to match this project's blocks: tanh GELU and LayerNorm eps 1e-6 (open_clip's
-    # defaults, exact GELU and 1e-5, are reported as differences by the import).
-    same = dict(act_kwargs={"approximate": "tanh"}, norm_kwargs={"eps": 1e-6})
+    same = {} if defaults else dict(act_kwargs={"approximate": "tanh"}, norm_kwargs={"eps": 1e-6})
     cfg = dict(
         embed_dim=32,
         vision_cfg=dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32, **same),
@@ -274,13 +305,16 @@ def _clip_tokens(rng, lengths, context=16, sot=510, eot=511):
     return tokens
 
 
-def test_import_open_clip_same_embeddings(tmp_path):
-    source, source_cfg = _open_clip_model(seed=8)
+@pytest.mark.parametrize("defaults", [False, True], ids=["tanh_gelu", "open_clip_defaults"])
+def test_import_open_clip_same_embeddings(tmp_path, defaults):
+    source, source_cfg = _open_clip_model(seed=8, defaults=defaults)
     path = str(tmp_path / "open_clip.pt")
     torch.save({"epoch": 3, "state_dict": source.state_dict()}, path)  # a training checkpoint
+    # open_clip's defaults (exact GELU, eps 1e-5) are matched by the towers' options.
+    arch = dict(activation="gelu", norm_eps=1e-5) if defaults else {}
     model = TwoTower(
-        image=dict(MU, patch_size=8, posemb_grid=(4, 4), pool_type="tok", pre_norm=True),
-        text=dict(MU, vocab_size=512, max_len=16, pool_type="last", causal=True),
+        image=dict(MU, patch_size=8, posemb_grid=(4, 4), pool_type="tok", pre_norm=True, **arch),
+        text=dict(MU, vocab_size=512, max_len=16, pool_type="last", causal=True, **arch),
         embed_dim=32,
         bias_init=None,
     )
@@ -297,7 +331,7 @@ def test_import_open_clip_same_embeddings(tmp_path):
         params, x, tokens.astype(np.int32)
     )
     di, dt = np.abs(zi_ref - np.asarray(zi)).max(), np.abs(zt_ref - np.asarray(zt)).max()
-    print(f"open_clip import: image max |diff| {di:.2e}, text {dt:.2e}")
+    print(f"open_clip import ({defaults=}): image max |diff| {di:.2e}, text {dt:.2e}")
     assert di < TOL and dt < TOL
     assert float(aux["scale"]) == pytest.approx(float(source.logit_scale.detach().exp()), rel=1e-6)
 
@@ -317,7 +351,7 @@ def test_import_open_clip_reports_what_does_not_match(tmp_path, config):
     assert "pre_norm" in not_loaded["visual.ln_pre.weight"]
     assert set(report.missing_paths()) == {"b"}
     notes = " ".join(report.notes)
-    for expected in ("causal", "argmax", "GELU", "1e-5"):
+    for expected in ("causal", "argmax", "activation 'gelu', this model 'gelu_tanh'", "eps 1e-05"):
         assert expected in notes, expected
     pe = source.positional_embedding.detach().numpy()
     assert np.array_equal(params["txt"]["pos_embedding"][:16], pe)
@@ -329,7 +363,7 @@ def test_import_open_clip_reports_what_does_not_match(tmp_path, config):
     notes = " ".join(report.notes)
     for expected in ("ln_pre", "pool_type='tok'", "causal mask differs", "pool_type='argmax'"):
         assert expected in notes, (expected, report.notes)
-    assert "GELU" not in notes and "eps" not in notes
+    assert "activation" not in notes and "eps" not in notes
 
 
 # ---- (d) big_vision ---------------------------------------------------------------------------

@@ -26,10 +26,13 @@ What maps exactly and what does not:
   are not loaded: our projections have none); scanned checkpoints (``encoderblock`` with a
   leading depth axis) are split.
 
-Not stored in any weight file and therefore only reported as notes: the MLP activation (ours is
-flax's tanh-approximate GELU; timm and open_clip default to exact GELU, OpenAI CLIP uses
-QuickGELU) and the LayerNorm epsilon (ours 1e-6 = timm's; open_clip's is torch's 1e-5). These
-make outputs differ slightly from the source model; big_vision checkpoints match both.
+Not stored in any weight file: the MLP activation and the LayerNorm epsilon. timm's ViTs use
+exact GELU and eps 1e-6, open_clip models exact GELU (OpenAI CLIP: QuickGELU) and torch's eps
+1e-5, big_vision tanh-approximate GELU and 1e-6 (this project's defaults). The target config's
+``model.image`` / ``model.text`` fields ``activation`` ("gelu" | "gelu_tanh" | "quick_gelu") and
+``norm_eps`` choose ours; the report notes every tower whose choice differs from the source's
+(from open_clip's model config when given, else the library's default), since outputs then
+differ slightly.
 """
 
 from __future__ import annotations
@@ -69,13 +72,20 @@ from rovit_jax.ops.posemb import resize_pos_embed
 __all__ = ["import_timm", "import_open_clip", "import_big_vision", "FORMATS"]
 
 FORMATS = ("timm", "open_clip", "big_vision")
-_EPS = 1e-6  # flax LayerNorm epsilon used throughout the towers
 
-_GELU_NOTE = (
-    "the MLP activation is not stored in the weights: this model uses tanh-approximate GELU "
-    "(flax nn.gelu); {who} use exact GELU unless built otherwise{extra}, so outputs differ "
-    "slightly from the source model"
-)
+
+def _note_architecture(cv: Converter, tower: str, model: Any, activation: str, eps: float, who: str):
+    """Notes where `model`'s activation / LayerNorm epsilon differ from the source's."""
+    if model.activation != activation:
+        cv.note(
+            f"{tower}: {who} uses activation {activation!r}, this model {model.activation!r} "
+            f"(set model.{tower}.activation={activation!r} to match): outputs differ slightly"
+        )
+    if not math.isclose(float(model.norm_eps), eps):
+        cv.note(
+            f"{tower}: {who} uses LayerNorm eps {eps:g}, this model {model.norm_eps:g} "
+            f"(set model.{tower}.norm_eps={eps:g} to match): outputs differ slightly"
+        )
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -326,7 +336,9 @@ def import_timm(
     cv.skip_prefix(
         "rovit.", "the exported image projection: import_timm returns the image tower only"
     )
-    cv.note(_GELU_NOTE.format(who="timm's ViTs", extra=" (act_layer='gelu_tanh', as SigLIP's)"))
+    _note_architecture(
+        cv, "image", vit, "gelu", 1e-6, "a timm ViT (unless built with act_layer='gelu_tanh')"
+    )
     return _rescan(cv.finish(), vit), cv.report
 
 
@@ -410,11 +422,10 @@ def _load_text(cv: Converter, src: str, names: Any, *, encoder: str, depth: int)
 def _open_clip_notes(cv: Converter, model_cfg: Mapping[str, Any] | None, vit: ViT, txt: Any):
     """Architecture differences the weights cannot show, from open_clip's model config."""
     if model_cfg is None:
-        cv.note(_GELU_NOTE.format(who="open_clip models", extra=" (OpenAI CLIP: QuickGELU)"))
-        cv.note(
-            "LayerNorm epsilon is not stored in the weights: open_clip uses 1e-5 unless "
-            f"norm_kwargs set it, this model {_EPS}; outputs differ slightly"
-        )
+        for tower, model in (("image", vit), ("text", txt)):
+            _note_architecture(
+                cv, tower, model, "gelu", 1e-5, "open_clip by default (OpenAI CLIP: quick_gelu)"
+            )
         if not txt.causal:
             cv.note(
                 "open_clip text towers are causal unless no_causal_mask=True; this model's text "
@@ -428,18 +439,14 @@ def _open_clip_notes(cv: Converter, model_cfg: Mapping[str, Any] | None, vit: Vi
         return
     vc = dict(model_cfg.get("vision_cfg", {}))
     tc = dict(model_cfg.get("text_cfg", {}))
-    if model_cfg.get("quick_gelu", False):
-        cv.note("the source uses QuickGELU; this model tanh-approximate GELU: outputs differ")
-    for name, cfg in (("vision", vc), ("text", tc)):
+    for name, tower, model, cfg in (("vision", "image", vit, vc), ("text", "text", txt, tc)):
         act = dict(cfg.get("act_kwargs") or {})
-        if not model_cfg.get("quick_gelu", False) and act.get("approximate") != "tanh":
-            cv.note(
-                f"{name}: the source uses exact GELU, this model tanh-approximate GELU: outputs "
-                "differ slightly"
-            )
+        if model_cfg.get("quick_gelu", False):
+            source_act = "quick_gelu"
+        else:
+            source_act = "gelu_tanh" if act.get("approximate") == "tanh" else "gelu"
         eps = float(dict(cfg.get("norm_kwargs") or {}).get("eps", 1e-5))
-        if eps != _EPS:
-            cv.note(f"{name}: the source's LayerNorm eps is {eps}, this model's {_EPS}")
+        _note_architecture(cv, tower, model, source_act, eps, f"the source's {name} tower")
         if cfg.get("ls_init_value") is not None:
             cv.note(f"{name}: LayerScale folded into the preceding Linear layers")
     if bool(vc.get("no_ln_pre", False)) == bool(vit.pre_norm):

@@ -19,9 +19,10 @@ the name only picks the class) once the ``rovit.*`` tensors are removed::
 
 The model's forward maps NCHW images (the same pixel values the JAX model gets as NHWC) to the
 pooled [B, D] features (`num_classes=0`). Matching our forward needs: ``fc_norm=False`` (timm
-otherwise moves the final norm after average pooling), ``act_layer="gelu_tanh"`` (flax's
-``nn.gelu`` is the tanh approximation; timm's default is exact GELU), ``qkv_bias=True`` and
-timm's default LayerNorm (eps 1e-6, as flax's).
+otherwise moves the final norm after average pooling), ``act_layer`` = the tower's activation
+(``"gelu_tanh"`` by default: flax's ``nn.gelu`` is the tanh approximation, timm's default is exact
+GELU), ``qkv_bias=True`` and timm's default LayerNorm (eps 1e-6, as flax's; a tower with another
+``norm_eps`` is refused, since timm's kwargs cannot express it).
 
 Text tower (`export_text_tower_safetensors`), this project's layout in PyTorch conventions
 (Linear weights [out, in]); tokens are right-padded with ``pad_id``, everything from the first
@@ -43,6 +44,7 @@ Both files carry their settings as JSON strings in the safetensors metadata (``f
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -71,8 +73,7 @@ IMAGE_FORMAT = "rovit_jax.timm_vit.v1"
 TEXT_FORMAT = "rovit_jax.text_tower.v1"
 EXTRA_PREFIX = "rovit."
 TIMM_POOL = {"gap": "avg", "tok": "token", "map": "map"}
-LAYER_NORM_EPS = 1e-6  # flax.linen.LayerNorm's default, used by every norm of the towers
-ACTIVATION = "gelu_tanh"  # flax.linen.gelu (approximate=True)
+TIMM_LAYER_NORM_EPS = 1e-6  # timm VisionTransformer's LayerNorm (= flax's default)
 
 
 def timm_model_kwargs(config: Any) -> dict[str, Any]:
@@ -93,6 +94,11 @@ def timm_model_kwargs(config: Any) -> dict[str, Any]:
         )
     if vit.pool_type not in TIMM_POOL:
         raise ValueError(f"pool_type {vit.pool_type!r} has no timm equivalent")
+    if not math.isclose(float(vit.norm_eps), TIMM_LAYER_NORM_EPS):
+        raise ValueError(
+            f"model.image.norm_eps={vit.norm_eps:g}: timm's VisionTransformer uses LayerNorm eps "
+            f"{TIMM_LAYER_NORM_EPS:g}, which its kwargs cannot change"
+        )
     mlp_ratio = vit.mlp_dim / vit.width
     if int(vit.width * mlp_ratio) != vit.mlp_dim:
         raise ValueError(
@@ -115,7 +121,7 @@ def timm_model_kwargs(config: Any) -> dict[str, Any]:
         fc_norm=False,
         pre_norm=bool(vit.pre_norm),
         final_norm=True,
-        act_layer=ACTIVATION,
+        act_layer=vit.activation,  # timm knows "gelu", "gelu_tanh" and "quick_gelu"
         num_classes=0,
     )
 
@@ -214,8 +220,8 @@ def export_image_tower_safetensors(params_img: Any, config: Any, path: str) -> d
                 posemb_grid=[int(g) for g in vit.posemb_grid],
                 pool_type=vit.pool_type,
                 pre_norm=bool(vit.pre_norm),
-                layer_norm_eps=LAYER_NORM_EPS,
-                activation=ACTIVATION,
+                layer_norm_eps=float(vit.norm_eps),
+                activation=vit.activation,
             )
         ),
     }
@@ -262,8 +268,8 @@ def export_text_tower_safetensors(params: Any, config: Any, path: str) -> dict[s
         pool_type=txt.pool_type,
         pad_id=int(txt.pad_id),
         causal=bool(txt.causal),
-        layer_norm_eps=LAYER_NORM_EPS,
-        activation=ACTIVATION,
+        layer_norm_eps=float(txt.norm_eps),
+        activation=txt.activation,
         padding="right-padded with pad_id; tokens from the first pad_id on are masked as "
         "attention keys and excluded from pooling",
         pooling={

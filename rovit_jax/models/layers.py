@@ -83,12 +83,38 @@ def check_remat_policy(remat_policy: str) -> None:
         raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {remat_policy!r}")
 
 
+# MLP activations by name: flax's default tanh-approximate GELU (big_vision, SigLIP), the exact
+# erf GELU (timm and open_clip defaults) and OpenAI CLIP's QuickGELU. Not stored in weights, so
+# importing a checkpoint exactly needs the source's choice.
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+}
+DEFAULT_NORM_EPS = 1e-6  # flax's LayerNorm default (= timm's ViTs); torch's default is 1e-5
+
+
+def tower_options(tower: Any) -> dict[str, Any]:
+    """`activation` and `norm_eps` of a config's `model.image` / `model.text` (a run config
+    written before these fields existed gets the values it was trained with)."""
+    return dict(
+        activation=str(tower.get("activation", "gelu_tanh")),
+        norm_eps=float(tower.get("norm_eps", DEFAULT_NORM_EPS)),
+    )
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
 class MlpBlock(nn.Module):
-    """Transformer MLP: Dense -> GELU -> Dropout -> Dense. [..., D] -> [..., D]."""
+    """Transformer MLP: Dense -> activation (GELU) -> Dropout -> Dense. [..., D] -> [..., D]."""
 
     mlp_dim: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -100,7 +126,7 @@ class MlpBlock(nn.Module):
         )
         d = x.shape[-1]
         x = nn.Dense(self.mlp_dim, name="Dense_0", **dense)(x)
-        x = nn.gelu(x)
+        x = ACTIVATIONS[self.activation](x)
         x = nn.Dropout(rate=self.dropout)(x, deterministic)
         return nn.Dense(d, name="Dense_1", **dense)(x)
 
@@ -165,6 +191,8 @@ class Encoder1DBlock(nn.Module):
     window_size: int = 0
     grid_hw: tuple[int, int] | None = None
     scanned: bool = False  # return (x, None), the carry/output pair nn.scan expects
+    activation: str = "gelu_tanh"
+    norm_eps: float = DEFAULT_NORM_EPS
 
     @nn.compact
     def __call__(
@@ -182,7 +210,7 @@ class Encoder1DBlock(nn.Module):
             deterministic=deterministic,
             name="MultiHeadDotProductAttention_0",
         )
-        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
         if self.window_size > 0:
             if mask is not None:
                 raise ValueError("window attention does not take an attention mask")
@@ -198,9 +226,13 @@ class Encoder1DBlock(nn.Module):
             y = attn(y, y, mask=mask)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         x = x + y
-        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_1")(x)
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="LayerNorm_1")(x)
         y = MlpBlock(
-            mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype, name="MlpBlock_0"
+            mlp_dim=self.mlp_dim,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            activation=self.activation,
+            name="MlpBlock_0",
         )(y, deterministic)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         return (x + y, None) if self.scanned else x + y
@@ -224,6 +256,8 @@ class Encoder(nn.Module):
     window_sizes: tuple[int, ...] = ()
     grid_hw: tuple[int, int] | None = None
     scan_layers: bool = False
+    activation: str = "gelu_tanh"  # see ACTIVATIONS
+    norm_eps: float = DEFAULT_NORM_EPS
 
     @nn.compact
     def __call__(
@@ -231,6 +265,7 @@ class Encoder(nn.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x: [B, N, D] -> (normed [B, N, D], aux {"block_{i}": [B, N, D]}, empty when scanned)."""
         check_remat_policy(self.remat_policy)
+        check_activation(self.activation)
         if self.window_sizes and len(self.window_sizes) != self.depth:
             raise ValueError(
                 f"window_sizes must have depth={self.depth} entries, got {self.window_sizes!r}"
@@ -251,6 +286,7 @@ class Encoder(nn.Module):
                 prevent_cse=not self.scan_layers,
             )
         aux = {}
+        final_norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="encoder_norm")
         if self.scan_layers:
             if any(self.window_sizes):
                 raise ValueError(
@@ -270,9 +306,11 @@ class Encoder(nn.Module):
                 dtype=self.dtype,
                 grid_hw=self.grid_hw,
                 scanned=True,
+                activation=self.activation,
+                norm_eps=self.norm_eps,
                 name="encoderblock",
             )(x, deterministic, mask)
-            return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), aux
+            return final_norm(x), aux
         for i in range(self.depth):
             window = self.window_sizes[i] if self.window_sizes else 0
             x = block_cls(
@@ -282,10 +320,12 @@ class Encoder(nn.Module):
                 dtype=self.dtype,
                 window_size=window,
                 grid_hw=self.grid_hw,
+                activation=self.activation,
+                norm_eps=self.norm_eps,
                 name=f"encoderblock_{i}",
             )(x, deterministic, mask)
             aux[f"block_{i}"] = x
-        return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), aux
+        return final_norm(x), aux
 
 
 def unscan_params(tree: Any) -> Any:
@@ -316,6 +356,8 @@ class MAPHead(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    activation: str = "gelu_tanh"
+    norm_eps: float = DEFAULT_NORM_EPS
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -331,6 +373,8 @@ class MAPHead(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
             name="MultiHeadDotProductAttention_0",
         )(probe, x, mask=attn_mask)
-        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
-        x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
+        x = x + MlpBlock(
+            mlp_dim=self.mlp_dim, dtype=self.dtype, activation=self.activation, name="MlpBlock_0"
+        )(y)
         return x[:, 0]

@@ -21,7 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rovit_jax.models.layers import Encoder, MAPHead, check_remat_policy, transformer_size
+from rovit_jax.models.layers import (
+    DEFAULT_NORM_EPS,
+    Encoder,
+    MAPHead,
+    check_remat_policy,
+    transformer_size,
+)
 
 __all__ = ["TextTransformer", "text_variant", "TEXT_POOL_TYPES"]
 
@@ -72,6 +78,8 @@ class TextTransformer(nn.Module):
     remat_policy: str = "none"
     scan_layers: bool = False
     causal: bool = False
+    activation: str = "gelu_tanh"  # see rovit_jax.models.layers.ACTIVATIONS
+    norm_eps: float = DEFAULT_NORM_EPS
 
     @nn.compact
     def __call__(
@@ -125,6 +133,8 @@ class TextTransformer(nn.Module):
             dtype=self.dtype,
             remat_policy=self.remat_policy,
             scan_layers=self.scan_layers,
+            activation=self.activation,
+            norm_eps=self.norm_eps,
             name="Transformer",
         )(x, not train, mask)
         aux["tokens"] = x
@@ -141,7 +151,12 @@ class TextTransformer(nn.Module):
             pooled = x[:, 0]
         else:
             pooled = MAPHead(
-                num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, name="MAPHead_0"
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dtype=self.dtype,
+                activation=self.activation,
+                norm_eps=self.norm_eps,
+                name="MAPHead_0",
             )(x, valid)
         aux["pre_logits"] = pooled
         return pooled, aux

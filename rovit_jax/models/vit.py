@@ -19,7 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rovit_jax.models.layers import Encoder, MAPHead, check_remat_policy, transformer_size
+from rovit_jax.models.layers import (
+    DEFAULT_NORM_EPS,
+    Encoder,
+    MAPHead,
+    check_remat_policy,
+    transformer_size,
+)
 from rovit_jax.ops.posemb import crop_pos_embed, resize_pos_embed
 
 __all__ = ["ViT", "vit_variant", "POOL_TYPES"]
@@ -63,6 +69,9 @@ class ViT(nn.Module):
       pre_norm: LayerNorm on the embedded tokens (PE and CLS added) before the first block, as
         CLIP's ``ln_pre`` (timm ``pre_norm=True``); off by default. Lets CLIP-family image towers
         be imported exactly.
+      activation: MLP activation, "gelu_tanh" (default), "gelu" (exact; timm / open_clip) or
+        "quick_gelu" (OpenAI CLIP).
+      norm_eps: LayerNorm epsilon (1e-6; torch-built models such as open_clip use 1e-5).
     """
 
     width: int
@@ -80,6 +89,8 @@ class ViT(nn.Module):
     window_size: int = 0
     global_blocks: tuple[int, ...] = ()
     pre_norm: bool = False
+    activation: str = "gelu_tanh"
+    norm_eps: float = DEFAULT_NORM_EPS
 
     def _validate(self) -> None:
         if self.pool_type not in POOL_TYPES:
@@ -165,7 +176,7 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.tile((cls + cls_pe).astype(self.dtype), (b, 1, 1)), x], axis=1)
         x = nn.Dropout(rate=self.dropout)(x, not train)
         if self.pre_norm:
-            x = nn.LayerNorm(dtype=self.dtype, name="pre_norm")(x)
+            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="pre_norm")(x)
 
         window_sizes = ()
         if self.window_size > 0:
@@ -182,6 +193,8 @@ class ViT(nn.Module):
             scan_layers=self.scan_layers,
             window_sizes=window_sizes,
             grid_hw=(gh, gw),
+            activation=self.activation,
+            norm_eps=self.norm_eps,
             name="Transformer",
         )(x, not train)
         aux.update(enc_aux)
@@ -194,7 +207,12 @@ class ViT(nn.Module):
             pooled = x[:, 0]
         else:
             pooled = MAPHead(
-                num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, name="MAPHead_0"
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dtype=self.dtype,
+                activation=self.activation,
+                norm_eps=self.norm_eps,
+                name="MAPHead_0",
             )(x)
         aux["pre_logits"] = pooled
         return pooled, aux

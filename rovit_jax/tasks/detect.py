@@ -18,7 +18,7 @@ from rovit_jax.data import sources
 from rovit_jax.detection import rcnn
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier
 from rovit_jax.models.detector import OpenVocabDetector
-from rovit_jax.models.layers import unscan_params
+from rovit_jax.models.layers import tower_options, unscan_params
 from rovit_jax.models.vit import vit_variant
 from rovit_jax.ops.roi_align import batched_roi_align
 from rovit_jax.train import mesh as mesh_lib
@@ -356,6 +356,7 @@ class DetectTask:
             window_size=int(self.config.det.window_size),
             global_blocks=tuple(int(i) for i in self.config.det.global_blocks),
             pre_norm=bool(pcfg.model.image.get("pre_norm", False)),
+            **tower_options(pcfg.model.image),
             remat_policy=self.config.remat,
         )
         return OpenVocabDetector(

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 from rovit_jax.data import image_text, sources
 from rovit_jax.evaluation.retrieval import recall_at_k
 from rovit_jax.losses import contrastive
+from rovit_jax.models.layers import ACTIVATIONS, tower_options
 from rovit_jax.models.text import text_variant
 from rovit_jax.models.two_tower import TwoTower
 from rovit_jax.models.vit import vit_variant
@@ -125,6 +126,11 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     cc.check_bool(p, config, "scan_layers", default=False)
     cc.check_bool(p, config, "model.image.pre_norm", default=False)
     cc.check_bool(p, config, "model.text.causal", default=False)
+    for tower in ("image", "text"):
+        cc.check_choice(
+            p, config, f"model.{tower}.activation", tuple(sorted(ACTIVATIONS)), default="gelu_tanh"
+        )
+        cc.check_number(p, config, f"model.{tower}.norm_eps", min_value=0.0, min_exclusive=True, default=1e-6)
     cc.check_int_list(p, config, "eval.recall_ks", min_value=1, nonempty=True)
     p.raise_if_any()
 
@@ -204,6 +210,7 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTower:
         posemb_grid=(grid, grid),
         pool_type=config.model.image.pool_type,
         pre_norm=bool(config.model.image.get("pre_norm", False)),
+        **tower_options(config.model.image),
         cpe_up_size=int(config.cpe.up_size),
         dtype=dtype,
         remat_policy=config.remat,
@@ -215,6 +222,7 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTower:
         max_len=int(config.tokenizer.max_len),
         pool_type=config.model.text.pool_type,
         causal=bool(config.model.text.get("causal", False)),
+        **tower_options(config.model.text),
         dtype=dtype,
         remat_policy=config.remat,
         scan_layers=bool(config.get("scan_layers", False)),
