@@ -235,8 +235,15 @@ def test_import_default_timm_vit_exactly_with_exact_gelu(tmp_path, config):
     import timm
 
     source = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, class_token=False,
-        global_pool="avg", fc_norm=False, num_classes=0,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        class_token=False,
+        global_pool="avg",
+        fc_norm=False,
+        num_classes=0,
     )
     source = _randomize_torch(source, 12)
     exact = _tiny_config()

@@ -74,7 +74,9 @@ __all__ = ["import_timm", "import_open_clip", "import_big_vision", "FORMATS"]
 FORMATS = ("timm", "open_clip", "big_vision")
 
 
-def _note_architecture(cv: Converter, tower: str, model: Any, activation: str, eps: float, who: str):
+def _note_architecture(
+    cv: Converter, tower: str, model: Any, activation: str, eps: float, who: str
+):
     """Notes where `model`'s activation / LayerNorm epsilon differ from the source's."""
     if model.activation != activation:
         cv.note(

@@ -130,7 +130,9 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
         cc.check_choice(
             p, config, f"model.{tower}.activation", tuple(sorted(ACTIVATIONS)), default="gelu_tanh"
         )
-        cc.check_number(p, config, f"model.{tower}.norm_eps", min_value=0.0, min_exclusive=True, default=1e-6)
+        cc.check_number(
+            p, config, f"model.{tower}.norm_eps", min_value=0.0, min_exclusive=True, default=1e-6
+        )
     cc.check_int_list(p, config, "eval.recall_ks", min_value=1, nonempty=True)
     p.raise_if_any()
 

@@ -58,9 +58,7 @@ class Trainer:
         # Frozen parameters enter the loss behind stop_gradient, so their backward pass (e.g. a
         # frozen detection backbone's) is never computed, not merely discarded by the optimizer.
         frozen = list(config.optim.get("frozen", ()))
-        self.frozen_mask = (
-            regex_mask(self.abstract_state["params"], frozen) if frozen else None
-        )
+        self.frozen_mask = regex_mask(self.abstract_state["params"], frozen) if frozen else None
         self.state_shardings = mesh_lib.infer_shardings(
             self.abstract_state,
             mesh,
