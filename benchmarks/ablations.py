@@ -200,6 +200,19 @@ METRICS = {
 }
 
 
+# The paper's comparisons, as (mechanism, (cpe, loss) of the variant, (cpe, loss) of its baseline).
+COMPARISONS = (
+    ("CPE", (True, "focal"), (False, "focal")),
+    ("focal loss", (True, "focal"), (True, "softmax")),
+    ("focal vs sigmoid", (True, "focal"), (True, "sigmoid")),
+    ("CPE + focal", (True, "focal"), (False, "softmax")),
+)
+
+
+def _label(variant: tuple[bool, str]) -> str:
+    return f"{'CPE' if variant[0] else 'no CPE'} + {variant[1]}"
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for one value)."""
     n = len(values)
@@ -241,11 +254,7 @@ def summarise_pretraining(records: list[dict[str, Any]]) -> dict[str, Any]:
         for s, m in d.items()
     }
     specs = [("CPE", f"{loss}: CPE vs no CPE", (True, loss), (False, loss)) for loss in LOSSES]
-    specs += [
-        ("focal loss", "CPE: focal vs softmax", (True, "focal"), (True, "softmax")),
-        ("focal vs sigmoid", "CPE: focal vs sigmoid", (True, "focal"), (True, "sigmoid")),
-        ("CPE + focal", "CPE + focal vs no CPE + softmax", (True, "focal"), (False, "softmax")),
-    ]
+    specs += [(m, f"{_label(a)} vs {_label(b)}", a, b) for m, a, b in COMPARISONS[1:]]
     return dict(rows=rows, deltas=_paired(r1, specs))
 
 
@@ -392,40 +401,21 @@ def deltas(records: list[dict[str, Any]], best: tuple[bool, str]) -> list[dict[s
         if run["kind"] == "detect":
             key = (run["cpe"], run["loss"], run["mode"], run["objectness"], run["seed"])
             ap[key] = 100.0 * r["metrics"][METRICS["AP_r"][1]]
-    specs = []
-    for mode in MODES:
-        specs += [
-            (
-                "CPE",
-                f"{mode}: CPE + focal vs no CPE + focal",
-                (True, "focal", mode, "centerness"),
-                (False, "focal", mode, "centerness"),
-            ),
-            (
-                "focal loss",
-                f"{mode}: CPE + focal vs CPE + softmax",
-                (True, "focal", mode, "centerness"),
-                (True, "softmax", mode, "centerness"),
-            ),
-            (
-                "focal vs sigmoid",
-                f"{mode}: CPE + focal vs CPE + sigmoid",
-                (True, "focal", mode, "centerness"),
-                (True, "sigmoid", mode, "centerness"),
-            ),
-            (
-                "CPE + focal",
-                f"{mode}: CPE + focal vs no CPE + softmax",
-                (True, "focal", mode, "centerness"),
-                (False, "softmax", mode, "centerness"),
-            ),
-        ]
+    specs = [
+        (
+            m,
+            f"{mode}: {_label(a)} vs {_label(b)}",
+            a + (mode, "centerness"),
+            b + (mode, "centerness"),
+        )
+        for mode in MODES
+        for m, a, b in COMPARISONS
+    ]
     cpe, loss = best
-    name = f"{'CPE' if cpe else 'no CPE'} + {loss}"
     specs.append(
         (
             "centerness objectness",
-            f"finetune, {name}: centerness vs binary",
+            f"finetune, {_label(best)}: centerness vs binary",
             (cpe, loss, "finetune", "centerness"),
             (cpe, loss, "finetune", "binary"),
         )

@@ -5,3 +5,77 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ---- a tiny detection run shared by test_predictor and test_export -----------------------------
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _detect_config():
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    try:
+        import shapes_detect
+    finally:
+        sys.path.pop(0)
+    return shapes_detect.get_config("tiny")
+
+
+def _save_run(workdir: str, config, params, step: int) -> None:
+    """config.json and checkpoints/<step>/ as the training loop writes them."""
+    from rovit_jax.train.checkpoint import Checkpointer
+
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(step, {"params": params}, {"step": step})
+    ckpt.close()
+
+
+def build_tiny_detector_run(root: str) -> str:
+    """`<root>/det`: a tiny shapes detection workdir (configs/shapes_detect.py:tiny) with its
+    pretraining run in `pretrain/`, as training leaves them (config.json, orbax checkpoints, the
+    world and its tokenizer under `<root>/tfds`).
+
+    The checkpoints hold the tasks' initial parameters (the detector's backbone is the
+    pretraining run's image tower): training would only change the values, and compiling the
+    train steps would take most of the test budget. Shared by test_predictor and test_export.
+    """
+    import jax
+    import ml_collections
+
+    from rovit_jax.data import sources
+    from rovit_jax.tasks.detect import DetectTask
+    from rovit_jax.tasks.pretrain import PretrainTask
+
+    workdir = os.path.join(root, "det")
+    if os.path.exists(os.path.join(workdir, "done")):  # built by the other test file
+        return workdir
+    config = _detect_config()
+    config.data.data_dir = os.path.join(root, "tfds")
+    pcfg = ml_collections.ConfigDict(config.pretrain.to_dict())
+    pcfg.data.data_dir = config.data.data_dir
+    sources.tokenizer_for(pcfg)  # builds the world and trains its tokenizer, as pretraining does
+    pretrain = PretrainTask(pcfg)
+    _save_run(
+        os.path.join(workdir, "pretrain"),
+        pcfg,
+        jax.jit(pretrain.init_params)(jax.random.PRNGKey(1)),
+        12,
+    )
+    task_config = ml_collections.ConfigDict(config.to_dict())
+    task_config.init.run_pretraining = False
+    task = DetectTask(task_config, workdir)
+    _ = task.pretrained, task.model  # loaded eagerly, as DetectTask.validate does
+    _save_run(workdir, config, jax.jit(task.init_params)(jax.random.PRNGKey(0)), 4)
+    open(os.path.join(workdir, "done"), "w").close()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return build_tiny_detector_run(str(tmp_path_factory.getbasetemp() / "tiny_detector_run"))
