@@ -190,9 +190,11 @@ def test_text_export_matches_documented_layout(tmp_path, config, two_tower_param
 
 
 # ---- (b) timm import --------------------------------------------------------------------------
-def _timm_vit(img_size, seed):
+def _timm_vit(img_size, seed, act_layer="gelu_tanh"):
+    """A small random timm ViT; act_layer=None keeps timm's default (exact GELU)."""
     import timm
 
+    act = {} if act_layer is None else dict(act_layer=act_layer)
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=img_size,
         patch_size=8,
@@ -204,7 +206,7 @@ def _timm_vit(img_size, seed):
         global_pool="avg",
         fc_norm=False,
         num_classes=0,
-        act_layer="gelu_tanh",
+        **act,
     )
     return _randomize_torch(vit, seed)
 
@@ -232,20 +234,7 @@ def test_import_timm_same_embeddings(tmp_path, config, vit_forward, fmt):
 
 def test_import_default_timm_vit_exactly_with_exact_gelu(tmp_path, config):
     """A timm ViT with timm's own defaults (exact GELU, eps 1e-6) matches a config that says so."""
-    import timm
-
-    source = timm.models.vision_transformer.VisionTransformer(
-        img_size=32,
-        patch_size=8,
-        embed_dim=64,
-        depth=2,
-        num_heads=2,
-        class_token=False,
-        global_pool="avg",
-        fc_norm=False,
-        num_classes=0,
-    )
-    source = _randomize_torch(source, 12)
+    source = _timm_vit(32, seed=12, act_layer=None)
     exact = _tiny_config()
     exact.model.image.activation = "gelu"
     params_img, report = import_timm(source.state_dict(), exact)
