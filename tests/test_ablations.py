@@ -88,18 +88,19 @@ def test_summary_and_deltas_rederived_from_the_runs(sweep):
         r1 = 50 * (pre["i2t_recall@1"] + pre["t2i_recall@1"])
         assert row["R@1"]["mean"] == pytest.approx(r1)
         assert row["AP_r"]["std"] == 0.0  # one seed
-    # The best backbone is the finetuned variant with the highest AP_r.
+    # The best backbone is the finetuned variant with the highest detector-only AP_r.
     finetuned = [r for r in rows if r["mode"] == "finetune" and r["objectness"] == "centerness"]
-    best = max(finetuned, key=lambda r: r["AP_r"]["mean"])
+    best = max(finetuned, key=lambda r: r["AP_r (det. only)"]["mean"])
     assert result["summary"]["best_backbone"] == dict(cpe=best["cpe"], loss=best["loss"])
-    deltas = {d["comparison"]: d for d in result["summary"]["deltas"]}
-    for mode in ("frozen", "finetune"):
-        d = deltas[f"{mode}: CPE + focal vs no CPE + focal"]
-        want = 100 * (
-            rec[f"detect/cpe-focal/{mode}-centerness/seed0"]["fused/bbox/APr"]
-            - rec[f"detect/nocpe-focal/{mode}-centerness/seed0"]["fused/bbox/APr"]
-        )
-        assert d["values"] == [pytest.approx(want)] and d["verdict"] == "n < 2"
+    for key, metric in (("deltas", "fused"), ("deltas_detector_only", "detector_only")):
+        deltas = {d["comparison"]: d for d in result["summary"][key]}
+        for mode in ("frozen", "finetune"):
+            d = deltas[f"{mode}: CPE + focal vs no CPE + focal"]
+            want = 100 * (
+                rec[f"detect/cpe-focal/{mode}-centerness/seed0"][f"{metric}/bbox/APr"]
+                - rec[f"detect/nocpe-focal/{mode}-centerness/seed0"][f"{metric}/bbox/APr"]
+            )
+            assert d["values"] == [pytest.approx(want)] and d["verdict"] == "n < 2"
     # The markdown table shows the JSON's numbers; the plot is a real image.
     table = (out / "ablations.md").read_text()
     for row in rows:
@@ -128,3 +129,19 @@ def test_rerun_resumes_from_finished_runs(sweep):
     with open(out / "ablations.json") as f:
         again = json.load(f)
     assert _records(again) == _records(result)
+
+
+def test_a_run_made_with_another_budget_is_not_reused(sweep):
+    out, _, cmd, env = sweep
+    path = out / "runs/detect/cpe-focal/frozen-centerness/seed0/result.json"
+    original = path.read_text()
+    record = json.loads(original)
+    record["budget"]["detect_steps"] += 1
+    path.write_text(json.dumps(record))
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        path.write_text(original)
+    assert r.returncode != 0
+    assert str(path) in r.stderr and "detect_steps" in r.stderr
+    assert "[ablations]" not in r.stdout  # it stopped before training anything

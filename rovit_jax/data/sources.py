@@ -273,6 +273,7 @@ def detection_data(config: ml_collections.ConfigDict, *, need_train: bool = True
             protocol="lvis",
             eval_ids=[c.id + 1 for c in table],
             ground_truth=lambda n: _shapes_ground_truth(evaluation, table, n),
+            with_masks=detection_has_masks(data),
         )
     if name not in DETECTION_DATASETS:
         raise ValueError(

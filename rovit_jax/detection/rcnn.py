@@ -387,30 +387,20 @@ def _mask_loss(model, params, feats, samples, batch, cfg: RCNNConfig) -> jax.Arr
     return jnp.sum(jnp.where(fg, per_roi, 0.0)) / jnp.maximum(jnp.sum(fg), 1.0)
 
 
-def detect(
+def _region_scores(
     model,
     params: Any,
     images: jax.Array,
     text_embeddings: jax.Array,
     text_valid: jax.Array,
-    is_novel: jax.Array,
     cfg: RCNNConfig,
-    *,
-    vlm_region_embeddings_fn=None,
-    vlm_logit_scale: jax.Array | None = None,
-) -> dict[str, jax.Array]:
-    """Inference: fixed-size detections per image over the given vocabulary.
+    vlm_region_embeddings_fn,
+    vlm_logit_scale: jax.Array | None,
+) -> dict[str, Any]:
+    """Backbone, proposals, box refinement and per-class probabilities of both scorers.
 
-    Args:
-      images: [B, S, S, 3].
-      text_embeddings: [K, E] unit-norm (padded), text_valid [K], is_novel [K].
-      vlm_region_embeddings_fn: optional `(images, boxes [B, P, 4]) -> [B, P, E]` unit-norm
-        region embeddings from the frozen pretrained backbone; enables VLM score fusion.
-      vlm_logit_scale: the pretrained model's learned logit scale, used when
-        `cfg.vlm_temperature` is None.
-
-    Returns dict: boxes [B, D, 4] pixels, scores [B, D], classes [B, D] (vocabulary index),
-    valid [B, D], masks [B, D, 28, 28] probabilities, and (no fusion) `scores_det`.
+    Returns dict: feats (the pyramid), boxes [B, P, 4] refined proposals, det_probs [B, P, K],
+    vlm_probs [B, P, K] or None (no VLM), objectness [B, P], props_valid [B, P].
     """
     apply = lambda method, *a: model.apply({"params": params}, *a, method=method)  # noqa: E731
     feats = apply(model.features, images)
@@ -440,16 +430,37 @@ def detect(
         vlm_logits = jnp.einsum("bpe,ke->bpk", region, text_embeddings) * scale
         vlm_logits = jnp.where(text_valid, vlm_logits, -1e9)
         vlm_probs = jax.nn.softmax(vlm_logits, -1)
+    return dict(
+        feats=feats,
+        boxes=boxes,
+        det_probs=det_probs,
+        vlm_probs=vlm_probs,
+        objectness=objectness,
+        props_valid=props_valid,
+    )
+
+
+def _final_detections(
+    model,
+    params: Any,
+    scored: dict[str, Any],
+    vlm_probs: jax.Array | None,
+    text_valid: jax.Array,
+    is_novel: jax.Array,
+    cfg: RCNNConfig,
+    with_masks: bool,
+) -> dict[str, jax.Array]:
+    """Score fusion (none when `vlm_probs` is None), per-class NMS and (optionally) masks."""
     scores = fuse_scores(
-        det_probs,
+        scored["det_probs"],
         vlm_probs,
-        objectness,
+        scored["objectness"],
         is_novel=is_novel,
         w_base=cfg.w_base,
         w_novel=cfg.w_novel,
         objectness_exponent=cfg.objectness_exponent,
     )
-    scores = jnp.where(props_valid[..., None] & text_valid, scores, 0.0)
+    scores = jnp.where(scored["props_valid"][..., None] & text_valid, scores, 0.0)
     out_boxes, out_scores, out_classes, out_valid = jax.vmap(
         lambda bx, s: per_class_nms(
             bx,
@@ -458,13 +469,90 @@ def detect(
             max_output=cfg.max_detections,
             score_threshold=cfg.score_threshold,
         )
-    )(boxes, scores)
-    mask_feats = _pool(feats, out_boxes, cfg.mask_pool_size, cfg)
-    masks = jax.nn.sigmoid(apply(model.mask_outputs, mask_feats))
-    return dict(
-        boxes=out_boxes,
-        scores=out_scores,
-        classes=out_classes,
-        valid=out_valid,
-        masks=masks,
+    )(scored["boxes"], scores)
+    out = dict(boxes=out_boxes, scores=out_scores, classes=out_classes, valid=out_valid)
+    if with_masks:
+        mask_feats = _pool(scored["feats"], out_boxes, cfg.mask_pool_size, cfg)
+        out["masks"] = jax.nn.sigmoid(
+            model.apply({"params": params}, mask_feats, method=model.mask_outputs)
+        )
+    return out
+
+
+def detect(
+    model,
+    params: Any,
+    images: jax.Array,
+    text_embeddings: jax.Array,
+    text_valid: jax.Array,
+    is_novel: jax.Array,
+    cfg: RCNNConfig,
+    *,
+    vlm_region_embeddings_fn=None,
+    vlm_logit_scale: jax.Array | None = None,
+    with_masks: bool = True,
+) -> dict[str, jax.Array]:
+    """Inference: fixed-size detections per image over the given vocabulary.
+
+    Args:
+      images: [B, S, S, 3].
+      text_embeddings: [K, E] unit-norm (padded), text_valid [K], is_novel [K].
+      vlm_region_embeddings_fn: optional `(images, boxes [B, P, 4]) -> [B, P, E]` unit-norm
+        region embeddings from the frozen pretrained backbone; enables VLM score fusion.
+      vlm_logit_scale: the pretrained model's learned logit scale, used when
+        `cfg.vlm_temperature` is None.
+      with_masks: also run the mask head on the detections.
+
+    Returns dict: boxes [B, D, 4] pixels, scores [B, D], classes [B, D] (vocabulary index),
+    valid [B, D], and (with_masks) masks [B, D, 28, 28] probabilities.
+    """
+    scored = _region_scores(
+        model,
+        params,
+        images,
+        text_embeddings,
+        text_valid,
+        cfg,
+        vlm_region_embeddings_fn,
+        vlm_logit_scale,
     )
+    return _final_detections(
+        model, params, scored, scored["vlm_probs"], text_valid, is_novel, cfg, with_masks
+    )
+
+
+def detect_fused_and_detector_only(
+    model,
+    params: Any,
+    images: jax.Array,
+    text_embeddings: jax.Array,
+    text_valid: jax.Array,
+    is_novel: jax.Array,
+    cfg: RCNNConfig,
+    *,
+    vlm_region_embeddings_fn,
+    vlm_logit_scale: jax.Array | None = None,
+    with_masks: bool = True,
+) -> dict[str, dict[str, jax.Array]]:
+    """`detect` with and without VLM score fusion from one backbone and head pass.
+
+    Evaluation reports both; they share everything up to the class scores, so computing
+    them together halves the evaluation's cost. Returns {"fused": ..., "detector_only": ...},
+    each `detect`'s dict (the same as two `detect` calls, up to float summation order).
+    """
+    scored = _region_scores(
+        model,
+        params,
+        images,
+        text_embeddings,
+        text_valid,
+        cfg,
+        vlm_region_embeddings_fn,
+        vlm_logit_scale,
+    )
+    return {
+        variant: _final_detections(
+            model, params, scored, vlm, text_valid, is_novel, cfg, with_masks
+        )
+        for variant, vlm in (("fused", scored["vlm_probs"]), ("detector_only", None))
+    }

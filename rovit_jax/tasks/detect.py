@@ -586,14 +586,13 @@ class DetectTask:
         emb = pooled @ vlm_params["img_proj"]["kernel"]
         return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
 
-    def predict_fn(self, trainer, *, fusion: bool):
-        """Jitted `(params, vlm_params, images, text_emb, text_valid, is_novel) -> detections`."""
+    def predict_fn(self, trainer, *, with_masks: bool):
+        """Jitted `(params, vlm_params, images, text_emb, text_valid, is_novel)` ->
+        {"fused": detections, "detector_only": detections} (`rcnn.detect`'s dicts), both from
+        one backbone and head pass."""
 
         def predict(params, vlm_params, images, text_emb, text_valid, is_novel):
-            vlm = None
-            if fusion:
-                vlm = lambda im, bx: self.vlm_region_embeddings(vlm_params, im, bx)  # noqa: E731
-            return rcnn.detect(
+            return rcnn.detect_fused_and_detector_only(
                 self.model,
                 params,
                 images,
@@ -601,8 +600,11 @@ class DetectTask:
                 text_valid,
                 is_novel,
                 self.rcnn,
-                vlm_region_embeddings_fn=vlm,
-                vlm_logit_scale=jnp.exp(vlm_params["t"]) if fusion else None,
+                vlm_region_embeddings_fn=lambda im, bx: self.vlm_region_embeddings(
+                    vlm_params, im, bx
+                ),
+                vlm_logit_scale=jnp.exp(vlm_params["t"]),
+                with_masks=with_masks,
             )
 
         rep = trainer.replicated

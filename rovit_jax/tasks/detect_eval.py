@@ -62,34 +62,36 @@ def evaluate(task, trainer, params) -> dict[str, float]:
     text = [jax.numpy.asarray(vocab[k]) for k in ("embeddings", "valid", "is_novel")]
     metrics: dict[str, float] = {}
     rendered = None
-    for variant in VARIANTS:
-        predict = task._predict_cache.setdefault(
-            variant, task.predict_fn(trainer, fusion=variant == "fused")
-        )
-        dets: list[dict] = []
-        for batch in detection_input.eval_detection_batches(
-            subset,
-            batch_size=int(config.eval.batch_size),
-            image_size=int(config.det.image_size),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ):
-            images = trainer.global_batch({"image": batch["image"]})["image"]
-            out = jax.device_get(predict(params, vlm_params, images, *text))
-            # Every host holds the whole (replicated) output; keep this host's rows.
-            start = jax.process_index() * len(batch["image"])
-            for j in range(len(batch["image"])):
-                if not batch["mask"][j]:
-                    continue
-                h, w, scale = batch["image_info"][j][:3]
-                h, w = int(h), int(w)
-                row = start + j
+    # One pass: both variants share the backbone, proposals and heads.
+    predict = task._predict_cache.setdefault(
+        data.with_masks, task.predict_fn(trainer, with_masks=data.with_masks)
+    )
+    dets: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    for batch in detection_input.eval_detection_batches(
+        subset,
+        batch_size=int(config.eval.batch_size),
+        image_size=int(config.det.image_size),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ):
+        images = trainer.global_batch({"image": batch["image"]})["image"]
+        outs = jax.device_get(predict(params, vlm_params, images, *text))
+        # Every host holds the whole (replicated) output; keep this host's rows.
+        start = jax.process_index() * len(batch["image"])
+        for j in range(len(batch["image"])):
+            if not batch["mask"][j]:
+                continue
+            h, w, scale = batch["image_info"][j][:3]
+            h, w = int(h), int(w)
+            row = start + j
+            for variant in VARIANTS:
+                out = outs[variant]
                 keep = out["valid"][row]
                 boxes = to_original_coordinates(out["boxes"][row], scale, h, w)
                 masks = None
                 if data.with_masks:
                     masks = paste_masks(out["masks"][row][keep], boxes[keep], h, w)
-                dets += det_eval.detections_to_results(
+                dets[variant] += det_eval.detections_to_results(
                     int(batch["image_id"][j]),
                     boxes[keep],
                     out["scores"][row][keep],
@@ -104,20 +106,22 @@ def evaluate(task, trainer, params) -> dict[str, float]:
                         out["scores"][row][keep],
                         out["classes"][row][keep],
                     )
+    for variant in VARIANTS:
+        found = dets[variant]
         if jax.process_count() > 1:
             from rovit_jax.train.distributed import all_gather_json
 
-            dets = [d for part in all_gather_json(dets) for d in part]
+            found = [d for part in all_gather_json(found) for d in part]
         iou_types = ("bbox", "segm") if data.with_masks else ("bbox",)
         for iou_type in iou_types:
             metrics.update(
-                _metrics(variant, iou_type, gt, dets, data.protocol, base_ids, novel_ids, config)
+                _metrics(variant, iou_type, gt, found, data.protocol, base_ids, novel_ids, config)
             )
         if jax.process_index() == 0 and task.workdir:
             det_eval.write_results(
                 os.path.join(task.workdir, f"detections_{variant}.json"),
                 {k: v for k, v in metrics.items() if k.startswith(variant)},
-                dets,
+                found,
             )
     if jax.process_index() == 0 and task.workdir and rendered is not None:
         from rovit_jax.detection.render import render_detections
