@@ -11,13 +11,16 @@ What it runs (every run a normal `rovit_jax.train.loop.run` of the project's sha
   3. binary objectness instead of centerness on the backbone variant with the best mean finetuned
      detector-only AP_r (the centerness runs are those of step 2).
 Then it writes, into --out: `ablations.json` (every run's metrics, the per-variant mean and
-standard deviation over seeds, the command line, seeds, budgets, library versions and wall
-times), `ablations.md` (the tables) and `ablations.png` (AP_r per variant with error bars).
+standard deviation over seeds, paired per-seed deltas with a t-test, the command line, seeds,
+budgets, library versions, worker time per stage and the wall time of every invocation),
+`ablations.md` (the tables) and `ablations.png` (AP_r per variant with error bars, with and
+without VLM score fusion).
 
 Seeds: seed s pretrains with seed s and finetunes that backbone with seed s, so a variant's
 spread covers both stages. Runs are scheduled on `--workers` processes with one XLA thread each
 (on 2 cores two small runs side by side beat one run on two threads); a finished run keeps a
-`result.json` in its workdir, so an interrupted sweep resumes where it stopped.
+`result.json` (with the budget it was made with) in its workdir, so an interrupted sweep
+resumes where it stopped, and a run made under another budget is refused, not reused.
 
 The miniature (the choices, and why they keep the paper's question meaningful):
   - Pretraining sees whole 128 px scenes resized to 64 px (an 8x8 grid of 8 px patches); CPE
@@ -27,7 +30,10 @@ The miniature (the choices, and why they keep the paper's question meaningful):
     and the no-CPE variants.
   - Novel categories are the world's 8 rare "colour shape" pairs: named in pretraining captions,
     held out of detection training, evaluated with LVIS's protocol (AP_r = AP on them).
-  - Boxes only (no mask head) and a narrow detector, to afford 3 seeds of every variant.
+  - Boxes only (no mask head) and a narrow detector (FPN 128 channels, 2 head convs of 64,
+    32 sampled RoIs and 64 anchors per image) trained 160 steps of 4 images at lr 1e-3, to afford
+    3 seeds of every variant; evaluation scores 80 test images once for both the fused and the
+    detector-only variant.
 """
 
 from __future__ import annotations
@@ -54,10 +60,10 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # <= 90 min of 2 cores: 18 pretraining runs (~29 min of wall time), then 39 detection runs.
     "full": dict(
         pretrain_steps=300,
-        detect_steps=220,
+        detect_steps=160,
         detect_warmup=20,
         detect_lr=1e-3,
-        eval_images=100,
+        eval_images=80,
         tiny=False,
     ),
     "small": dict(
@@ -210,8 +216,17 @@ def execute(args: tuple[Run, dict[str, Any], str, str | None]) -> dict[str, Any]
     return record
 
 
-def run_all(runs: list[Run], budget, out, data_dir, workers: int) -> list[dict[str, Any]]:
+def run_all(
+    runs: list[Run], budget, out, data_dir, workers: int, trained: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Every run's record, training those without one; appends their names to `trained`."""
     jobs = [(r, budget, out, data_dir) for r in runs]
+    if trained is not None:
+        trained += [
+            r.name
+            for r in runs
+            if not os.path.exists(os.path.join(out, "runs", r.name, "result.json"))
+        ]
     cache_dir = os.path.join(out, "jax_cache")
     if workers <= 1:
         _worker_init(cache_dir)
@@ -370,11 +385,21 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`  ",
         f"Stages: {meta['stages']}; seeds: {meta['seeds']}; budgets: {json.dumps(meta['budget'])}  ",
         f"Time: the runs took {meta['run_seconds'] / 60:.1f} worker-minutes in all "
-        f"({meta['workers']} workers side by side on {meta['cpus']} CPU cores); this invocation "
-        f"{meta['wall_minutes']:.1f} min of wall time (finished runs are reused, not rerun)  ",
+        f"({meta['workers']} workers side by side on {meta['cpus']} CPU cores)"
+        + "".join(f", {k} {v:.1f}" for k, v in meta.get("worker_minutes", {}).items())
+        + "  ",
         "Libraries: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "",
+        "Invocations that wrote here (finished runs are reused, not rerun):",
+        "",
     ]
+    for inv in meta.get("invocations", []):
+        trained = "?" if inv.get("runs_trained") is None else inv["runs_trained"]
+        lines.append(
+            f"- `{inv['command']}`: {trained} runs trained, {inv['wall_minutes']:.1f} min of "
+            "wall time"
+        )
+    lines.append("")
     if summary.get("rows"):
         lines += [
             "Box AP (LVIS protocol, IoU 0.5:0.95) in %, mean ± sample std over seeds; AP_r = the 8 "
@@ -486,20 +511,22 @@ def plot(summary: dict[str, Any], path: str) -> None:
         _plot_pretraining(summary["pretraining"]["rows"], path, plt)
         return
     rows = summary["rows"]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, axes = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
     colours = {"frozen": "#4c72b0", "finetune": "#dd8452"}
-    labels, xs = [], []
-    for i, r in enumerate(rows):
-        m, s = r["AP_r"]["mean"], r["AP_r"]["std"]
-        ax.bar(i, m, yerr=s, capsize=4, color=colours[r["mode"]])
-        ax.plot([i] * len(r["AP_r"]["values"]), r["AP_r"]["values"], "k.", ms=4)
-        labels.append(f"{variant_label(r)}\n{r['mode']}")
-        xs.append(i)
-    ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("box AP_r (novel), %")
-    ax.set_title("Shapes-world ablations: mean ± std over seeds (dots: seeds)")
+    for ax, column, what in (
+        (axes[0], "AP_r", "with VLM score fusion"),
+        (axes[1], "AP_r (det. only)", "detector only"),
+    ):
+        for i, r in enumerate(rows):
+            m, s = r[column]["mean"], r[column]["std"]
+            ax.bar(i, m, yerr=s, capsize=4, color=colours[r["mode"]])
+            ax.plot([i] * len(r[column]["values"]), r[column]["values"], "k.", ms=4)
+        ax.set_ylabel(f"box AP_r (novel), %\n{what}")
+    labels = [f"{variant_label(r)}\n{r['mode']}" for r in rows]
+    axes[1].set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
+    axes[0].set_title("Shapes-world ablations: mean ± std over seeds (dots: seeds)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, ["backbone frozen", "backbone 0.1x lr"], loc="upper left")
+    axes[0].legend(handles, ["backbone frozen", "backbone 0.1x lr"], loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -591,14 +618,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     variants = [(cpe, loss) for cpe in CPE for loss in losses]
     pre = [pretrain_run(cpe, loss, s) for cpe, loss in variants for s in seeds]
-    records = run_all(pre, budget, out, args.data_dir, args.workers)
+    trained: list[str] = []
+    records = run_all(pre, budget, out, args.data_dir, args.workers, trained)
     summary: dict[str, Any] = dict(pretraining=summarise_pretraining(records))
     if args.stop_after == "pretrain":
-        return _write(out, summary, records, args, argv, seeds, budget, t0)
+        return _write(out, summary, records, args, argv, seeds, budget, t0, trained)
     det = [
         detect_run(cpe, loss, s, mode) for mode in MODES for cpe, loss in variants for s in seeds
     ]
-    records += run_all(det, budget, out, args.data_dir, args.workers)
+    records += run_all(det, budget, out, args.data_dir, args.workers, trained)
 
     # The best backbone by the detector's own AP_r: fused scores also carry the frozen VLM's
     # region scores, which are near chance at this pretraining budget (README, vlm_probe).
@@ -608,20 +636,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     best = (best_row["cpe"], best_row["loss"])
     binary = [detect_run(*best, s, "finetune", "binary") for s in seeds]
-    records += run_all(binary, budget, out, args.data_dir, args.workers)
+    records += run_all(binary, budget, out, args.data_dir, args.workers, trained)
 
     summary.update(summarise(records))
     summary["best_backbone"] = dict(cpe=best[0], loss=best[1])
     summary["deltas"] = deltas(records, best)
     summary["deltas_detector_only"] = deltas(records, best, "AP_r (det. only)")
-    return _write(out, summary, records, args, argv, seeds, budget, t0)
+    return _write(out, summary, records, args, argv, seeds, budget, t0, trained)
 
 
-def _write(out, summary, records, args, argv, seeds, budget, t0) -> dict[str, Any]:
+def _previous_invocations(out: str) -> list[dict[str, Any]]:
+    """The invocation history of an earlier ablations.json in `out` (older files: their one)."""
+    path = os.path.join(out, "ablations.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        meta = json.load(f)["meta"]
+    if "invocations" in meta:
+        return list(meta["invocations"])
+    return [dict(command=meta["command"], wall_minutes=meta["wall_minutes"], runs_trained=None)]
+
+
+def _write(out, summary, records, args, argv, seeds, budget, t0, trained) -> dict[str, Any]:
     """Writes ablations.json / .md / .png into `out`; returns the JSON's content."""
+    command = "python benchmarks/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    wall_minutes = (time.time() - t0) / 60.0
+    by_name = {r["run"]["name"]: r for r in records}
+    this = dict(
+        command=command,
+        wall_minutes=wall_minutes,
+        runs_trained=len(trained),
+        worker_minutes_trained=sum(by_name[n]["seconds"] for n in trained) / 60.0,
+    )
     meta = dict(
-        command="python benchmarks/ablations.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        command=command,
         stages="pretraining only" if args.stop_after == "pretrain" else "all",
         seeds=seeds,
         budget=budget,
@@ -629,8 +677,15 @@ def _write(out, summary, records, args, argv, seeds, budget, t0) -> dict[str, An
         versions=versions(),
         cpus=os.cpu_count(),
         workers=args.workers,
-        wall_minutes=(time.time() - t0) / 60.0,
+        wall_minutes=wall_minutes,
         run_seconds=sum(r["seconds"] for r in records),
+        worker_minutes={
+            kind: sum(r["seconds"] for r in records if r["run"]["kind"] == kind) / 60.0
+            for kind in ("pretrain", "detect")
+        },
+        # Every invocation that wrote into `out`, oldest first: the sweep's measured wall time
+        # survives reruns that only regenerate the tables from finished runs.
+        invocations=_previous_invocations(out) + [this],
     )
     result = dict(meta=meta, summary=summary, runs=records)
     with open(os.path.join(out, "ablations.json"), "w") as f:

@@ -129,6 +129,14 @@ def test_rerun_resumes_from_finished_runs(sweep):
     with open(out / "ablations.json") as f:
         again = json.load(f)
     assert _records(again) == _records(result)
+    # The first invocation's measured time survives the rerun, which trained nothing.
+    first, rerun = again["meta"]["invocations"]
+    assert first == result["meta"]["invocations"][0]
+    assert first["runs_trained"] == 7 and rerun["runs_trained"] == 0
+    assert first["wall_minutes"] == result["meta"]["wall_minutes"]
+    assert first["worker_minutes_trained"] == pytest.approx(
+        sum(r["seconds"] for r in result["runs"]) / 60
+    )
 
 
 def test_a_run_made_with_another_budget_is_not_reused(sweep):

@@ -226,10 +226,12 @@ def test_fused_and_detector_only_in_one_pass_equal_two_detect_calls(data_dir):
     run = lambda fn, **k: jax.jit(  # noqa: E731
         lambda p, im: fn(task.model, p, im, *text, task.rcnn, **k)
     )(params, images)
-    both = run(rcnn.detect_fused_and_detector_only, **kw)
+    both = run(rcnn.detect_variants, **kw)
     fused = run(rcnn.detect, **kw)
     plain = run(rcnn.detect)
     assert "masks" not in both["fused"] and "masks" in plain
+    with pytest.raises(ValueError, match="vlm_region_embeddings_fn"):
+        rcnn.detect_variants(task.model, params, images, *text, task.rcnn, ("fused",))
     for got, want in ((both["fused"], fused), (both["detector_only"], plain)):
         assert int(want["valid"].sum()) > 0
         np.testing.assert_array_equal(got["valid"], want["valid"])

@@ -506,22 +506,23 @@ def detect(
     Returns dict: boxes [B, D, 4] pixels, scores [B, D], classes [B, D] (vocabulary index),
     valid [B, D], and (with_masks) masks [B, D, 28, 28] probabilities.
     """
-    scored = _region_scores(
+    variant = "detector_only" if vlm_region_embeddings_fn is None else "fused"
+    return detect_variants(
         model,
         params,
         images,
         text_embeddings,
         text_valid,
+        is_novel,
         cfg,
-        vlm_region_embeddings_fn,
-        vlm_logit_scale,
-    )
-    return _final_detections(
-        model, params, scored, scored["vlm_probs"], text_valid, is_novel, cfg, with_masks
-    )
+        (variant,),
+        vlm_region_embeddings_fn=vlm_region_embeddings_fn,
+        vlm_logit_scale=vlm_logit_scale,
+        with_masks=with_masks,
+    )[variant]
 
 
-def detect_fused_and_detector_only(
+def detect_variants(
     model,
     params: Any,
     images: jax.Array,
@@ -529,17 +530,24 @@ def detect_fused_and_detector_only(
     text_valid: jax.Array,
     is_novel: jax.Array,
     cfg: RCNNConfig,
+    variants: tuple[str, ...] = ("fused", "detector_only"),
     *,
-    vlm_region_embeddings_fn,
+    vlm_region_embeddings_fn=None,
     vlm_logit_scale: jax.Array | None = None,
     with_masks: bool = True,
 ) -> dict[str, dict[str, jax.Array]]:
-    """`detect` with and without VLM score fusion from one backbone and head pass.
+    """`detect` with ("fused") and without ("detector_only") VLM score fusion, from one pass.
 
-    Evaluation reports both; they share everything up to the class scores, so computing
-    them together halves the evaluation's cost. Returns {"fused": ..., "detector_only": ...},
-    each `detect`'s dict (the same as two `detect` calls, up to float summation order).
+    The variants share everything up to the class scores, so evaluation, which reports both,
+    computes them together. Arguments as `detect` ("fused" needs `vlm_region_embeddings_fn`).
+    Returns {variant: `detect`'s dict} for each of `variants`.
     """
+    unknown = set(variants) - {"fused", "detector_only"}
+    if unknown or ("fused" in variants and vlm_region_embeddings_fn is None):
+        raise ValueError(
+            f"variants {variants}: choose from 'fused' (needs vlm_region_embeddings_fn) and "
+            "'detector_only'"
+        )
     scored = _region_scores(
         model,
         params,
@@ -550,9 +558,10 @@ def detect_fused_and_detector_only(
         vlm_region_embeddings_fn,
         vlm_logit_scale,
     )
+    vlm_probs = {"fused": scored["vlm_probs"], "detector_only": None}
     return {
-        variant: _final_detections(
-            model, params, scored, vlm, text_valid, is_novel, cfg, with_masks
+        v: _final_detections(
+            model, params, scored, vlm_probs[v], text_valid, is_novel, cfg, with_masks
         )
-        for variant, vlm in (("fused", scored["vlm_probs"]), ("detector_only", None))
+        for v in variants
     }

@@ -592,7 +592,7 @@ class DetectTask:
         one backbone and head pass."""
 
         def predict(params, vlm_params, images, text_emb, text_valid, is_novel):
-            return rcnn.detect_fused_and_detector_only(
+            return rcnn.detect_variants(
                 self.model,
                 params,
                 images,
