@@ -119,9 +119,15 @@ if ((DRY_RUN)); then
 fi
 
 FORWARDED=0
+TRAIN_PID=""
+PENDING_SIGNAL=""
 # shellcheck disable=SC2317,SC2329  # invoked by the traps below
 forward() {
     SIGNALLED=1
+    if [[ -z "$TRAIN_PID" ]]; then
+        PENDING_SIGNAL=$1 # before the trainer's pid is known: passed on right after
+        return
+    fi
     FORWARDED=$((FORWARDED + 1))
     if ((FORWARDED == 1)); then
         note "$1: asking the trainer to checkpoint and stop (exit code $PREEMPTED_EXIT_CODE)"
@@ -131,14 +137,18 @@ forward() {
 
 # The trainer runs as its own job (set -m), so a Ctrl-C at the terminal reaches only this script
 # and is passed on exactly once per press (the trainer takes a second SIGINT as "stop now").
+# The traps are set before the trainer starts, so no signal can fall between the two.
 trace "${TRAIN_CMD[@]}"
+trap 'forward INT' INT
+trap 'forward TERM' TERM
+trap 'forward TERM' HUP
 set -m
 "${TRAIN_CMD[@]}" &
 TRAIN_PID=$!
 set +m
-trap 'forward INT' INT
-trap 'forward TERM' TERM
-trap 'forward TERM' HUP
+if [[ -n "$PENDING_SIGNAL" ]]; then
+    forward "$PENDING_SIGNAL"
+fi
 wait_for_child "$TRAIN_PID"
 STATUS=$CHILD_STATUS
 trap - INT TERM HUP

@@ -211,18 +211,23 @@ job_script() {
     lines+=(
         'echo "[rovit_jax] job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0})'\
 ' on ${SLURM_JOB_NODELIST:-?}"'
-        "$srun_line &"
-        'srun_pid=$!'
         '# SIGTERM reaches this shell (--signal=B:..., preemption, scancel --batch): srun passes'
-        '# it on to every task, which checkpoints and exits with code 75.'
+        '# it on to every task, which checkpoints and exits with code 75. The trap is set before'
+        '# srun starts, so no signal can fall between the two.'
         'signalled=0'
+        'srun_pid=""'
+        'pending=0'
         '# shellcheck disable=SC2317,SC2329  # run by the trap below'
         'on_term() {'
         '    signalled=1'
+        '    if [ -z "$srun_pid" ]; then pending=1; return; fi'
         '    echo "[rovit_jax] SIGTERM: asking the trainers to checkpoint and stop"'
         '    kill -TERM "$srun_pid" 2>/dev/null'
         '}'
         'trap on_term TERM'
+        "$srun_line &"
+        'srun_pid=$!'
+        'if [ "$pending" = 1 ]; then on_term; fi'
         'while :; do'
         '    signalled=0'
         '    status=0'

@@ -417,9 +417,15 @@ if ((DRY_RUN)); then
 fi
 
 STOPPING=0
+STREAM_PID=""
+PENDING_SIGNAL=0
 # shellcheck disable=SC2317,SC2329  # invoked by the trap below
 on_signal() {
     SIGNALLED=1
+    if [[ -z "$STREAM_PID" ]]; then
+        PENDING_SIGNAL=1 # before the stream's pid is known: handled right after
+        return
+    fi
     if ((STOPPING)); then
         note "second interrupt: no longer streaming; the trainers were already told to stop" \
             "(check with: $(quote_cmd "${STOP_HINT[@]}"))"
@@ -435,12 +441,16 @@ on_signal() {
 
 # The stream runs as its own job (set -m): Ctrl-C at the terminal reaches only this script, which
 # stops the trainers cleanly and keeps streaming until they have checkpointed.
+# The trap is set before the stream starts, so no signal can fall between the two.
 trace "${TRAIN_CMD[@]}"
+trap on_signal INT TERM HUP
 set -m
 "${TRAIN_CMD[@]}" &
 STREAM_PID=$!
 set +m
-trap on_signal INT TERM HUP
+if ((PENDING_SIGNAL)); then
+    on_signal
+fi
 wait_for_child "$STREAM_PID"
 STATUS=$CHILD_STATUS
 trap - INT TERM HUP

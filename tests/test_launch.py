@@ -136,7 +136,7 @@ signal.signal(signal.SIGINT, handler)
 signal.signal(signal.SIGTERM, handler)
 write("started", "")
 print("fake trainer running", flush=True)
-deadline = time.monotonic() + 20
+deadline = time.monotonic() + 120  # generous: a loaded CI machine can stall for seconds
 while not got and time.monotonic() < deadline:
     time.sleep(0.02)
 if got:

@@ -266,7 +266,7 @@ class DetectTask:
         self.workdir = workdir
         self.rcnn = rcnn_config(config)
         self._mesh: Mesh | None = None
-        self._predict_cache: dict[str, Any] = {}
+        self._predict_cache: dict[bool, Any] = {}  # with_masks -> jitted predict
 
     @classmethod
     def for_planning(

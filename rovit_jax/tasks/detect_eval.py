@@ -63,9 +63,9 @@ def evaluate(task, trainer, params) -> dict[str, float]:
     metrics: dict[str, float] = {}
     rendered = None
     # One pass: both variants share the backbone, proposals and heads.
-    predict = task._predict_cache.setdefault(
-        data.with_masks, task.predict_fn(trainer, with_masks=data.with_masks)
-    )
+    if data.with_masks not in task._predict_cache:  # jitted once per task
+        task._predict_cache[data.with_masks] = task.predict_fn(trainer, with_masks=data.with_masks)
+    predict = task._predict_cache[data.with_masks]
     dets: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for batch in detection_input.eval_detection_batches(
         subset,
