@@ -604,16 +604,26 @@ mkdir -p "$3/bin" && cp "$FAKE_TRAINER_FILE" "$3/bin/python"
 
 
 def start_in_new_session(argv, env, **kw) -> subprocess.Popen:
-    """Starts argv as the leader of a new process group, as a shell does for a foreground job."""
-    return subprocess.Popen(
-        argv,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
+    """Starts argv as the leader of a new process group, as a shell does for a foreground job.
+
+    With SIGINT and SIGTERM at their default dispositions, as from a terminal: a parallel test
+    runner's worker process may ignore SIGINT, and a shell started with a signal ignored can
+    never trap it.
+    """
+    saved = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kw,
+        )
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def test_tpu_pod_ctrl_c_stops_the_trainers_cleanly(tools, tmp_path):
