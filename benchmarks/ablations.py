@@ -57,7 +57,8 @@ OBJECTNESS = ("centerness", "binary")
 
 # Budgets per sweep mode; everything else is configs/shapes_pretrain.py and shapes_detect.py.
 BUDGETS: dict[str, dict[str, Any]] = {
-    # <= 90 min of 2 cores: 18 pretraining runs (~29 min of wall time), then 39 detection runs.
+    # About 86 min on 2 cores (measured: the 18 pretraining runs 57.7 worker-minutes, so ~29 min
+    # on 2 workers; the 39 detection runs 56.8 min of wall time; see results/ablations).
     "full": dict(
         pretrain_steps=300,
         detect_steps=160,
