@@ -372,7 +372,7 @@ def _row_order(cpe, loss, mode, obj):
 
 
 def variant_label(row: dict[str, Any]) -> str:
-    label = f"{'CPE' if row['cpe'] else 'no CPE'} + {row['loss']}"
+    label = _label((row["cpe"], row["loss"]))
     if row["objectness"] != "centerness":
         label += f", {row['objectness']} obj."
     return label
