@@ -28,8 +28,9 @@ The miniature (the choices, and why they keep the paper's question meaningful):
     14x14 -> 64x64 at 224 -> 1024 px). Detection runs at 256 px, where every object is a region of
     a larger image than pretraining ever saw; the PE is interpolated to that grid in both the CPE
     and the no-CPE variants.
-  - Novel categories are the world's 8 rare "colour shape" pairs: named in pretraining captions,
-    held out of detection training, evaluated with LVIS's protocol (AP_r = AP on them).
+  - Novel categories are the world's 8 rare shapes (a category is a silhouette; each object's
+    colour is random and never named): named in pretraining captions, held out of detection
+    training, evaluated with LVIS's protocol (AP_r = AP on them).
   - Boxes only (no mask head) and a narrow detector (FPN 128 channels, 2 head convs of 64,
     32 sampled RoIs and 64 anchors per image) trained 160 steps of 4 images at lr 1e-3, to afford
     3 seeds of every variant; evaluation scores 80 test images once for both the fused and the
@@ -404,7 +405,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     if summary.get("rows"):
         lines += [
             "Box AP (LVIS protocol, IoU 0.5:0.95) in %, mean ± sample std over seeds; AP_r = the 8 "
-            "rare (novel) categories, held out of detection training; AP_base = the 26 base "
+            "rare (novel) categories, held out of detection training; AP_base = the 24 base "
             "categories; R@1 = zero-shot retrieval recall@1 of the pretrained towers (mean of "
             "image->text and text->image, 500 test pairs). Columns without '(det. only)' use VLM "
             "score fusion, as the paper reports.",

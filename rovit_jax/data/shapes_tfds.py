@@ -112,8 +112,11 @@ def render_example(
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
     """Procedural open-vocabulary shapes world (images, captions, boxes, masks)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: 34 \"colour shape\" categories.",
+        "2.0.0": "32 shape categories, random unnamed object colours, larger objects.",
+    }
     BUILDER_CONFIGS = [ShapesWorldConfig()]
 
     def _info(self) -> tfds.core.DatasetInfo:

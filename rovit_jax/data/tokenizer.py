@@ -232,7 +232,11 @@ def shapes_tokenizer(
             # Write-then-rename so a concurrent reader never sees a partial file.
             partial = folder / f".{model.name}.{uuid.uuid4().hex}.partial"
             partial.write_bytes(epath.Path(local).read_bytes())
-            partial.rename(model)
+            try:
+                partial.rename(model)
+            except FileExistsError:
+                # Another process trained the same (deterministic) model meanwhile: keep theirs.
+                partial.unlink(missing_ok=True)
             (folder / f"unigram_{vocab_size}.vocab").write_bytes(
                 epath.Path(local[: -len(".model")] + ".vocab").read_bytes()
             )
