@@ -51,9 +51,9 @@ def get_config(arg=None):
     c.det.fpn_channels = 128
 
     c.rpn.objectness = a.objectness
-    c.rpn.anchor_size = (
-        3.0  # anchors 24/48/96 px at strides 8/16/32: the smallest shapes are ~20 px
-    )
+    # One anchor per location (the authors' centerness RPN): 32/64/128 px at strides 8/16/32,
+    # for objects of 36-179 px at 256 px (0.14-0.7 of the image side).
+    c.rpn.anchor_size = 4.0
     c.rpn.batch_per_image = 128
     c.rpn.pre_nms_top_k = 500
     c.rpn.post_nms_top_k = 300
@@ -62,9 +62,8 @@ def get_config(arg=None):
     c.head.conv_dim = 64
     c.head.fc_dim = 256
     c.head.mask_conv_dim = 64
-    # Centerness objectness is trained on positives only (so unlabelled, possibly novel objects
-    # are never taught "background"); background anchors are then unranked, so keep enough
-    # proposals for every object to get one.
+    # Test-time proposals are the top objectness per level without NMS (the authors'), so keep
+    # enough of them for every object of a crowded scene to get several.
     c.infer.pre_nms_top_k = 1000
     c.infer.post_nms_top_k = 300
     c.infer.max_detections = 100

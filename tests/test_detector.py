@@ -1,4 +1,4 @@
-"""Detector training: sharded step == single-device step; one-image overfit reaches AP50 >= 0.9."""
+"""Detector training: sharded step == single-device step; one-image overfit reaches AP50 >= 0.95."""
 
 import os
 import sys
@@ -113,9 +113,12 @@ def test_sharded_detection_step_matches_single_device(data_dir):
 
 
 def test_one_image_overfit_reaches_ap50(data_dir):
+    # With the authors' centerness RPN (background anchors trained to objectness 0, IoU box
+    # loss) AP50 was 1.0 from step 200 on for seeds 0-4; with objectness trained on positives
+    # only it was 0.5-0.84 after 800 steps.
     config = _config(
         batch_size=2,
-        total_steps=800,
+        total_steps=300,
         **{
             "optim.lr": 2e-3,
             "optim.warmup_steps": 10,
@@ -190,7 +193,7 @@ def test_one_image_overfit_reaches_ap50(data_dir):
         det_eval.annotations_from_arrays(1, boxes[:n], classes[:n] + 1),
     )
     ap50 = det_eval.evaluate_lvis(gt, dets)["AP50"]
-    assert ap50 >= 0.9, (ap50, float(metrics["loss"]))
+    assert ap50 >= 0.95, (ap50, float(metrics["loss"]))
 
 
 def test_binary_objectness_mode_trains(data_dir):

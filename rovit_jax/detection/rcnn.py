@@ -15,7 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rovit_jax.detection.score_fusion import fuse_scores
+from rovit_jax.detection.score_fusion import (
+    FUSION_MODES,
+    fuse_scores,
+    fuse_scores_with_background,
+)
 from rovit_jax.ops import boxes as box_ops
 from rovit_jax.ops.anchors import anchor_grid
 from rovit_jax.ops.matching import match_boxes, sample_balanced
@@ -23,6 +27,14 @@ from rovit_jax.ops.nms import nms, per_class_nms
 from rovit_jax.ops.roi_align import batched_roi_align, multilevel_roi_align
 
 OBJECTNESS_MODES = ("binary", "centerness")
+# Centerness RPN (rpn.objectness = "centerness") options; the first of each is the authors' (the
+# F-VLM / DITO code, google-research fvlm/, which RO-ViT's detector follows), see rpn_loss_single.
+CENTERNESS_LOSSES = ("all_sampled", "positives")
+RPN_BOX_LOSSES = ("iou", "giou")
+RPN_BOX_CODINGS = ("linear", "log")
+# Boxes the frozen VLM pools region features from: the RPN proposals (the authors' code) or the
+# detector's refined boxes.
+VLM_POOL_BOXES = ("proposals", "refined")
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
@@ -34,7 +46,7 @@ class RCNNConfig:
     min_level: int
     max_level: int
     anchor_size: float = 8.0
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    aspect_ratios: tuple[float, ...] = (1.0,)
     objectness: str = "centerness"
     rpn_fg_iou: float = 0.7
     rpn_bg_iou: float = 0.3
@@ -43,15 +55,30 @@ class RCNNConfig:
     rpn_pre_nms_top_k: int = 2000
     rpn_nms_iou: float = 0.7
     rpn_post_nms_top_k: int = 1000
+    # Proposal NMS within each pyramid level (True, the authors') or once over all levels.
+    rpn_per_level_nms: bool = True
+    # Centerness RPN: objectness targets and sampling, box loss and box coding (rpn_loss_single).
+    centerness_loss: str = "all_sampled"
+    centerness_fg_iou: float = 0.3
+    centerness_bg_iou: float = 0.1
+    centerness_batch_per_image: int = 256
+    centerness_positive_fraction: float = 255 / 256
+    rpn_box_loss: str = "iou"
+    rpn_box_loss_weight: float = 8.0
+    rpn_box_coding: str = "linear"
     roi_batch_per_image: int = 512
     roi_positive_fraction: float = 0.25
     roi_fg_iou: float = 0.5
     roi_pool_size: int = 7
     mask_pool_size: int = 14
     mask_loss_weight: float = 1.0
+    # Weight of background RoIs' classification cross-entropy (the authors' 0.9); the loss is
+    # still divided by the number of RoIs, not by the sum of weights.
+    background_weight: float = 0.9
     # Inference.
     test_pre_nms_top_k: int = 1000
     test_post_nms_top_k: int = 1000
+    test_proposal_nms_iou: float = 1.0  # >= 1: no suppression, proposals by objectness alone
     detection_nms_iou: float = 0.5
     max_detections: int = 300
     score_threshold: float = 0.0
@@ -60,13 +87,20 @@ class RCNNConfig:
     w_base: float = 0.35
     w_novel: float = 0.65
     objectness_exponent: float = 3.0
+    fusion: str = "authors"  # see detection.score_fusion
+    vlm_pool_boxes: str = "proposals"
 
     def __post_init__(self):
-        if self.objectness not in OBJECTNESS_MODES:
-            raise ValueError(
-                f"config key `rpn.objectness` = {self.objectness!r}: choose one of "
-                f"{OBJECTNESS_MODES}"
-            )
+        for key, value, choices in (
+            ("rpn.objectness", self.objectness, OBJECTNESS_MODES),
+            ("infer.fusion", self.fusion, FUSION_MODES),
+            ("infer.vlm_pool_boxes", self.vlm_pool_boxes, VLM_POOL_BOXES),
+            ("rpn.centerness_loss", self.centerness_loss, CENTERNESS_LOSSES),
+            ("rpn.box_loss", self.rpn_box_loss, RPN_BOX_LOSSES),
+            ("rpn.box_coding", self.rpn_box_coding, RPN_BOX_CODINGS),
+        ):
+            if value not in choices:
+                raise ValueError(f"config key `{key}` = {value!r}: choose one of {choices}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -106,26 +140,65 @@ def flatten_rpn(rpn_out: dict[int, tuple[jax.Array, jax.Array]], cfg: RCNNConfig
 def decode_rpn_boxes(box: jax.Array, anchor_boxes: jax.Array, cfg: RCNNConfig) -> jax.Array:
     """RPN box outputs [..., N, 4] -> pixel boxes [..., N, 4].
 
-    binary: Faster R-CNN deltas. centerness: (l, t, r, b) distances from the anchor centre as
-    log-multiples of the anchor's half sizes, so a zero output reproduces the anchor.
+    binary: Faster R-CNN deltas. centerness: (l, t, r, b) distances from the anchor centre,
+    by `cfg.rpn_box_coding`:
+      linear (the authors' LTRB coder, `decode_boxes_lrtb`): the raw outputs in units of the
+        anchor's width (l, r) and height (t, b), linear in the anchor size; 0 is a point box.
+      log: log-multiples of the anchor's half sizes, so a zero output reproduces the anchor.
+    The channel order is (l, t, r, b) (the authors' is (l, r, t, b): only the layout differs).
     """
     if cfg.objectness == "binary":
         return box_ops.decode_deltas(box, anchor_boxes, weights=(1.0, 1.0, 1.0, 1.0))
     cy = (anchor_boxes[..., 0] + anchor_boxes[..., 2]) / 2
     cx = (anchor_boxes[..., 1] + anchor_boxes[..., 3]) / 2
-    hh = (anchor_boxes[..., 2] - anchor_boxes[..., 0]) / 2
-    hw = (anchor_boxes[..., 3] - anchor_boxes[..., 1]) / 2
-    d = jnp.exp(jnp.clip(box, -8.0, math.log(1000.0 / 16)))
-    left, top, right, bottom = d[..., 0] * hw, d[..., 1] * hh, d[..., 2] * hw, d[..., 3] * hh
+    h = anchor_boxes[..., 2] - anchor_boxes[..., 0]
+    w = anchor_boxes[..., 3] - anchor_boxes[..., 1]
+    if cfg.rpn_box_coding == "linear":
+        d = box
+    else:
+        d = 0.5 * jnp.exp(jnp.clip(box, -8.0, math.log(1000.0 / 16)))
+    left, top, right, bottom = d[..., 0] * w, d[..., 1] * h, d[..., 2] * w, d[..., 3] * h
     return jnp.stack([cy - top, cx - left, cy + bottom, cx + right], axis=-1)
 
 
 def _centerness_target(anchor_boxes: jax.Array, gt: jax.Array) -> jax.Array:
-    """Centerness of each anchor centre inside its matched gt box: [N, 4], [N, 4] -> [N]."""
+    """Centerness of each anchor centre inside its matched gt box: [N, 4], [N, 4] -> [N].
+
+    sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) of the centre's distances to the box
+    sides; 0 unless the centre is strictly inside (the authors' `LRTBBoxCoder._encode`).
+    """
     cy = (anchor_boxes[:, 0] + anchor_boxes[:, 2]) / 2
     cx = (anchor_boxes[:, 1] + anchor_boxes[:, 3]) / 2
     ltrb = jnp.stack([cx - gt[:, 1], cy - gt[:, 0], gt[:, 3] - cx, gt[:, 2] - cy], -1)
     return box_ops.centerness(ltrb)
+
+
+def _argmax_match(
+    iou: jax.Array, gt_valid: jax.Array, fg_iou: float, bg_iou: float
+) -> tuple[jax.Array, jax.Array]:
+    """The authors' anchor matcher (`ArgMaxMatcher`, negatives below `bg_iou`, forced matches).
+
+    Each anchor takes its highest-IoU valid gt: IoU >= fg_iou -> positive (1), < bg_iou ->
+    negative (0), else ignored (-1). Then every valid gt's best anchor (the first one on ties)
+    becomes positive and is matched to THAT gt (torchvision/Detectron2 instead keep the
+    anchor's own best gt and include ties). Deviation: a gt whose best IoU is 0 forces no match
+    (the authors' would match anchor 0).
+
+    iou [N, M], gt_valid [M] -> (matched gt index [N], labels [N] in {1, 0, -1}).
+    """
+    n, m = iou.shape
+    quality = jnp.where(gt_valid[None, :], iou, -1.0)
+    matched = jnp.argmax(quality, axis=1).astype(jnp.int32)
+    best = jnp.max(quality, axis=1)
+    labels = jnp.where(best >= fg_iou, 1, jnp.where(best < bg_iou, 0, -1)).astype(jnp.int32)
+    forcing = gt_valid & (jnp.max(quality, axis=0) > 0)  # [M]
+    best_anchor = jnp.where(forcing, jnp.argmax(quality, axis=0), n)  # n: dropped
+    # The lowest-index gt forcing each anchor (m: none), as the authors' argmax of a one-hot.
+    forced_by = jnp.full((n,), m, jnp.int32).at[best_anchor].min(
+        jnp.arange(m, dtype=jnp.int32), mode="drop"
+    )
+    is_forced = forced_by < m
+    return jnp.where(is_forced, forced_by, matched), jnp.where(is_forced, 1, labels)
 
 
 def rpn_loss_single(
@@ -140,9 +213,62 @@ def rpn_loss_single(
     """One image's RPN losses: (objectness loss, box loss).
 
     obj [N], box [N, 4], anchor_boxes [N, 4], gt_boxes [M, 4], gt_valid [M].
+
+    binary: BCE of sampled anchors (rpn.fg_iou / bg_iou, batch_per_image, positive_fraction)
+    and smooth-L1 deltas on the sampled positives, both divided by batch_per_image.
+
+    centerness, `cfg.centerness_loss`:
+      all_sampled (the authors' `RpnAnchorCenternessLabeler` + `RpnCenterLoss` +
+        `RpnBoxIoULoss`): objectness targets from a second matching at centerness_fg_iou /
+        centerness_bg_iou (0.3 / 0.1): positives get the centerness of the anchor centre in
+        their gt (0 when outside), negatives 0, in-between anchors are ignored; a balanced
+        sample of centerness_batch_per_image anchors (at most the positive fraction, 255/256,
+        positives; negatives fill the rest) is regressed with L1 on sigmoid(objectness), the
+        sum divided by centerness_batch_per_image. Box loss: every anchor matched at
+        rpn.fg_iou / bg_iou (0.7 / 0.3, plus each gt's best anchor), unsampled,
+        rpn_box_loss_weight * sum(1 - IoU) (or GIoU) of the decoded, clipped box with its gt,
+        divided by rpn.batch_per_image.
+      positives: objectness regressed to centerness on the sampled positives only (so
+        unlabelled, possibly novel objects are never pushed towards "background"; background
+        is then never ranked down), and the box loss on the same positives, both divided by
+        the number of positives.
     """
     iou = box_ops.box_iou(anchor_boxes, gt_boxes)
     iou = jnp.where(gt_valid[None, :], iou, -1.0)
+    if cfg.objectness == "centerness" and cfg.centerness_loss == "all_sampled":
+        # Objectness: centerness targets on a balanced sample of the 0.3 / 0.1 matching.
+        c_matched, c_labels = _argmax_match(
+            iou, gt_valid, cfg.centerness_fg_iou, cfg.centerness_bg_iou
+        )
+        idx, valid = sample_balanced(
+            rng,
+            c_labels,
+            num_samples=cfg.centerness_batch_per_image,
+            positive_fraction=cfg.centerness_positive_fraction,
+        )
+        idx = jnp.maximum(idx, 0)
+        target_q = jnp.where(
+            c_labels[idx] == 1,
+            _centerness_target(anchor_boxes[idx], gt_boxes[c_matched[idx]]),
+            0.0,
+        )
+        quality = jax.nn.sigmoid(obj[idx])
+        l1 = jnp.where(valid, jnp.abs(quality - target_q), 0.0)
+        obj_loss = jnp.sum(l1) / float(cfg.centerness_batch_per_image)
+        # Box: every anchor matched at rpn.fg_iou / bg_iou, unsampled.
+        b_matched, b_labels = _argmax_match(iou, gt_valid, cfg.rpn_fg_iou, cfg.rpn_bg_iou)
+        pred = box_ops.clip_boxes(
+            decode_rpn_boxes(box, anchor_boxes, cfg), cfg.image_size, cfg.image_size
+        )
+        overlap = box_ops.paired_iou if cfg.rpn_box_loss == "iou" else box_ops.paired_giou
+        per_anchor = 1.0 - overlap(pred, gt_boxes[b_matched])
+        box_loss = (
+            cfg.rpn_box_loss_weight
+            * jnp.sum(jnp.where(b_labels == 1, per_anchor, 0.0))
+            / float(cfg.rpn_batch_per_image)
+        )
+        return obj_loss, box_loss
+
     matched, labels = match_boxes(
         iou, gt_valid, fg_threshold=cfg.rpn_fg_iou, bg_threshold=cfg.rpn_bg_iou
     )
@@ -165,15 +291,17 @@ def rpn_loss_single(
         l1 = jnp.sum(_smooth_l1(box[idx] - target, 1.0 / 9), -1)
         box_loss = jnp.sum(jnp.where(pos, l1, 0.0)) / norm
     else:
-        # Localization quality (OLN): regress objectness to centerness on positives only, so
-        # unlabelled (possibly novel) objects are never pushed towards "background".
         quality = jax.nn.sigmoid(obj[idx])
         target_q = _centerness_target(a, target_box)
         num_pos = jnp.maximum(jnp.sum(pos), 1.0)
         obj_loss = jnp.sum(jnp.where(pos, jnp.abs(quality - target_q), 0.0)) / num_pos
         pred = decode_rpn_boxes(box[idx], a, cfg)
-        giou = box_ops.paired_giou(pred, target_box)
-        box_loss = jnp.sum(jnp.where(pos, 1.0 - giou, 0.0)) / num_pos
+        overlap = box_ops.paired_iou if cfg.rpn_box_loss == "iou" else box_ops.paired_giou
+        box_loss = (
+            cfg.rpn_box_loss_weight
+            * jnp.sum(jnp.where(pos, 1.0 - overlap(pred, target_box), 0.0))
+            / num_pos
+        )
     return obj_loss, box_loss
 
 
@@ -184,10 +312,23 @@ def _pool(features: dict[int, jax.Array], boxes: jax.Array, size: int, cfg: RCNN
     )
 
 
-def _batched_proposals(obj, box, cfg: RCNNConfig, *, pre_nms_top_k: int, post_nms_top_k: int):
-    """`proposals_single` over the batch: -> boxes [B, P, 4], objectness [B, P], valid [B, P]."""
+def _batched_proposals(
+    obj,
+    box,
+    cfg: RCNNConfig,
+    *,
+    pre_nms_top_k: int,
+    post_nms_top_k: int,
+    nms_iou: float | None = None,
+):
+    """`proposals_single` over the batch: -> boxes [B, P, 4], objectness [B, P], valid [B, P].
+
+    nms_iou: the proposal NMS threshold; None = the test-time `cfg.test_proposal_nms_iou`
+    (training passes `cfg.rpn_nms_iou`).
+    """
     anchor_np, _, spans = anchors(cfg)
     anchor_boxes = jnp.asarray(anchor_np)
+    iou = cfg.test_proposal_nms_iou if nms_iou is None else nms_iou
     return jax.vmap(
         lambda o, bx: proposals_single(
             o,
@@ -197,6 +338,7 @@ def _batched_proposals(obj, box, cfg: RCNNConfig, *, pre_nms_top_k: int, post_nm
             cfg,
             pre_nms_top_k=pre_nms_top_k,
             post_nms_top_k=post_nms_top_k,
+            nms_iou=iou,
         )
     )(obj, box)
 
@@ -204,6 +346,30 @@ def _batched_proposals(obj, box, cfg: RCNNConfig, *, pre_nms_top_k: int, post_nm
 def _smooth_l1(x: jax.Array, beta: float) -> jax.Array:
     ax = jnp.abs(x)
     return jnp.where(ax < beta, 0.5 * x * x / beta, ax - 0.5 * beta)
+
+
+def _top_scored(
+    boxes: jax.Array, scores: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The k highest scores (-inf = not a candidate), padded to k: -> boxes, scores, valid."""
+    m = min(k, scores.shape[0])
+    s, i = jax.lax.top_k(scores, m)
+    valid = s > -jnp.inf
+    boxes, s = jnp.where(valid[:, None], boxes[i], 0.0), jnp.where(valid, s, -jnp.inf)
+    if m < k:
+        boxes = jnp.concatenate([boxes, jnp.zeros((k - m, 4), boxes.dtype)])
+        s = jnp.concatenate([s, jnp.full((k - m,), -jnp.inf, s.dtype)])
+        valid = jnp.concatenate([valid, jnp.zeros((k - m,), bool)])
+    return boxes, s, valid
+
+
+def _suppressed(boxes: jax.Array, scores: jax.Array, iou: float, k: int):
+    """NMS at `iou` keeping at most k (iou >= 1: no suppression): -> boxes, scores, valid [k]."""
+    if iou >= 1.0:
+        return _top_scored(boxes, scores, k)
+    keep, keep_valid = nms(boxes, scores, iou_threshold=iou, max_output=k)
+    keep = jnp.maximum(keep, 0)
+    return boxes[keep], jnp.where(keep_valid, scores[keep], -jnp.inf), keep_valid
 
 
 def proposals_single(
@@ -215,24 +381,43 @@ def proposals_single(
     *,
     pre_nms_top_k: int,
     post_nms_top_k: int,
+    nms_iou: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Top-k per level, decode, clip, NMS: -> boxes [P, 4], objectness [P], valid [P]."""
+    """One image's proposals: -> boxes [P, 4], objectness [P], valid [P] (P = post_nms_top_k).
+
+    Per level: objectness sigmoid(obj), its top pre_nms_top_k anchors, decoded and clipped to
+    the image (boxes with a side under 1 px are dropped). Then, with `cfg.rpn_per_level_nms`
+    (the authors' `multilevel_propose_rois`), NMS at `nms_iou` inside each level keeping at
+    most post_nms_top_k per level, and the overall top post_nms_top_k by objectness;
+    otherwise one NMS over all levels' candidates together. nms_iou >= 1 suppresses nothing
+    (the authors' test-time threshold 1.0; their NMS would also drop exact duplicate boxes).
+    Padding entries (fewer candidates than P) have valid False, objectness 0, zero boxes.
+    """
     scores = jax.nn.sigmoid(obj)
-    cand_boxes, cand_scores = [], []
+    level_boxes, level_scores = [], []
     for _, start, n in spans:
-        k = min(pre_nms_top_k, n)
-        s, i = jax.lax.top_k(scores[start : start + n], k)
-        cand_scores.append(s)
-        cand_boxes.append(decode_rpn_boxes(box[start + i], anchor_boxes[start + i], cfg))
-    boxes = box_ops.clip_boxes(jnp.concatenate(cand_boxes), cfg.image_size, cfg.image_size)
-    scores = jnp.concatenate(cand_scores)
-    ok = box_ops.valid_box_mask(boxes) & (
-        jnp.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= 1.0
-    )
-    scores = jnp.where(ok, scores, -jnp.inf)
-    keep, keep_valid = nms(boxes, scores, iou_threshold=cfg.rpn_nms_iou, max_output=post_nms_top_k)
-    keep = jnp.maximum(keep, 0)
-    return boxes[keep], jnp.where(keep_valid, scores[keep], 0.0), keep_valid
+        s, i = jax.lax.top_k(scores[start : start + n], min(pre_nms_top_k, n))
+        b = decode_rpn_boxes(box[start + i], anchor_boxes[start + i], cfg)
+        b = box_ops.clip_boxes(b, cfg.image_size, cfg.image_size)
+        ok = box_ops.valid_box_mask(b) & (jnp.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) >= 1.0)
+        level_boxes.append(b)
+        level_scores.append(jnp.where(ok, s, -jnp.inf))
+    if cfg.rpn_per_level_nms:
+        kept = [
+            _suppressed(b, s, nms_iou, min(post_nms_top_k, b.shape[0]))
+            for b, s in zip(level_boxes, level_scores)
+        ]
+        boxes, scores, _ = _top_scored(
+            jnp.concatenate([k[0] for k in kept]),
+            jnp.concatenate([k[1] for k in kept]),
+            post_nms_top_k,
+        )
+    else:
+        boxes, scores, _ = _suppressed(
+            jnp.concatenate(level_boxes), jnp.concatenate(level_scores), nms_iou, post_nms_top_k
+        )
+    valid = scores > -jnp.inf
+    return jnp.where(valid[:, None], boxes, 0.0), jnp.where(valid, scores, 0.0), valid
 
 
 def sample_rois_single(
@@ -319,6 +504,7 @@ def detector_loss(
         cfg,
         pre_nms_top_k=cfg.rpn_pre_nms_top_k,
         post_nms_top_k=cfg.rpn_post_nms_top_k,
+        nms_iou=cfg.rpn_nms_iou,
     )
     samples = jax.vmap(lambda k, p, pv, g, c, v: sample_rois_single(k, p, pv, g, c, v, cfg))(
         jax.random.split(k_roi, b), props, props_valid, gt_boxes, gt_classes, gt_valid
@@ -329,8 +515,7 @@ def detector_loss(
     logits = apply(model.class_logits, emb, text_embeddings, text_valid)
     valid = samples["valid"]
     fg = samples["fg"]
-    logp = jax.nn.log_softmax(logits, -1)
-    ce = -jnp.take_along_axis(logp, samples["classes"][..., None], -1)[..., 0]
+    ce = classification_loss_terms(logits, samples["classes"], cfg.background_weight)
     num_valid = jnp.maximum(jnp.sum(valid), 1.0)
     cls_loss = jnp.sum(jnp.where(valid, ce, 0.0)) / num_valid
     l1 = jnp.sum(jnp.abs(deltas - samples["box_targets"]), -1)
@@ -360,6 +545,23 @@ def detector_loss(
     return total, metrics
 
 
+def classification_loss_terms(
+    logits: jax.Array, classes: jax.Array, background_weight: float
+) -> jax.Array:
+    """Per-RoI softmax cross-entropy, times `background_weight` where the target is background.
+
+    As the authors' `weighted_softmax_cross_entropy` (fvlm/losses/base_losses.py): the one-hot
+    target's background entry (class 0) is weighted, so background RoIs' losses are scaled and
+    foreground RoIs' are not. The caller averages over RoIs (the authors divide by the RoI count,
+    not by the sum of weights).
+
+    logits [..., 1 + K], classes [...] int (0 = background) -> [...] float32.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    ce = -jnp.take_along_axis(logp, classes[..., None], -1)[..., 0]
+    return jnp.where(classes == 0, background_weight, 1.0) * ce
+
+
 def _mask_loss(model, params, feats, samples, batch, cfg: RCNNConfig) -> jax.Array:
     """BCE of 28x28 class-agnostic masks on the foreground RoIs (fixed count per image)."""
     num_fg = max(1, int(round(cfg.roi_batch_per_image * cfg.roi_positive_fraction)))
@@ -372,12 +574,16 @@ def _mask_loss(model, params, feats, samples, batch, cfg: RCNNConfig) -> jax.Arr
     b, _, hm, wm = gt_masks.shape
     inst = jnp.take_along_axis(gt_masks, gi[:, :, None, None], 1)  # [B, F, Hm, Wm]
     out = 2 * cfg.mask_pool_size
+    # Gathers, not the matmul form: the same values but summed in another order, which could
+    # move a sample lying within float rounding of 0.5 across the threshold (and this RoIAlign
+    # has one channel and no backward pass, so the choice costs nothing).
     targets = batched_roi_align(
         inst.reshape(b * num_fg, hm, wm, 1),
         rois.reshape(b * num_fg, 1, 4),
         output_size=out,
         spatial_scale=hm / cfg.image_size,
         sampling_ratio=2,
+        method="gather",
     ).reshape(b, num_fg, out, out)
     targets = (targets >= 0.5).astype(jnp.float32)
     roi_feats = _pool(feats, rois, cfg.mask_pool_size, cfg)
@@ -397,10 +603,17 @@ def _region_scores(
     vlm_region_embeddings_fn,
     vlm_logit_scale: jax.Array | None,
 ) -> dict[str, Any]:
-    """Backbone, proposals, box refinement and per-class probabilities of both scorers.
+    """Backbone, proposals, box refinement and the class scores of both scorers.
 
-    Returns dict: feats (the pyramid), boxes [B, P, 4] refined proposals, det_probs [B, P, K],
-    vlm_probs [B, P, K] or None (no VLM), objectness [B, P], props_valid [B, P].
+    The VLM pools its region features from the proposals (`cfg.vlm_pool_boxes`="proposals", as
+    the authors' code) or from the refined boxes, shrunk by `cfg.vlm_box_scale`; its classifier
+    is [the detector's background row, text_embeddings], the background row shared with the
+    detector's classifier as in the authors' code.
+
+    Returns dict: feats (the pyramid), boxes [B, P, 4] refined proposals, det_probs
+    [B, P, 1 + K] detector softmax (column 0 background), vlm_logits [B, P, 1 + K] (column 0
+    background; padded vocabulary entries -1e9) or None (no VLM), objectness [B, P],
+    props_valid [B, P].
     """
     apply = lambda method, *a: model.apply({"params": params}, *a, method=method)  # noqa: E731
     feats = apply(model.features, images)
@@ -417,48 +630,78 @@ def _region_scores(
     boxes = box_ops.decode_deltas(deltas, props, weights=BOX_WEIGHTS)
     boxes = box_ops.clip_boxes(boxes, cfg.image_size, cfg.image_size)
     logits = apply(model.class_logits, emb, text_embeddings, text_valid)
-    det_probs = jax.nn.softmax(logits, -1)[..., 1:]
-    vlm_probs = None
+    det_probs = jax.nn.softmax(logits, -1)
+    vlm_logits = None
     if vlm_region_embeddings_fn is not None:
-        region = vlm_region_embeddings_fn(images, box_ops.shrink_boxes(boxes, cfg.vlm_box_scale))
+        pool_boxes = props if cfg.vlm_pool_boxes == "proposals" else boxes
+        region = vlm_region_embeddings_fn(
+            images, box_ops.shrink_boxes(pool_boxes, cfg.vlm_box_scale)
+        )
         if cfg.vlm_temperature is None:
             if vlm_logit_scale is None:
                 raise ValueError("vlm_temperature=None needs the pretrained vlm_logit_scale")
             scale = vlm_logit_scale
         else:
             scale = 1.0 / cfg.vlm_temperature
-        vlm_logits = jnp.einsum("bpe,ke->bpk", region, text_embeddings) * scale
-        vlm_logits = jnp.where(text_valid, vlm_logits, -1e9)
-        vlm_probs = jax.nn.softmax(vlm_logits, -1)
+        background = apply(model.background_embedding)
+        classifier = jnp.concatenate(
+            [background[None], text_embeddings.astype(jnp.float32)], axis=0
+        )
+        vlm_logits = jnp.einsum("bpe,ke->bpk", region, classifier) * scale
+        valid = jnp.concatenate([jnp.ones((1,), bool), text_valid])
+        vlm_logits = jnp.where(valid, vlm_logits, -1e9)
     return dict(
         feats=feats,
         boxes=boxes,
         det_probs=det_probs,
-        vlm_probs=vlm_probs,
+        vlm_logits=vlm_logits,
         objectness=objectness,
         props_valid=props_valid,
     )
+
+
+def fused_class_scores(
+    det_probs: jax.Array,
+    vlm_logits: jax.Array | None,
+    objectness: jax.Array,
+    text_valid: jax.Array,
+    is_novel: jax.Array,
+    cfg: RCNNConfig,
+) -> jax.Array:
+    """[..., K] class scores by `cfg.fusion` (see detection.score_fusion).
+
+    det_probs [..., 1 + K] detector softmax, vlm_logits [..., 1 + K] or None (detector only),
+    both with background in column 0; objectness [...].
+    """
+    kw = dict(
+        is_novel=is_novel,
+        w_base=cfg.w_base,
+        w_novel=cfg.w_novel,
+        objectness_exponent=cfg.objectness_exponent,
+    )
+    if cfg.fusion == "authors":
+        vlm_probs = None if vlm_logits is None else jax.nn.softmax(vlm_logits, -1)
+        return fuse_scores_with_background(
+            det_probs, vlm_probs, objectness, valid=text_valid, **kw
+        )
+    # "classes_only": the VLM softmax over the classes alone, no background, no renormalisation.
+    vlm_probs = None if vlm_logits is None else jax.nn.softmax(vlm_logits[..., 1:], -1)
+    return fuse_scores(det_probs[..., 1:], vlm_probs, objectness, **kw)
 
 
 def _final_detections(
     model,
     params: Any,
     scored: dict[str, Any],
-    vlm_probs: jax.Array | None,
+    vlm_logits: jax.Array | None,
     text_valid: jax.Array,
     is_novel: jax.Array,
     cfg: RCNNConfig,
     with_masks: bool,
 ) -> dict[str, jax.Array]:
-    """Score fusion (none when `vlm_probs` is None), per-class NMS and (optionally) masks."""
-    scores = fuse_scores(
-        scored["det_probs"],
-        vlm_probs,
-        scored["objectness"],
-        is_novel=is_novel,
-        w_base=cfg.w_base,
-        w_novel=cfg.w_novel,
-        objectness_exponent=cfg.objectness_exponent,
+    """Score fusion (none when `vlm_logits` is None), per-class NMS and (optionally) masks."""
+    scores = fused_class_scores(
+        scored["det_probs"], vlm_logits, scored["objectness"], text_valid, is_novel, cfg
     )
     scores = jnp.where(scored["props_valid"][..., None] & text_valid, scores, 0.0)
     out_boxes, out_scores, out_classes, out_valid = jax.vmap(
@@ -558,10 +801,10 @@ def detect_variants(
         vlm_region_embeddings_fn,
         vlm_logit_scale,
     )
-    vlm_probs = {"fused": scored["vlm_probs"], "detector_only": None}
+    vlm_logits = {"fused": scored["vlm_logits"], "detector_only": None}
     return {
         v: _final_detections(
-            model, params, scored, vlm_probs[v], text_valid, is_novel, cfg, with_masks
+            model, params, scored, vlm_logits[v], text_valid, is_novel, cfg, with_masks
         )
         for v in variants
     }

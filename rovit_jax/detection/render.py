@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PALETTE", "draw_detections", "render_detections"]
+__all__ = ["PALETTE", "draw_detections", "one_label_per_object", "render_detection_grid", "render_detections"]
 
 # Distinct, saturated colours (Tableau 10); a detection's colour is chosen by its label.
 PALETTE = (
@@ -150,3 +150,77 @@ def render_detections(
         min_score=min_score,
         upscale=upscale,
     ).save(path)
+
+
+def one_label_per_object(
+    boxes: np.ndarray, scores: np.ndarray, min_score: float, iou_threshold: float = 0.5
+) -> np.ndarray:
+    """Indices of the detections to draw: score >= min_score, best first, and no box that
+    overlaps an already kept one by IoU > iou_threshold (whatever its class), so that each object
+    carries one label. boxes [N, 4] (y0, x0, y1, x1), scores [N] -> int [M]."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    keep: list[int] = []
+    for i in np.argsort(-scores, kind="stable"):
+        if scores[i] < min_score:
+            break
+        b = boxes[i]
+        area = max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+        clash = False
+        for j in keep:
+            o = boxes[j]
+            ih = max(min(b[2], o[2]) - max(b[0], o[0]), 0.0)
+            iw = max(min(b[3], o[3]) - max(b[1], o[1]), 0.0)
+            inter = ih * iw
+            union = area + max(o[2] - o[0], 0.0) * max(o[3] - o[1], 0.0) - inter
+            if union > 0 and inter / union > iou_threshold:
+                clash = True
+                break
+        if not clash:
+            keep.append(int(i))
+    return np.asarray(keep, np.int64)
+
+
+def render_detection_grid(
+    panels: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    names: Sequence[str],
+    path: str,
+    *,
+    min_score: float = 0.3,
+    columns: int = 2,
+    panel_side: int = 512,
+) -> None:
+    """Writes several images with their confident detections side by side, one label per object.
+
+    Args:
+      panels: [(image uint8 [H, W, 3], boxes [N, 4] yxyx pixels, scores [N], labels [N])].
+      names: label names (e.g. a novel category's name marked by the caller).
+      path: output PNG.
+      min_score: detections scoring below this are not drawn.
+      columns: panels per row.
+      panel_side: each panel is zoomed (nearest neighbour) to at least this shorter side.
+    """
+    if not panels:
+        raise ValueError("render_detection_grid needs at least one panel")
+    drawn = []
+    for image, boxes, scores, labels in panels:
+        keep = one_label_per_object(boxes, scores, min_score)
+        drawn.append(
+            draw_detections(
+                image,
+                np.asarray(boxes).reshape(-1, 4)[keep],
+                np.asarray(scores).reshape(-1)[keep],
+                np.asarray(labels).reshape(-1)[keep],
+                names,
+                min_side=panel_side,
+            )
+        )
+    w = max(im.width for im in drawn)
+    h = max(im.height for im in drawn)
+    gap = 8
+    rows = math.ceil(len(drawn) / columns)
+    cols = min(columns, len(drawn))
+    sheet = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
+    for k, im in enumerate(drawn):
+        sheet.paste(im, ((k % columns) * (w + gap), (k // columns) * (h + gap)))
+    sheet.save(path)

@@ -6,7 +6,18 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["PROMPT_ENSEMBLES", "clean_name", "bucket_size", "build_text_classifier"]
+__all__ = [
+    "BACKGROUND_NAME",
+    "PROMPT_ENSEMBLES",
+    "background_text_embedding",
+    "bucket_size",
+    "build_text_classifier",
+    "clean_name",
+]
+
+# The background class's name, as in the authors' code (fvlm/utils/dataset_utils.py,
+# `load_dataset_class_names`: "a list of class names with background represented as '.'").
+BACKGROUND_NAME = "."
 
 # Prompt templates; "{}" is the category name. "vild" follows ViLD's short photo-style prompts;
 # "single" is the plain baseline; "clip" is the 80-template ensemble CLIP published for zero-shot
@@ -173,3 +184,20 @@ def build_text_classifier(
     valid = np.zeros((k,), bool)
     valid[: len(names)] = True
     return out, valid
+
+
+def background_text_embedding(
+    embed_texts: Callable[[list[str]], np.ndarray],
+    *,
+    templates: Sequence[str] = PROMPT_ENSEMBLES["vild"],
+) -> np.ndarray:
+    """[E] unit-norm text embedding of the background name "." through the prompt templates.
+
+    Built exactly like a category's row of `build_text_classifier` (each template filled with
+    ".", embedded, averaged, normalised): the authors embed the name list whose row 0 is "."
+    with the same text pipeline as the categories.
+    """
+    emb, _ = build_text_classifier(
+        [BACKGROUND_NAME], embed_texts, templates=templates, pad_to_bucket=False
+    )
+    return emb[0]

@@ -37,11 +37,14 @@ class RPNHead(nn.Module):
 
     In `binary` mode the objectness is a logit of "object vs background" and the box output are
     anchor deltas; in `centerness` mode the objectness is regressed to the localization quality
-    (centerness) and the box output are (l, t, r, b) distances in units of the level's stride.
+    (centerness) and the box output are (l, t, r, b) distances in units of the anchor's size.
     """
 
     num_anchors: int
     channels: int = 256
+    # Initial value of the box outputs: 0.5 with the linear LTRB coding makes an untrained RPN
+    # propose its anchors (a zero output would be a point box, which proposes nothing).
+    box_bias_init: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -62,6 +65,7 @@ class RPNHead(nn.Module):
             name="box",
             dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.01),
+            bias_init=nn.initializers.constant(self.box_bias_init),
             **_CONV,
         )
         out = {}

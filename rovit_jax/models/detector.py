@@ -11,7 +11,9 @@ Parameters::
   rpn/...          RPN head shared over levels
   box_head/...     convs + FC + box deltas + region embedding
   mask_head/...    class-agnostic mask head
-  bg_embedding     [E] learned background embedding (unit-normalised when used)
+  bg_embedding     [E] background row of the classifier (unit-normalised when used): with
+                   background="text" a fixed text embedding (the task stores the text tower's
+                   embedding of "." there and it gets no gradient), with "learned" a free one
   cls_log_scale    scalar: logits = cos / (base_temperature * exp(-cls_log_scale))
 """
 
@@ -27,7 +29,9 @@ from rovit_jax.models.detection_heads import BoxHead, MaskHead, RPNHead
 from rovit_jax.models.fpn import SimpleFeaturePyramid
 from rovit_jax.models.vit import ViT
 
-__all__ = ["OpenVocabDetector"]
+__all__ = ["BACKGROUND_MODES", "OpenVocabDetector"]
+
+BACKGROUND_MODES = ("text", "learned")
 
 
 class OpenVocabDetector(nn.Module):
@@ -41,6 +45,9 @@ class OpenVocabDetector(nn.Module):
       embed_dim: text embedding size E (the region embedding's space).
       head_conv_dim, head_fc_dim, mask_conv_dim: head widths.
       base_temperature: logits = cos(region, text) * exp(cls_log_scale) / base_temperature.
+      background: "text" (the authors': the background row is a fixed text embedding, held in
+        `bg_embedding` behind stop_gradient) or "learned" (`bg_embedding` is trained). Both
+        modes have the same parameters, so either loads the other's checkpoints.
     """
 
     backbone: dict
@@ -48,6 +55,7 @@ class OpenVocabDetector(nn.Module):
     max_level: int = 5
     fpn_channels: int = 256
     num_anchors: int = 3
+    rpn_box_bias_init: float = 0.0  # see RPNHead.box_bias_init
     embed_dim: int = 768
     head_conv_dim: int = 256
     head_num_convs: int = 4
@@ -55,9 +63,14 @@ class OpenVocabDetector(nn.Module):
     mask_conv_dim: int = 256
     mask_num_convs: int = 4
     base_temperature: float = 0.01
+    background: str = "text"
     dtype: Any = jnp.float32
 
     def setup(self):
+        if self.background not in BACKGROUND_MODES:
+            raise ValueError(
+                f"background must be one of {BACKGROUND_MODES}, got {self.background!r}"
+            )
         self.vit = ViT(**{"dtype": self.dtype, **dict(self.backbone)}, name="backbone")
         self.fpn = SimpleFeaturePyramid(
             patch_size=self.backbone["patch_size"],
@@ -68,7 +81,11 @@ class OpenVocabDetector(nn.Module):
             name="fpn",
         )
         self.rpn = RPNHead(
-            num_anchors=self.num_anchors, channels=self.fpn_channels, dtype=self.dtype, name="rpn"
+            num_anchors=self.num_anchors,
+            channels=self.fpn_channels,
+            box_bias_init=self.rpn_box_bias_init,
+            dtype=self.dtype,
+            name="rpn",
         )
         self.box = BoxHead(
             embed_dim=self.embed_dim,
@@ -103,6 +120,13 @@ class OpenVocabDetector(nn.Module):
     def mask_outputs(self, roi_features: jax.Array) -> jax.Array:
         return self.mask(roi_features)
 
+    def background_embedding(self) -> jax.Array:
+        """[E] unit-norm background row of the classifier (shared with the VLM's classifier)."""
+        bg = self.bg_embedding.astype(jnp.float32)
+        if self.background == "text":
+            bg = jax.lax.stop_gradient(bg)
+        return bg / jnp.maximum(jnp.linalg.norm(bg), 1e-12)
+
     def class_logits(
         self, region_embeddings: jax.Array, text_embeddings: jax.Array, text_valid: jax.Array
     ) -> jax.Array:
@@ -116,7 +140,7 @@ class OpenVocabDetector(nn.Module):
         Returns:
           [B, R, 1 + K] float32 logits; column 0 is background.
         """
-        bg = self.bg_embedding / jnp.linalg.norm(self.bg_embedding)
+        bg = self.background_embedding()
         classifier = jnp.concatenate([bg[None], text_embeddings.astype(jnp.float32)], axis=0)
         scale = jnp.exp(self.cls_log_scale) / self.base_temperature
         logits = jnp.einsum("bre,ke->brk", region_embeddings, classifier) * scale

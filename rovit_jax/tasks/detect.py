@@ -16,15 +16,62 @@ from jax.sharding import Mesh
 
 from rovit_jax.data import sources
 from rovit_jax.detection import rcnn
-from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier
-from rovit_jax.models.detector import OpenVocabDetector
+from rovit_jax.detection.score_fusion import FUSION_MODES
+from rovit_jax.detection.text_classifier import (
+    PROMPT_ENSEMBLES,
+    background_text_embedding,
+    build_text_classifier,
+)
+from rovit_jax.models.detector import BACKGROUND_MODES, OpenVocabDetector
 from rovit_jax.models.layers import tower_options, unscan_params
-from rovit_jax.models.vit import vit_variant
+from rovit_jax.models.vit import ViT, vit_variant
 from rovit_jax.ops.roi_align import batched_roi_align
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.checkpoint import load_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Values of the classification-side fields for a run config written before they existed (the
+# behaviour that run was trained and evaluated with); new configs get the authors' values from
+# detect_config.detect_defaults.
+PRE_AUTHORS_DEFAULTS = {
+    "head.background": "learned",
+    "roi.background_weight": 1.0,
+    "infer.fusion": "classes_only",
+    "infer.vlm_pool_boxes": "refined",
+    "infer.vlm_window_attention": False,
+}
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    """A classification-side field (see PRE_AUTHORS_DEFAULTS), defaulted for older run configs."""
+    from rovit_jax import config_check as cc
+
+    return cc.config_get(config, key, PRE_AUTHORS_DEFAULTS[key])
+
+
+# The same for the region-proposal fields: the behaviour of runs configured before them
+# (infer.proposal_nms_iou: those runs used their rpn.nms_iou at test time too).
+PRE_AUTHORS_RPN_DEFAULTS = {
+    "rpn.per_level_nms": False,
+    "rpn.centerness_loss": "positives",
+    "rpn.centerness_fg_iou": 0.3,
+    "rpn.centerness_bg_iou": 0.1,
+    "rpn.centerness_batch_per_image": 256,
+    "rpn.centerness_positive_fraction": 255 / 256,
+    "rpn.box_loss": "giou",
+    "rpn.box_loss_weight": 1.0,
+    "rpn.box_coding": "log",
+}
+
+
+def _rpn_get(config: ml_collections.ConfigDict, key: str) -> Any:
+    """A region-proposal field, defaulted for older run configs (PRE_AUTHORS_RPN_DEFAULTS)."""
+    from rovit_jax import config_check as cc
+
+    if key == "infer.proposal_nms_iou":
+        return cc.config_get(config, key, cc.config_get(config, "rpn.nms_iou"))
+    return cc.config_get(config, key, PRE_AUTHORS_RPN_DEFAULTS[key])
 
 
 def _check(cond: bool, key: str, value: Any, why: str) -> None:
@@ -56,6 +103,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
         _check_detection_data(p, config)
     cc.check_int(p, config, "eval.num_images", min_value=0, default=0)
     cc.check_int(p, config, "eval.render_images", min_value=0, default=0)
+    cc.check_number(p, config, "eval.render_min_score", min_value=0.0, default=0.3)
     cc.check_choice(p, config, "compute_dtype", tuple(DTYPES), why=str(tuple(DTYPES)))
     cc.check_choice(p, config, "remat", pretrain.REMAT)
 
@@ -130,8 +178,24 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     cc.check_int(p, config, "roi.mask_pool_size", min_value=1)
     for key in ("rpn.nms_iou", "infer.nms_iou"):
         cc.check_number(p, config, key, min_value=0.0, max_value=1.0, min_exclusive=True)
+    _validate_rpn_fields(p, config)
     cc.check_number(p, config, "roi.fg_iou", min_value=0.0, max_value=1.0)
     cc.check_number(p, config, "roi.mask_loss_weight", min_value=0.0)
+    cc.check_number(
+        p,
+        config,
+        "roi.background_weight",
+        min_value=0.0,
+        default=PRE_AUTHORS_DEFAULTS["roi.background_weight"],
+    )
+    cc.check_choice(
+        p,
+        config,
+        "head.background",
+        BACKGROUND_MODES,
+        why=f"choose one of {BACKGROUND_MODES}",
+        default=PRE_AUTHORS_DEFAULTS["head.background"],
+    )
     for key in ("head.conv_dim", "head.fc_dim", "head.mask_conv_dim"):
         cc.check_int(p, config, key, min_value=1)
     for key in ("head.num_convs", "head.mask_num_convs"):
@@ -145,6 +209,36 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     for key in ("w_base", "w_novel"):
         cc.check_number(p, config, f"infer.{key}", min_value=0.0, max_value=1.0)
     cc.check_number(p, config, "infer.objectness_exponent", min_value=0.0)
+    cc.check_choice(
+        p,
+        config,
+        "infer.fusion",
+        FUSION_MODES,
+        why=f"choose one of {FUSION_MODES}",
+        default=PRE_AUTHORS_DEFAULTS["infer.fusion"],
+    )
+    cc.check_choice(
+        p,
+        config,
+        "infer.vlm_pool_boxes",
+        rcnn.VLM_POOL_BOXES,
+        why=f"choose one of {rcnn.VLM_POOL_BOXES}",
+        default=PRE_AUTHORS_DEFAULTS["infer.vlm_pool_boxes"],
+    )
+    windowed = cc.check_bool(
+        p,
+        config,
+        "infer.vlm_window_attention",
+        default=PRE_AUTHORS_DEFAULTS["infer.vlm_window_attention"],
+    )
+    window = cc.config_get(config, "det.window_size", None)
+    if windowed and type(window) is int and window == 0:
+        p.add(
+            "infer.vlm_window_attention",
+            windowed,
+            "uses the detector's window (det.window_size), which is 0 (global attention): set "
+            "det.window_size > 0 or infer.vlm_window_attention=False",
+        )
 
     # Vocabulary and initialisation.
     cc.check_choice(
@@ -175,6 +269,76 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
             except cc.ConfigError as e:
                 p.extend(e.problems, prefix="pretrain.")
     p.raise_if_any()
+
+
+def _validate_rpn_fields(p: Any, config: ml_collections.ConfigDict) -> None:
+    """The region-proposal fields of the authors' behaviour and optim.grad_scales."""
+    import re
+
+    from rovit_jax import config_check as cc
+
+    d = PRE_AUTHORS_RPN_DEFAULTS
+    cc.check_bool(p, config, "rpn.per_level_nms", default=d["rpn.per_level_nms"])
+    for key, choices in (
+        ("rpn.centerness_loss", rcnn.CENTERNESS_LOSSES),
+        ("rpn.box_loss", rcnn.RPN_BOX_LOSSES),
+        ("rpn.box_coding", rcnn.RPN_BOX_CODINGS),
+    ):
+        cc.check_choice(p, config, key, choices, why=f"choose one of {choices}", default=d[key])
+    fg, bg = (
+        cc.check_number(p, config, key, min_value=0.0, max_value=1.0, default=d[key])
+        for key in ("rpn.centerness_fg_iou", "rpn.centerness_bg_iou")
+    )
+    if fg is not None and bg is not None:
+        p.check(bg <= fg, "rpn.centerness_bg_iou", bg, f"must be <= rpn.centerness_fg_iou = {fg}")
+    cc.check_int(
+        p,
+        config,
+        "rpn.centerness_batch_per_image",
+        min_value=1,
+        default=d["rpn.centerness_batch_per_image"],
+    )
+    cc.check_number(
+        p,
+        config,
+        "rpn.centerness_positive_fraction",
+        min_value=0.0,
+        max_value=1.0,
+        min_exclusive=True,
+        default=d["rpn.centerness_positive_fraction"],
+    )
+    cc.check_number(
+        p, config, "rpn.box_loss_weight", min_value=0.0, default=d["rpn.box_loss_weight"]
+    )
+    cc.check_number(
+        p,
+        config,
+        "infer.proposal_nms_iou",
+        min_value=0.0,
+        max_value=1.0,
+        min_exclusive=True,
+        default=cc.config_get(config, "rpn.nms_iou", 0.7),
+    )
+    scales = cc.config_get(config, "optim.grad_scales", ())
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, (list, tuple)):
+        p.add("optim.grad_scales", scales, "must be a list of (regex, factor) pairs")
+        return
+    for i, rule in enumerate(scales):
+        key = f"optim.grad_scales[{i}]"
+        if isinstance(rule, (str, bytes)) or not isinstance(rule, (list, tuple)) or len(rule) != 2:
+            p.add(key, rule, "must be a (regex, factor) pair")
+            continue
+        try:
+            re.compile(rule[0])
+        except (re.error, TypeError) as e:
+            p.add(key, rule, f"invalid regex: {e}")
+        factor = rule[1]
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not 0 <= factor < float("inf")
+        ):
+            p.add(key, rule, "factor must be a finite number >= 0")
 
 
 def _check_detection_data(p: Any, config: ml_collections.ConfigDict) -> None:
@@ -236,12 +400,23 @@ def rcnn_config(config: ml_collections.ConfigDict) -> rcnn.RCNNConfig:
         rpn_pre_nms_top_k=int(r.pre_nms_top_k),
         rpn_nms_iou=r.nms_iou,
         rpn_post_nms_top_k=int(r.post_nms_top_k),
+        rpn_per_level_nms=bool(_rpn_get(config, "rpn.per_level_nms")),
+        centerness_loss=str(_rpn_get(config, "rpn.centerness_loss")),
+        centerness_fg_iou=float(_rpn_get(config, "rpn.centerness_fg_iou")),
+        centerness_bg_iou=float(_rpn_get(config, "rpn.centerness_bg_iou")),
+        centerness_batch_per_image=int(_rpn_get(config, "rpn.centerness_batch_per_image")),
+        centerness_positive_fraction=float(_rpn_get(config, "rpn.centerness_positive_fraction")),
+        rpn_box_loss=str(_rpn_get(config, "rpn.box_loss")),
+        rpn_box_loss_weight=float(_rpn_get(config, "rpn.box_loss_weight")),
+        rpn_box_coding=str(_rpn_get(config, "rpn.box_coding")),
+        test_proposal_nms_iou=float(_rpn_get(config, "infer.proposal_nms_iou")),
         roi_batch_per_image=int(roi.batch_per_image),
         roi_positive_fraction=roi.positive_fraction,
         roi_fg_iou=roi.fg_iou,
         roi_pool_size=int(roi.pool_size),
         mask_pool_size=int(roi.mask_pool_size),
         mask_loss_weight=float(roi.mask_loss_weight),
+        background_weight=float(_get(config, "roi.background_weight")),
         test_pre_nms_top_k=int(inf.pre_nms_top_k),
         test_post_nms_top_k=int(inf.post_nms_top_k),
         detection_nms_iou=inf.nms_iou,
@@ -252,6 +427,8 @@ def rcnn_config(config: ml_collections.ConfigDict) -> rcnn.RCNNConfig:
         w_base=inf.w_base,
         w_novel=inf.w_novel,
         objectness_exponent=inf.objectness_exponent,
+        fusion=str(_get(config, "infer.fusion")),
+        vlm_pool_boxes=str(_get(config, "infer.vlm_pool_boxes")),
     )
 
 
@@ -365,6 +542,11 @@ class DetectTask:
             max_level=int(self.config.det.max_level),
             fpn_channels=int(self.config.det.fpn_channels),
             num_anchors=len(self.config.rpn.aspect_ratios),
+            rpn_box_bias_init=(
+                0.5
+                if self.rcnn.objectness == "centerness" and self.rcnn.rpn_box_coding == "linear"
+                else 0.0
+            ),
             embed_dim=int(pcfg.model.embed_dim),
             head_conv_dim=int(self.config.head.conv_dim),
             head_num_convs=int(self.config.head.num_convs),
@@ -372,6 +554,7 @@ class DetectTask:
             mask_conv_dim=int(self.config.head.mask_conv_dim),
             mask_num_convs=int(self.config.head.mask_num_convs),
             base_temperature=float(self.config.head.base_temperature),
+            background=str(_get(self.config, "head.background")),
             dtype=DTYPES[self.config.compute_dtype],
         )
 
@@ -403,6 +586,27 @@ class DetectTask:
     def vocabulary(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         templates = PROMPT_ENSEMBLES[self.config.text.templates]
         return build_text_classifier(names, self._embed_texts, templates=templates)
+
+    @cached_property
+    def background_embedding(self) -> np.ndarray:
+        """[E] unit-norm text embedding of the background name "." through `text.templates`.
+
+        With head.background="text" it is the detector's fixed background row (`init_params`
+        stores it in `bg_embedding`). `validate` computes it; first asked for inside a trace
+        (e.g. a jitted `init_params` without `validate`), it is computed on another thread, whose
+        jax trace state is its own, so that it is still a concrete array.
+        """
+        templates = PROMPT_ENSEMBLES[self.config.text.templates]
+
+        def compute() -> np.ndarray:
+            return background_text_embedding(self._embed_texts, templates=templates)
+
+        if not isinstance(jnp.zeros(()), jax.core.Tracer):
+            return compute()
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(compute).result()
 
     @cached_property
     def base_vocabulary(self) -> dict[str, Any]:
@@ -514,6 +718,12 @@ class DetectTask:
         _ = self.pretrained, self.model, self.full_vocabulary, self.finetuned
         if int(self.config.total_steps) > 0:
             _ = self.base_vocabulary
+        if self._text_background and self.finetuned is None and self.pretrained[1] is not None:
+            _ = self.background_embedding
+
+    @property
+    def _text_background(self) -> bool:
+        return _get(self.config, "head.background") == "text"
 
     @cached_property
     def finetuned(self) -> Any | None:
@@ -553,6 +763,10 @@ class DetectTask:
         if jax.tree.map(jnp.shape, loaded) != fresh_shapes:
             raise ValueError("pretrained image tower shapes differ from the detector backbone's")
         params["backbone"] = loaded
+        if self._text_background:
+            # The authors' fixed background row: the text embedding of ".", never trained (the
+            # model reads it behind stop_gradient).
+            params["bg_embedding"] = jnp.asarray(self.background_embedding, jnp.float32)
         return params
 
     def loss_fn(self, params, batch, rng):
@@ -568,13 +782,46 @@ class DetectTask:
         )
 
     # ---- inference and evaluation --------------------------------------------------------------
+    @cached_property
+    def vlm_backbone(self) -> ViT | None:
+        """The frozen image tower as run for VLM scores with `infer.vlm_window_attention`.
+
+        As the authors' frozen ViT (fvlm/modeling/clip_models.py, the "frozen" window-attention
+        layouts: "Frozen vision backbone performs better with window attention size v2"): window
+        attention in every block but the last, which stays global. The window is the detector's
+        (`det.window_size`). Pooling parameters are not used (the region features come from the
+        last patch grid); a pool_type="tok" tower runs without its CLS token, as the detector's
+        backbone does. None when `infer.vlm_window_attention` is False: the pretrained tower as
+        it is (global attention in every block).
+        """
+        if not _get(self.config, "infer.vlm_window_attention"):
+            return None
+        image = dict(self.two_tower.image)
+        image.update(
+            pool_type="gap",
+            scan_layers=False,
+            window_size=int(self.config.det.window_size),
+            global_blocks=(int(image["depth"]) - 1,),
+        )
+        return ViT(**{"dtype": self.two_tower.dtype, **image})
+
+    def vlm_patch_grid(self, vlm_params, images: jax.Array) -> jax.Array:
+        """[B, S, S, 3] -> [B, h, w, D]: the frozen image tower's last map (after encoder_norm,
+        as pooled in pretraining), with window attention per `vlm_backbone` or global."""
+        if self.vlm_backbone is None:
+            (_, _), aux = self.two_tower.apply({"params": vlm_params}, images, None)
+            return aux["img/patch_grid"]
+        unused = ("cls", "cls_pos_embedding", "MAPHead_0")
+        img = {k: v for k, v in unscan_params(vlm_params["img"]).items() if k not in unused}
+        _, aux = self.vlm_backbone.apply({"params": img}, images)
+        return aux["patch_grid"]
+
     def vlm_region_embeddings(self, vlm_params, images: jax.Array, boxes: jax.Array) -> jax.Array:
         """Frozen pretrained backbone: RoIAlign of boxes on its last map, mean, projection.
 
         images [B, S, S, 3], boxes [B, P, 4] pixels -> [B, P, E] unit-norm.
         """
-        (_, _), aux = self.two_tower.apply({"params": vlm_params}, images, None)
-        grid = aux["img/patch_grid"]  # [B, h, w, D] after encoder_norm, as pooled in pretraining
+        grid = self.vlm_patch_grid(vlm_params, images)
         stride = images.shape[1] / grid.shape[1]
         pooled = batched_roi_align(
             grid.astype(jnp.float32),

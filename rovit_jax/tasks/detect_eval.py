@@ -13,6 +13,7 @@ from rovit_jax.detection.postprocess import paste_masks, to_original_coordinates
 from rovit_jax.evaluation import detection as det_eval
 
 VARIANTS = ("fused", "detector_only")
+_RENDER_POOL = 64  # evaluation images considered for detections.png
 
 
 def _restrict(gt: dict[str, Any], dets: list[dict], keep_ids: set[int], protocol: str):
@@ -61,7 +62,8 @@ def evaluate(task, trainer, params) -> dict[str, float]:
     vlm_params = {k: v for k, v in task.pretrained[1].items() if k != "txt"}
     text = [jax.numpy.asarray(vocab[k]) for k in ("embeddings", "valid", "is_novel")]
     metrics: dict[str, float] = {}
-    rendered = None
+    # Fused detections of the first images, from which the rendered examples are picked.
+    candidates: list[tuple[int, int, Any, Any, Any]] = []  # (image_id, index, boxes, scores, classes)
     # One pass: both variants share the backbone, proposals and heads.
     if data.with_masks not in task._predict_cache:  # jitted once per task
         task._predict_cache[data.with_masks] = task.predict_fn(trainer, with_masks=data.with_masks)
@@ -99,12 +101,15 @@ def evaluate(task, trainer, params) -> dict[str, float]:
                     masks=masks,
                     category_ids=category_ids,
                 )
-                if rendered is None and variant == "fused":
-                    rendered = (
-                        int(batch["index"][j]),
-                        boxes[keep],
-                        out["scores"][row][keep],
-                        out["classes"][row][keep],
+                if variant == "fused" and len(candidates) < _RENDER_POOL:
+                    candidates.append(
+                        (
+                            int(batch["image_id"][j]),
+                            int(batch["index"][j]),
+                            boxes[keep],
+                            out["scores"][row][keep],
+                            out["classes"][row][keep],
+                        )
                     )
     for variant in VARIANTS:
         found = dets[variant]
@@ -123,14 +128,8 @@ def evaluate(task, trainer, params) -> dict[str, float]:
                 {k: v for k, v in metrics.items() if k.startswith(variant)},
                 found,
             )
-    if jax.process_index() == 0 and task.workdir and rendered is not None:
-        from rovit_jax.detection.render import render_detections
-
-        index, boxes, scores, classes = rendered
-        names = [name for _, name, _ in table]
-        path = os.path.join(task.workdir, "detections.png")
-        render_detections(source[index]["image"], boxes, scores, classes, names, path)
-        logging.info("rendered detections to %s", path)
+    if jax.process_index() == 0 and task.workdir and candidates and config.eval.render_images:
+        _render(task, source, gt, candidates, novel_ids, category_ids)
     return metrics
 
 
@@ -194,3 +193,31 @@ def format_table(metrics: dict[str, float]) -> str:
         vals = [metrics.get(f"{variant}/{t}/{k}", float("nan")) for t, k in cols]
         lines.append(f"| {variant} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |")
     return "\n".join(lines)
+
+
+def _render(task, source, gt, candidates, novel_ids: set[int], category_ids: list[int]) -> None:
+    """detections.png: `eval.render_images` held-out images with fused detections.
+
+    Images with a novel-category object and several objects come first, so the picture shows
+    open-vocabulary detection at work; novel category names carry a "*".
+    """
+    from rovit_jax.detection.render import render_detection_grid
+
+    config = task.config
+    objects: dict[int, list[int]] = {}
+    for a in gt["annotations"]:
+        objects.setdefault(int(a["image_id"]), []).append(int(a["category_id"]))
+
+    def rank(c):
+        cats = objects.get(c[0], [])
+        return (-int(any(k in novel_ids for k in cats)), -min(len(cats), 4), c[0])
+
+    chosen = sorted(candidates, key=rank)[: int(config.eval.render_images)]
+    names = [
+        name + ("*" if eid in novel_ids else "")
+        for eid, (_, name, _) in zip(category_ids, task.table)
+    ]
+    panels = [(source[index]["image"], b, s, c) for _, index, b, s, c in chosen]
+    path = os.path.join(task.workdir, "detections.png")
+    render_detection_grid(panels, names, path, min_score=float(config.eval.get("render_min_score", 0.3)))
+    logging.info("rendered detections of %d images to %s", len(panels), path)

@@ -49,11 +49,17 @@ def make_optimizer(
     """AdamW with decoupled weight decay (masked by `optim.no_decay`), clipping, frozen params.
 
     `optim.frozen` regexes select parameters that receive no update at all (their optimizer state
-    is empty), e.g. a frozen image tower.
+    is empty), e.g. a frozen image tower. `optim.grad_scales` (regex, factor) rules multiply the
+    gradients first, before clipping: Adam's update is invariant to a constant gradient scale
+    (up to eps), so they act only through the global-norm clipping (unlike `optim.lr_mults`,
+    which scale the updates).
     """
     schedule = make_schedule(optim, total_steps)
     no_decay = list(optim.get("no_decay", ()))
     chain = []
+    grad_scales = [tuple(m) for m in optim.get("grad_scales", ())]
+    if grad_scales:
+        chain.append(scale_by_regex(grad_scales))
     if optim.get("clip_norm"):
         chain.append(optax.clip_by_global_norm(float(optim.clip_norm)))
     chain.append(optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps)))
@@ -81,7 +87,8 @@ def make_optimizer(
 def scale_by_regex(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
     """Multiplies the updates of parameters whose path matches a rule's regex (first match wins).
 
-    Used for the detector's reduced backbone learning rate: `[("^backbone/", 0.1)]`.
+    Used for the detector's reduced backbone learning rate: `[("^backbone/", 0.1)]`, and first
+    in the chain for `optim.grad_scales`.
     """
     compiled = [(re.compile(rx), float(m)) for rx, m in rules]
 
