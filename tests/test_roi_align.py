@@ -167,3 +167,69 @@ def test_bad_arguments_raise():
         roi_align(jnp.zeros((4, 4)), b, output_size=2, spatial_scale=1.0)
     with pytest.raises(ValueError, match="missing levels"):
         multilevel_roi_align({2: jnp.zeros((1, 4, 4, 1))}, b[None], output_size=2)
+
+
+@pytest.mark.parametrize("method", ["gather", "matmul"])
+def test_both_methods_match_torchvision_values_and_gradients(method):
+    rs = np.random.RandomState(14)
+    features = rs.randn(2, 9, 12, 3).astype(np.float32)
+    boxes = np.stack([mixed_boxes(rs, 30, 18.0, 24.0) for _ in range(2)])
+    cot = rs.randn(2, 30, 4, 3, 3).astype(np.float32)
+
+    def loss(f, b):
+        out = batched_roi_align(f, b, output_size=(4, 3), spatial_scale=0.5, method=method)
+        return jnp.sum(out * cot), out
+
+    (_, got), grad = jax.value_and_grad(loss, has_aux=True)(
+        jnp.asarray(features), jnp.asarray(boxes)
+    )
+    for i in range(2):
+        ft = torch.from_numpy(features[i]).permute(2, 0, 1)[None].contiguous().requires_grad_()
+        rois = np.concatenate([np.zeros((30, 1)), boxes[i][:, [1, 0, 3, 2]]], 1)
+        out = torchvision.ops.roi_align(
+            ft,
+            torch.from_numpy(rois.astype(np.float32)),
+            (4, 3),
+            spatial_scale=0.5,
+            sampling_ratio=2,
+            aligned=True,
+        )
+        ref = out.permute(0, 2, 3, 1).detach().numpy()
+        np.testing.assert_allclose(got[i], ref, atol=1e-5, rtol=1e-5)
+        (out * torch.from_numpy(cot[i]).permute(0, 3, 1, 2)).sum().backward()
+        ref_grad = ft.grad[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(grad[i], ref_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_gather_and_matmul_methods_agree_on_a_pyramid_with_box_gradients():
+    rs = np.random.RandomState(15)
+    features = {lv: jnp.asarray(rs.randn(2, 64 >> lv, 64 >> lv, 5), jnp.float32) for lv in (2, 3)}
+    features[4] = jnp.asarray(rs.randn(2, 4, 4, 5), jnp.float32)
+    boxes = jnp.asarray(np.stack([mixed_boxes(rs, 24, 64.0, 64.0) for _ in range(2)]))
+    cot = jnp.asarray(rs.randn(2, 24, 3, 2, 5), jnp.float32)
+    kw = dict(output_size=(3, 2), min_level=2, max_level=4, canonical_size=32.0)
+
+    def loss(method):
+        return lambda f, b: jnp.sum(multilevel_roi_align(f, b, method=method, **kw) * cot)
+
+    methods = ("gather", "matmul")
+    values = {m: multilevel_roi_align(features, boxes, method=m, **kw) for m in methods}
+    np.testing.assert_allclose(values["gather"], values["matmul"], atol=1e-5, rtol=1e-5)
+    grads = {m: jax.grad(loss(m), argnums=(0, 1))(features, boxes) for m in methods}
+    for lv in features:
+        np.testing.assert_allclose(grads["gather"][0][lv], grads["matmul"][0][lv], atol=1e-5)
+    np.testing.assert_allclose(grads["gather"][1], grads["matmul"][1], atol=1e-4, rtol=1e-4)
+    assert np.any(np.asarray(grads["gather"][1]) != 0)
+
+
+def test_auto_method_keeps_gathers_for_large_maps():
+    from rovit_jax.ops.roi_align import _use_matmul
+
+    assert _use_matmul("auto", (7, 7), [(32, 32), (16, 16), (8, 8)], 2)  # 256 px, P3-P5
+    assert not _use_matmul("auto", (7, 7), [(256 >> i, 256 >> i) for i in range(4)], 2)  # 1024 px
+    assert not _use_matmul("gather", (7, 7), [(4, 4)], 2)
+    assert _use_matmul("matmul", (7, 7), [(512, 512)], 2)
+    with pytest.raises(ValueError, match="method"):
+        roi_align(
+            jnp.zeros((4, 4, 1)), jnp.zeros((1, 4)), output_size=2, spatial_scale=1.0, method="x"
+        )

@@ -14,6 +14,7 @@ BACKGROUND = 0
 IGNORE = -1
 
 
+@jax.named_scope("match_boxes")
 def match_boxes(
     iou: jax.Array,
     gt_valid: jax.Array,
@@ -70,6 +71,7 @@ def match_boxes(
     return matched, labels
 
 
+@jax.named_scope("sample_balanced")
 def sample_balanced(
     rng: jax.Array,
     labels: jax.Array,

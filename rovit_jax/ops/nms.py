@@ -120,6 +120,7 @@ def _first_true(mask: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
     return pos, pos >= 0
 
 
+@jax.named_scope("nms")
 def _nms_impl(
     boxes: jax.Array,
     scores: jax.Array,
