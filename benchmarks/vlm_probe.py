@@ -5,7 +5,7 @@ r"""What a pretrained shapes-world model knows about shape, for whole images and
 Zero-shot classifies, with the run's own text tower and prompt ensemble, (1) single-object test
 images at the pretraining resolution and (2) every ground-truth object region of the test images
 the way detection's VLM branch scores them (RoIAlign on the last feature map at the detection
-resolution, mean pooling, projection). Reports top-1 accuracy over all categories, split into base
+resolution, with window attention in all blocks but the last, mean pooling, projection). Reports top-1 accuracy over all categories, split into base
 and novel (rare) categories, next to chance, and how similar the text embeddings of two different
 category names are. A category is a silhouette whose colour is random, so top-1 measures shape.
 """
@@ -28,6 +28,13 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=500, help="test images to probe")
     parser.add_argument("--detect_size", type=int, default=256, help="detection resolution")
     parser.add_argument("--templates", default="vild")
+    parser.add_argument(
+        "--window_size",
+        type=int,
+        default=8,
+        help="window attention of the region branch, as configs/shapes_detect.py's det.window_size"
+        " (0: global attention in every block)",
+    )
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -37,6 +44,8 @@ def main() -> None:
     from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier
     from rovit_jax.ops.roi_align import batched_roi_align
     from rovit_jax.tasks.pretrain import build_model
+    from rovit_jax.models.layers import unscan_params
+    from rovit_jax.models.vit import ViT
     from rovit_jax.train.checkpoint import load_params
 
     with open(os.path.join(args.pretrain_workdir, "config.json")) as f:
@@ -60,6 +69,17 @@ def main() -> None:
         return zimg, aux["img/patch_grid"]
 
     run = jax.jit(grid_and_embed)
+    if args.window_size:
+        # As detection's VLM branch (infer.vlm_window_attention): window attention in every block
+        # but the last.
+        tower = dict(model.image, pool_type="gap", scan_layers=False)
+        tower.update(window_size=args.window_size, global_blocks=(int(tower["depth"]) - 1,))
+        windowed = ViT(**tower)
+        unused = ("cls", "cls_pos_embedding", "MAPHead_0")
+        img_params = {k: v for k, v in unscan_params(params["img"]).items() if k not in unused}
+        region_grid = jax.jit(lambda x: windowed.apply({"params": img_params}, x)[1]["patch_grid"])
+    else:
+        region_grid = jax.jit(lambda x: grid_and_embed(x)[1])
     source = sources.shapes_builder(pcfg.data).as_data_source(pcfg.data.eval_split)
     size = int(pcfg.pp.image_size)
     whole: list[tuple[int, int]] = []  # (true, predicted) for single-object images
@@ -72,7 +92,7 @@ def main() -> None:
             whole.append((int(ex["labels"][0]), int(np.argmax(np.asarray(z[0]) @ text.T))))
         big = resize_and_pad(ex, output_size=args.detect_size)
         image = big["image"].astype(np.float32) / 127.5 - 1
-        _, grid = run(jnp.asarray(image)[None])
+        grid = region_grid(jnp.asarray(image)[None])
         boxes = jnp.asarray(big["boxes"] * args.detect_size, jnp.float32)[None]
         pooled = batched_roi_align(
             grid,
