@@ -246,7 +246,7 @@ def detect_need(config, steps: int, name: str) -> dict:
         return metrics
 
     jax.block_until_ready(step())  # warm-up
-    step_s = detect_step._time(step, steps)
+    step_s = float(np.median(detect_step._time(step, steps)))  # per-step times -> median
     return dict(
         config=name,
         variant=config.pretrain.model.image.variant,
