@@ -1,4 +1,4 @@
-r"""What a pretrained shapes-world model knows about shape, for whole images and object regions.
+r"""What a pretrained shapes-world model knows about its categories, for whole images and regions.
 
   python benchmarks/vlm_probe.py --pretrain_workdir=/tmp/rovit_detect/pretrain
 
@@ -7,7 +7,8 @@ images at the pretraining resolution and (2) every ground-truth object region of
 the way detection's VLM branch scores them (RoIAlign on the last feature map at the detection
 resolution, with window attention in all blocks but the last, mean pooling, projection). Reports top-1 accuracy over all categories, split into base
 and novel (rare) categories, next to chance, and how similar the text embeddings of two different
-category names are. A category is a silhouette whose colour is random, so top-1 measures shape.
+category names are. A category is a surface, "<pattern> <colour>", on a random silhouette; the
+table also gives how often the predicted name has the right colour and the right pattern.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def main() -> None:
         f"pretraining run at step {step}; {len(whole)} single-object images, "
         f"{len(region)} object regions"
     )
-    print("| probe | categories | n | top-1 |")
-    print("|---|---|---|---|")
+    print("| probe | categories | n | top-1 | right colour | right pattern |")
+    print("|---|---|---|---|---|---|")
     results = {}
     for name, pairs in (("whole image", whole), ("region (VLM branch)", region)):
         pairs_np = np.asarray(pairs)
@@ -119,8 +120,12 @@ def main() -> None:
             if not len(t):
                 continue
             top1 = float(np.mean(t == p))
-            results[f"{name}/{group}"] = dict(n=int(len(t)), top1=top1)
-            print(f"| {name} | {group} | {len(t)} | {top1:.3f} |")
+            colour = float(np.mean([cats[a].colour == cats[b].colour for a, b in zip(t, p)]))
+            pattern = float(np.mean([cats[a].pattern == cats[b].pattern for a, b in zip(t, p)]))
+            results[f"{name}/{group}"] = dict(
+                n=int(len(t)), top1=top1, colour=colour, pattern=pattern
+            )
+            print(f"| {name} | {group} | {len(t)} | {top1:.3f} | {colour:.3f} | {pattern:.3f} |")
     print(f"chance: top-1 {1 / len(cats):.3f}")
     sim = text @ text.T
     off = ~np.eye(len(cats), dtype=bool)

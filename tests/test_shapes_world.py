@@ -40,20 +40,49 @@ def test_category_table_invariants():
     assert names == [c.name for c in cats]
     assert len(set(names)) == len(names)
     for c in cats:
-        # A category is its silhouette: the name is the shape, one word, with nothing about colour.
-        assert c.name == c.shape and c.shape in sw.SHAPES and " " not in c.name
+        # A category is a surface: the name is "<pattern> <colour>" and nothing about the shape.
+        assert c.name == f"{c.pattern} {c.colour}"
+        assert c.pattern in sw.PATTERNS and c.colour in sw.COLOURS
         assert c.frequency in ("f", "c", "r")
+    assert len({(c.pattern, c.colour) for c in cats}) == len(sw.PATTERNS) * len(sw.COLOURS)
     groups = sw.frequency_groups()
     assert set(groups) == {"f", "c", "r"}
     assert all(groups[g] for g in groups)
     assert len(groups["r"]) >= 8
     assert sorted(sum(groups.values(), [])) == list(range(len(cats)))
-    # Every shape draws a distinct silhouette (no two masks agree on 90% of their union).
+    # Every word of a novel name also occurs in a base name, and no word in a background kind.
+    base_words = {w for c in cats if c.frequency != "r" for w in c.name.split()}
+    assert {w for i in groups["r"] for w in cats[i].name.split()} <= base_words
+    assert not base_words & set(sw.BACKGROUNDS)
+    # Every silhouette is distinct (no two masks agree on 90% of their union).
     masks = [sw._shape_mask(s, 48, 24, 24, 20, 0.0) for s in sw.SHAPES]
     for i in range(len(masks)):
         for j in range(i):
             iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
             assert iou < 0.9, (sw.SHAPES[i], sw.SHAPES[j], iou)
+
+
+def test_named_colours_are_far_apart_and_far_from_backgrounds():
+    hues = sorted(h for h, _, _ in sw.COLOURS.values())
+    gaps = np.diff(hues + [hues[0] + 360.0])
+    assert gaps.min() > 2 * sw._HUE_JITTER + 10.0, gaps
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        for name in sw.COLOURS:
+            rgb = sw._object_colour(rng, name) / 255.0
+            sat = (rgb.max() - rgb.min()) / rgb.max()
+            assert sat > 0.4, (name, rgb)  # backgrounds stay below 0.3
+
+
+def test_patterns_mark_the_expected_share_of_a_surface():
+    ys, xs = np.mgrid[0:200, 0:200].reshape(2, -1).astype(np.float64)
+    phase = np.zeros(2)
+    shares = {p: sw._pattern_on(p, ys, xs, 0.3, 10.0, phase).mean() for p in sw.PATTERNS}
+    assert shares["plain"] == 0.0
+    assert abs(shares["striped"] - 0.5) < 0.03 and abs(shares["checkered"] - 0.5) < 0.03
+    assert abs(shares["dotted"] - np.pi * sw._DOT_RADIUS**2) < 0.03
+    with pytest.raises(ValueError, match="pattern='wavy'"):
+        sw._pattern_on("wavy", ys, xs, 0.0, 10.0, phase)
 
 
 def test_plural():
@@ -97,25 +126,17 @@ def _saturation(rgb: np.ndarray) -> np.ndarray:
     return np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-9), 0.0)
 
 
-def test_object_colour_is_random_and_saturated_while_the_background_is_muted():
-    hues = collections.defaultdict(list)
+def test_objects_are_saturated_while_the_background_is_muted():
     for seed in range(200):
         scene = sw.render_scene(np.random.default_rng(seed), 48)
         image = scene["image"].astype(np.float64)
         for mask, label in zip(scene["masks"], scene["labels"]):
-            mean = image[mask].mean(axis=0)
-            assert _saturation(mean) > 0.4, (seed, sw.CATEGORIES[label].name, mean)
-            r, g, b = mean
-            hues[int(label)].append(int(np.argmax([r, g, b])))  # which channel dominates
+            # Marks may be white (checks), so the object's colour is its most saturated half.
+            sat = np.percentile(_saturation(image[mask]), 75)
+            assert sat > 0.4, (seed, sw.CATEGORIES[label].name, sat)
         background = image[~scene["masks"].any(axis=0)]
         if len(background):
             assert np.median(_saturation(background)) < 0.4, seed
-    # Colour says nothing about the category: every category seen a few times comes in several
-    # hues (a fixed colour per category would give one dominant channel).
-    seen = [label for label, h in hues.items() if len(h) >= 6]
-    assert len(seen) >= 20
-    for label in seen:
-        assert len(set(hues[label])) >= 2, (sw.CATEGORIES[label].name, hues[label])
 
 
 def test_caption_names_every_object_with_counts():
@@ -140,8 +161,8 @@ def test_caption_names_every_object_with_counts():
 
 def test_spatial_captions_match_the_boxes():
     pattern = re.compile(
-        r"^an? (\w+) (to the left of|to the right of|above|below|next to) "
-        r"an? (\w+) on an? \w+ background\.$"
+        r"^an? (\w+ \w+) (to the left of|to the right of|above|below|next to) "
+        r"an? (\w+ \w+) on an? \w+ background\.$"
     )
     seen = 0
     for seed in range(400):
@@ -355,3 +376,40 @@ def test_config_validation():
     with pytest.raises(ValueError, match="num_train"):
         shapes_tfds.ShapesWorldConfig(num_train=0)
     assert shapes_tfds.ShapesWorldConfig().name == "s128_n6000-500-500_o6_seed0"
+
+
+def test_each_object_shows_its_categorys_colour_and_pattern():
+    """Re-derives every object's category from its pixels: the tone of its marks (dark stripes,
+    near-black dots, white checks, none when plain), and the hue of the rest."""
+    import colorsys
+
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(30):
+        scene = sw.render_scene(rng, 128)
+        for k, label in enumerate(scene["labels"]):
+            cat = sw.CATEGORIES[label]
+            pixels = scene["image"][scene["masks"][k]].astype(np.float64) / 255.0
+            if len(pixels) < 150:  # too few pixels for stable shares
+                continue
+            value = pixels.max(-1)
+            sat = (value - pixels.min(-1)) / np.maximum(value, 1e-6)
+            white = (sat < 0.2) & (value > 0.8)
+            black = value < 0.15
+            rest = ~white & ~black
+            dark = rest & (value < 0.6 * np.percentile(value[rest], 90))
+            shares = {"striped": dark.mean(), "dotted": black.mean(), "checkered": white.mean()}
+            for pattern, share in shares.items():
+                if pattern == cat.pattern:
+                    assert share > 0.1, (cat.name, shares)
+                else:
+                    assert share < 0.05, (cat.name, shares)
+            r, g, b = pixels[rest & ~dark].mean(0)
+            hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360.0
+            want = sw.COLOURS[cat.colour][0]
+            assert min(abs(hue - want), 360 - abs(hue - want)) < sw._HUE_JITTER + 6.0, (
+                cat.name,
+                hue,
+            )
+            checked += 1
+    assert checked > 40

@@ -23,61 +23,52 @@ from PIL import Image, ImageDraw
 
 @dataclasses.dataclass(frozen=True)
 class Category:
-    """One object category of the shapes world: a silhouette, whatever its colour."""
+    """One object category of the shapes world: a surface (colour and pattern), whatever its shape."""
 
     id: int
-    name: str  # the shape's name, e.g. "star"
-    shape: str
+    name: str  # "<pattern> <colour>", e.g. "striped red"
+    colour: str
+    pattern: str
     frequency: str  # "f" (frequent), "c" (common) or "r" (rare)
 
 
-# (shape, frequency group). A category is defined by its silhouette alone: every object gets a
-# random saturated colour that no caption mentions, so an image-text objective can only tell
-# captions apart by the shapes they name (an earlier world whose categories were "colour shape"
-# pairs let the colours alone separate the captions of a batch, and pretraining learned no shape).
-_TABLE: tuple[tuple[str, str], ...] = (
-    # frequent
-    ("circle", "f"),
-    ("square", "f"),
-    ("triangle", "f"),
-    ("star", "f"),
-    ("cross", "f"),
-    ("ring", "f"),
-    ("oval", "f"),
-    ("bar", "f"),
-    ("arrow", "f"),
-    ("heart", "f"),
-    ("crescent", "f"),
-    ("house", "f"),
-    # common
-    ("hexagon", "c"),
-    ("diamond", "c"),
-    ("semicircle", "c"),
-    ("trapezoid", "c"),
-    ("frame", "c"),
-    ("tee", "c"),
-    ("chevron", "c"),
-    ("flower", "c"),
-    ("drop", "c"),
-    ("bolt", "c"),
-    ("crown", "c"),
-    ("dumbbell", "c"),
-    # rare: held out of detection training (novel), present in pretraining captions
-    ("wedge", "r"),
-    ("sparkle", "r"),
-    ("bowtie", "r"),
-    ("corner", "r"),
-    ("arch", "r"),
-    ("mushroom", "r"),
-    ("fish", "r"),
-    ("hexagram", "r"),
-)
+# colour name -> (hue in degrees, saturation, value); hues at least 25 degrees apart, all
+# saturated and bright, so that no object colour is ever close to a (muted) background.
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.0, 0.85, 0.9),
+    "orange": (28.0, 0.9, 0.95),
+    "yellow": (55.0, 0.85, 0.95),
+    "green": (120.0, 0.75, 0.8),
+    "cyan": (182.0, 0.8, 0.9),
+    "blue": (225.0, 0.8, 0.95),
+    "purple": (275.0, 0.7, 0.85),
+    "pink": (322.0, 0.55, 0.95),
+}
+PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
 
-SHAPES: tuple[str, ...] = tuple(shape for shape, _ in _TABLE)
+# Rare (novel) categories: one per colour and two per pattern, so every colour and every pattern
+# also occurs among the base categories; the rest alternate frequent / common.
+_RARE = {
+    ("red", "dotted"), ("orange", "checkered"), ("yellow", "striped"), ("green", "plain"),
+    ("cyan", "dotted"), ("blue", "checkered"), ("purple", "striped"), ("pink", "plain"),
+}
 
+
+def _table() -> tuple[tuple[str, str, str], ...]:
+    base = [(c, p) for p in PATTERNS for c in COLOURS if (c, p) not in _RARE]
+    rare = [(c, p) for p in PATTERNS for c in COLOURS if (c, p) in _RARE]
+    rows = [(c, p, "f" if i % 2 == 0 else "c") for i, (c, p) in enumerate(base)]
+    return tuple(rows + [(c, p, "r") for c, p in rare])
+
+
+# A category is what an object's surface looks like: its colour and its pattern; its silhouette
+# is a random nuisance. Captions name exactly that pair, so an image-text objective must see both
+# colour and texture to tell the captions of a batch apart (colour alone leaves four categories
+# per caption word; pattern alone, eight). A tiny ViT learns such patch-local features within a
+# CPU budget; it did not learn 32 silhouettes there, even with labels (see the README).
 CATEGORIES: tuple[Category, ...] = tuple(
-    Category(id=i, name=shape, shape=shape, frequency=freq)
-    for i, (shape, freq) in enumerate(_TABLE)
+    Category(id=i, name=f"{p} {c}", colour=c, pattern=p, frequency=f)
+    for i, (c, p, f) in enumerate(_table())
 )
 
 # Share of object instances drawn from each frequency group (per category: frequent 4.2%,
@@ -85,7 +76,8 @@ CATEGORIES: tuple[Category, ...] = tuple(
 # captions for a small pretraining run to learn their names.
 GROUP_SHARE: dict[str, float] = {"f": 0.5, "c": 0.32, "r": 0.18}
 
-BACKGROUNDS: tuple[str, ...] = ("noisy", "striped", "checkered", "gradient")
+# Background kinds; named apart from the object patterns so that captions never share the words.
+BACKGROUNDS: tuple[str, ...] = ("noisy", "lined", "tiled", "gradient")
 
 _NUMBER_WORDS = (
     "zero",
@@ -112,10 +104,19 @@ _COUNT_DECAY = 0.75
 # the smallest objects still cover more than a patch of the 8-pixel patch grid at the 64-pixel
 # pretraining resolution.
 SIZE_RANGE = (0.14, 0.7)
-# Object colours: any hue, saturated and bright; backgrounds are muted (low saturation), so no
-# background pixel ever looks like an object.
-_OBJECT_SATURATION = (0.55, 1.0)
-_OBJECT_VALUE = (0.7, 1.0)
+# Object colours are the named COLOURS with this much hue jitter (degrees); backgrounds are muted
+# (low saturation), so no background pixel ever looks like an object.
+_HUE_JITTER = 6.0
+# Patterns repeat every PATTERN_PERIOD of the image side (10 px at 128 px, 5 px at the 64 px of
+# pretraining): the smallest objects still show about two periods. Each pattern's marks also have
+# their own tone (stripes the object's colour darkened, dots near black, checks white), a cue that
+# reads the same at every scale, so what pretraining learns at 64 px carries to detection's
+# resolution. Dots have radius _DOT_RADIUS periods.
+PATTERN_PERIOD = 0.08
+_DARK_MARK = 0.4
+_BLACK_MARK = 0.08
+_WHITE_MARK = 245.0
+_DOT_RADIUS = 0.3
 
 
 def category_names() -> list[str]:
@@ -287,6 +288,10 @@ _SHAPE_PARTS: dict[str, tuple[list[tuple[np.ndarray, int]], bool]] = {
 }
 
 
+# Silhouettes an object may take (a nuisance: no caption names them).
+SHAPES: tuple[str, ...] = tuple(_SHAPE_PARTS)
+
+
 def _rotate(points: np.ndarray, theta: float) -> np.ndarray:
     c, s = np.cos(theta), np.sin(theta)
     return points @ np.array([[c, s], [-s, c]])
@@ -295,7 +300,7 @@ def _rotate(points: np.ndarray, theta: float) -> np.ndarray:
 def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, theta: float) -> np.ndarray:
     """Boolean mask [size, size] of one shape centred at (cx, cy) with outer radius r (pixels)."""
     if shape not in _SHAPE_PARTS:
-        raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
+        raise ValueError(f"shape={shape!r} is not one of {tuple(_SHAPE_PARTS)}")
     parts, upright = _SHAPE_PARTS[shape]
     angle = 0.3 * np.sin(theta) if upright else theta
     canvas = Image.new("L", (size, size), 0)
@@ -320,13 +325,13 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     if kind == "noisy":
         img = a + rng.normal(0.0, rng.uniform(6.0, 16.0), (size, size, 3))
-    elif kind == "striped":
+    elif kind == "lined":
         phi = rng.uniform(0.0, np.pi)
         period = rng.uniform(0.05, 0.2) * size
         t = (xx * np.cos(phi) + yy * np.sin(phi)) / period
         sel = (np.floor(t) % 2 == 0)[..., None]
         img = np.where(sel, a, b)
-    elif kind == "checkered":
+    elif kind == "tiled":
         cell = max(2.0, rng.uniform(0.04, 0.15) * size)
         sel = ((np.floor(yy / cell) + np.floor(xx / cell)) % 2 == 0)[..., None]
         img = np.where(sel, a, b)
@@ -339,27 +344,67 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     return np.clip(img, 0.0, 255.0).astype(np.float32), kind
 
 
-def _object_colour(rng: np.random.Generator) -> np.ndarray:
-    """A random saturated, bright RGB colour, float [3] in [0, 255]."""
-    h = rng.uniform()
-    s = rng.uniform(*_OBJECT_SATURATION)
-    v = rng.uniform(*_OBJECT_VALUE)
+def _object_colour(rng: np.random.Generator, colour: str) -> np.ndarray:
+    """RGB of a named colour with a little jitter, float [3] in [0, 255]."""
+    hue, sat, val = COLOURS[colour]
+    h = (hue + rng.uniform(-_HUE_JITTER, _HUE_JITTER)) / 360.0 % 1.0
+    s = np.clip(sat + rng.uniform(-0.08, 0.08), 0.0, 1.0)
+    v = np.clip(val + rng.uniform(-0.08, 0.05), 0.0, 1.0)
     return np.array(colorsys.hsv_to_rgb(h, s, v)) * 255.0
 
 
-def _shade(
+def _pattern_on(
+    pattern: str, ys: np.ndarray, xs: np.ndarray, theta: float, period: float, phase: np.ndarray
+) -> np.ndarray:
+    """Which of the given pixels carry the pattern's dark marks: bool [P].
+
+    The pattern lives in the object's own frame (turned by theta, shifted by phase) with a period
+    in pixels fixed per image, so that it reads the same on small and large objects.
+    """
+    c, s = np.cos(theta), np.sin(theta)
+    u = ((xs + 0.5) * c + (ys + 0.5) * s) / period + phase[0]
+    v = (-(xs + 0.5) * s + (ys + 0.5) * c) / period + phase[1]
+    if pattern == "plain":
+        return np.zeros(ys.shape, dtype=bool)
+    if pattern == "striped":
+        return (u % 1.0) < 0.5
+    if pattern == "checkered":
+        return ((np.floor(2.0 * u) + np.floor(2.0 * v)) % 2) == 0
+    if pattern == "dotted":
+        du, dv = u % 1.0 - 0.5, v % 1.0 - 0.5
+        return du * du + dv * dv < _DOT_RADIUS**2
+    raise ValueError(f"pattern={pattern!r} is not one of {PATTERNS}")
+
+
+def _paint(
     rng: np.random.Generator,
+    category: Category,
     ys: np.ndarray,
     xs: np.ndarray,
     cx: float,
     cy: float,
     r: float,
+    theta: float,
+    size: int,
 ) -> np.ndarray:
-    """A random object colour, mildly shaded across the object, at the given pixels: float [P, 3]."""
-    base = _object_colour(rng)
+    """The category's surface, mildly shaded across the object, at the given pixels: float [P, 3]."""
+    base = _object_colour(rng, category.colour)
     gy, gx = rng.uniform(-0.12, 0.12, 2)
     light = 1.0 + (gy * (ys - cy) + gx * (xs - cx)) / max(r, 1.0)
-    return np.clip(base[None, :] * light[:, None], 0.0, 255.0)
+    marks = _pattern_on(
+        category.pattern, ys, xs, theta, PATTERN_PERIOD * size, rng.uniform(0.0, 1.0, 2)
+    )
+    surface = np.where(marks[:, None], _mark_colour(category.pattern, base)[None, :], base[None, :])
+    return np.clip(surface * light[:, None], 0.0, 255.0)
+
+
+def _mark_colour(pattern: str, base: np.ndarray) -> np.ndarray:
+    """The colour of a pattern's marks on an object of colour base: float [3] in [0, 255]."""
+    if pattern == "striped":
+        return base * _DARK_MARK
+    if pattern == "dotted":
+        return base * _BLACK_MARK
+    return np.full(3, _WHITE_MARK)  # checkered (plain has no marks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +525,7 @@ def render_scene(
     owner = np.full((size, size), -1, dtype=np.int32)  # index of the top-most object per pixel
     visible: list[int] = []  # visible pixel count per placed object
     needed: list[float] = []  # minimum visible pixel count per placed object
-    placed: list[tuple[int, float, float, float]] = []  # (label, cx, cy, r)
+    placed: list[tuple[int, float, float, float, float]] = []  # (label, cx, cy, r, theta)
 
     # Fewer objects are likelier (P(n) ~ 0.75^n): a caption naming one or two shapes ties each
     # name to its object far sooner than one naming six, while crowded scenes still occur.
@@ -490,7 +535,7 @@ def render_scene(
     log_lo, log_hi = np.log(SIZE_RANGE[0]), np.log(SIZE_RANGE[1])
     for _ in range(num_wanted):
         label = int(rng.choice(len(CATEGORIES), p=_WEIGHTS))
-        shape = CATEGORIES[label].shape
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
         for _attempt in range(_PLACEMENT_ATTEMPTS):
             r = 0.5 * size * float(np.exp(rng.uniform(log_lo, log_hi)))
             # Allow up to 40% of the radius to leave the frame.
@@ -509,7 +554,7 @@ def render_scene(
             visible[:] = remaining.tolist()
             visible.append(area)
             needed.append(max(_MIN_PIXELS, _MIN_VISIBLE_FRACTION * area))
-            placed.append((label, float(cx), float(cy), r))
+            placed.append((label, float(cx), float(cy), r, theta))
             break
 
     if not placed:  # crowded-out fallback: one mid-sized object in the centre always fits
@@ -517,16 +562,16 @@ def render_scene(
         cx = cy = size / 2
         r = 0.2 * size
         theta = float(rng.uniform(0.0, 2.0 * np.pi))
-        mask = _shape_mask(CATEGORIES[label].shape, size, cx, cy, r, theta)
+        mask = _shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], size, cx, cy, r, theta)
         owner[mask] = 0
-        placed.append((label, cx, cy, r))
+        placed.append((label, cx, cy, r, theta))
 
     image = background
     masks = np.stack([owner == k for k in range(len(placed))])
     boxes = np.zeros((len(placed), 4), dtype=np.float32)
-    for k, (label, cx, cy, r) in enumerate(placed):
+    for k, (label, cx, cy, r, theta) in enumerate(placed):
         ys, xs = np.nonzero(masks[k])
-        image[ys, xs] = _shade(rng, ys, xs, cx, cy, r)
+        image[ys, xs] = _paint(rng, CATEGORIES[label], ys, xs, cx, cy, r, theta, size)
         boxes[k] = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
     boxes /= size
     labels = np.array([p[0] for p in placed], dtype=np.int32)
