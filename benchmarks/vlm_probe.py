@@ -2,12 +2,13 @@ r"""What a pretrained shapes-world model knows about its categories, for whole i
 
   python benchmarks/vlm_probe.py --pretrain_workdir=/tmp/rovit_detect/pretrain
 
-Zero-shot classifies, with the run's own text tower and prompt ensemble, (1) single-object test
-images at the pretraining resolution and (2) every ground-truth object region of the test images
-the way detection's VLM branch scores them (RoIAlign on the last feature map at the detection
-resolution, with window attention in all blocks but the last, mean pooling, projection). Reports top-1 accuracy over all categories, split into base
-and novel (rare) categories, next to chance, and how similar the text embeddings of two different
-category names are. A category is a surface, "<pattern> <colour>", on a random silhouette; the
+Zero-shot classifies, with the run's own text tower and the detection config's prompt ensemble,
+(1) single-object test images at the pretraining resolution and (2) every ground-truth object
+region of the test images through the detection task's own VLM branch (`--detect_config`, by
+default configs/shapes_detect.py: the frozen tower at the detection resolution with its
+window-attention layout, RoIAlign on the last feature map, mean pooling, projection). Reports
+top-1 accuracy over all categories, split into base and novel (rare) categories, next to chance,
+and how similar the text embeddings of two different category names are. A category is a surface, "<pattern> <colour>", on a random silhouette; the
 table also gives how often the predicted name has the right colour and the right pattern.
 """
 
@@ -27,60 +28,61 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain_workdir", required=True)
     parser.add_argument("--num_images", type=int, default=500, help="test images to probe")
-    parser.add_argument("--detect_size", type=int, default=256, help="detection resolution")
-    parser.add_argument("--templates", default="vild")
     parser.add_argument(
-        "--window_size",
+        "--detect_config",
+        default=os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_detect.py"),
+        help="detection config whose VLM branch is probed (det.image_size, infer.vlm_*, templates)",
+    )
+    parser.add_argument("--window_size", type=int, default=None, help="override infer.vlm_window_size")
+    parser.add_argument(
+        "--global_blocks",
         type=int,
-        default=8,
-        help="window attention of the region branch, as configs/shapes_detect.py's det.window_size"
-        " (0: global attention in every block)",
+        nargs="*",
+        default=None,
+        help="override infer.vlm_global_blocks (no value: window attention in every block)",
+    )
+    parser.add_argument(
+        "--no_windows", action="store_true", help="infer.vlm_window_attention=False (all global)"
     )
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
-    from rovit_jax.classifier import make_text_embedder
+    import importlib.util
+
     from rovit_jax.data import image_text, shapes_world, sources
     from rovit_jax.data.detection_input import example_from_shapes_record, resize_and_pad
-    from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier
-    from rovit_jax.ops.roi_align import batched_roi_align
-    from rovit_jax.tasks.pretrain import build_model
-    from rovit_jax.models.layers import unscan_params
-    from rovit_jax.models.vit import ViT
-    from rovit_jax.train.checkpoint import load_params
+    from rovit_jax.tasks.detect import DetectTask
+    from rovit_jax.train.checkpoint import scan
 
     with open(os.path.join(args.pretrain_workdir, "config.json")) as f:
         pcfg = ml_collections.ConfigDict(json.load(f))
     if pcfg.data.name != "shapes_world":
         raise SystemExit("the probe needs a shapes-world pretraining run")
-    params, step = load_params(args.pretrain_workdir)
-    model = build_model(pcfg)
-    embed = make_text_embedder(pcfg, params, sources.tokenizer_for(pcfg))
+    spec = importlib.util.spec_from_file_location("detect_config", args.detect_config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dcfg = module.get_config()
+    dcfg.init.run_pretraining = False
+    dcfg.init.pretrain_workdir = args.pretrain_workdir
+    if args.window_size is not None:
+        dcfg.infer.vlm_window_size = args.window_size
+    if args.global_blocks is not None:
+        dcfg.infer.vlm_global_blocks = tuple(args.global_blocks)
+    if args.no_windows:
+        dcfg.infer.vlm_window_attention = False
+    # The detection task's own VLM branch: the frozen tower as detection runs it, RoIAlign of
+    # the boxes on its last map, mean, projection.
+    task = DetectTask(dcfg, check_files=False)
+    params = task.pretrained[1]
+    model = task.two_tower
     cats = shapes_world.CATEGORIES
-    text, _ = build_text_classifier(
-        [c.name for c in cats],
-        embed,
-        templates=PROMPT_ENSEMBLES[args.templates],
-        pad_to_bucket=False,
-    )
+    text, _ = task.vocabulary([c.name for c in cats])
+    text = np.asarray(text)[: len(cats)]
     novel = np.array([c.frequency == "r" for c in cats])
+    detect_size = int(dcfg.det.image_size)
+    embed_image = jax.jit(lambda x: model.apply({"params": params}, x, None)[0][0])
+    embed_regions = jax.jit(lambda x, b: task.vlm_region_embeddings(params, x, b))
 
-    def grid_and_embed(images):
-        (zimg, _), aux = model.apply({"params": params}, images, None)
-        return zimg, aux["img/patch_grid"]
-
-    run = jax.jit(grid_and_embed)
-    if args.window_size:
-        # As detection's VLM branch (infer.vlm_window_attention): window attention in every block
-        # but the last.
-        tower = dict(model.image, pool_type="gap", scan_layers=False)
-        tower.update(window_size=args.window_size, global_blocks=(int(tower["depth"]) - 1,))
-        windowed = ViT(**tower)
-        unused = ("cls", "cls_pos_embedding", "MAPHead_0")
-        img_params = {k: v for k, v in unscan_params(params["img"]).items() if k not in unused}
-        region_grid = jax.jit(lambda x: windowed.apply({"params": img_params}, x)[1]["patch_grid"])
-    else:
-        region_grid = jax.jit(lambda x: grid_and_embed(x)[1])
     source = sources.shapes_builder(pcfg.data).as_data_source(pcfg.data.eval_split)
     size = int(pcfg.pp.image_size)
     whole: list[tuple[int, int]] = []  # (true, predicted) for single-object images
@@ -89,23 +91,16 @@ def main() -> None:
         ex = example_from_shapes_record(source[i])
         if len(ex["labels"]) == 1:
             small = image_text.resize_image(ex["image"], size).astype(np.float32) / 127.5 - 1
-            z, _ = run(jnp.asarray(small)[None])
+            z = embed_image(jnp.asarray(small)[None])
             whole.append((int(ex["labels"][0]), int(np.argmax(np.asarray(z[0]) @ text.T))))
-        big = resize_and_pad(ex, output_size=args.detect_size)
+        big = resize_and_pad(ex, output_size=detect_size)
         image = big["image"].astype(np.float32) / 127.5 - 1
-        grid = region_grid(jnp.asarray(image)[None])
-        boxes = jnp.asarray(big["boxes"] * args.detect_size, jnp.float32)[None]
-        pooled = batched_roi_align(
-            grid,
-            boxes,
-            output_size=7,
-            spatial_scale=grid.shape[1] / args.detect_size,
-            sampling_ratio=2,
-        ).mean(axis=(2, 3))
-        emb = np.asarray(pooled @ params["img_proj"]["kernel"])[0]
+        boxes = jnp.asarray(big["boxes"] * detect_size, jnp.float32)[None]
+        emb = np.asarray(embed_regions(jnp.asarray(image)[None], boxes))[0]
         pred = np.argmax(emb @ text.T, axis=-1)
         region += [(int(t), int(p)) for t, p in zip(big["labels"], pred)]
 
+    step = max(scan(os.path.join(args.pretrain_workdir, "checkpoints"))[0])
     print(
         f"pretraining run at step {step}; {len(whole)} single-object images, "
         f"{len(region)} object regions"

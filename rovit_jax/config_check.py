@@ -313,9 +313,10 @@ def check_int_list(
     *,
     min_value: int | None = None,
     nonempty: bool = False,
+    default: Any = MISSING,
 ) -> list[int] | None:
     """The list of integers >= min_value at `key`, or None + a problem."""
-    value = _lookup(problems, config, key, MISSING)
+    value = _lookup(problems, config, key, default)
     if value is MISSING:
         return None
     bounds = _range_text(min_value, None, False, False)

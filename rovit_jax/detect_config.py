@@ -169,9 +169,13 @@ def detect_defaults() -> ml_collections.ConfigDict:
     # Boxes the VLM pools from (after vlm_box_scale): "proposals" (the authors') | "refined" (the
     # detector's regressed boxes; this project's earlier choice).
     c.infer.vlm_pool_boxes = "proposals"
-    # Frozen VLM tower at detection resolution: window attention (det.window_size) in every block
-    # but the last (the authors' frozen-backbone layout); False = global attention everywhere.
+    # Frozen VLM tower at detection resolution: window attention in every block but those of
+    # vlm_global_blocks (negative indices count from the end; the authors' frozen-backbone layout
+    # keeps the last block global), with windows of vlm_window_size patches (None: the detector's
+    # det.window_size); False = global attention everywhere.
     c.infer.vlm_window_attention = True
+    c.infer.vlm_window_size = ml_collections.FieldReference(None, field_type=int)
+    c.infer.vlm_global_blocks = (-1,)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4  # unverified

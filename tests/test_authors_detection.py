@@ -160,8 +160,10 @@ def test_config_fields_defaults_validation_and_older_runs():
         ("roi.background_weight", -0.5, "roi.background_weight"),
         ("infer.vlm_window_attention", "yes", "infer.vlm_window_attention"),
         ("det.window_size", 0, "infer.vlm_window_attention"),
+        ("infer.vlm_window_size", 0, "infer.vlm_window_size"),
+        ("infer.vlm_global_blocks", "last", "infer.vlm_global_blocks"),
     ):
-        bad = _config()
+        bad = _config(**{"infer.vlm_window_size": None})
         parent, leaf = key.split(".")
         # Replace the parent block: ConfigDict would refuse a value of another type.
         bad[parent] = ml_collections.ConfigDict({**bad[parent].to_dict(), leaf: value})
@@ -175,7 +177,8 @@ def test_config_fields_defaults_validation_and_older_runs():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    config = _config()
+    # The authors' frozen layout (the shapes config windows every block instead).
+    config = _config(**{"infer.vlm_global_blocks": (-1,), "infer.vlm_window_size": None})
     task = _task(config, str(tmp_path_factory.mktemp("tfds_authors")))
     vlm_params = {k: v for k, v in task.pretrained[1].items() if k != "txt"}
     params = jax.jit(task.init_params)(jax.random.key(0))
@@ -255,6 +258,29 @@ def test_vlm_window_attention_in_every_block_but_the_last(tiny):
     inside[:ws, :ws] = True
     np.testing.assert_allclose(after[~inside], before[~inside], rtol=1e-5, atol=1e-6)
     assert np.abs(after[inside] - before[inside]).max() > 1e-3
+
+    # Every block windowed, with a window of its own (the shapes config's layout): the final map
+    # of one window does not depend on the pixels of any other.
+    own = _task(
+        _config(**{"infer.vlm_global_blocks": (), "infer.vlm_window_size": ws // 2}),
+        config.data.data_dir,
+    )
+    own.__dict__["pretrained"] = task.pretrained
+    assert own.vlm_backbone.global_blocks == () and own.vlm_backbone.window_size == ws // 2
+    w = ws // 2
+    windowed_grid = np.asarray(own.vlm_patch_grid(vlm_params, images))
+    moved_grid = np.asarray(own.vlm_patch_grid(vlm_params, images.at[:, : w * p, : w * p].set(0.5)))
+    inside = np.zeros((gh, gh), bool)
+    inside[:w, :w] = True
+    np.testing.assert_allclose(
+        moved_grid[0][~inside], windowed_grid[0][~inside], rtol=1e-5, atol=1e-6
+    )
+    assert np.abs(moved_grid[0][inside] - windowed_grid[0][inside]).max() > 1e-3
+    # A block index outside the tower is named before anything compiles.
+    far = _task(_config(**{"infer.vlm_global_blocks": (7,)}), config.data.data_dir)
+    far.__dict__["pretrained"] = task.pretrained
+    with pytest.raises(ValueError, match=r"`infer.vlm_global_blocks` = \(7,\).*outside"):
+        far.model
 
     # Global attention everywhere (the earlier behaviour) gives a different map.
     glob_task = _task(_config(**{"infer.vlm_window_attention": False}), config.data.data_dir)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from functools import cached_property
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -40,6 +41,8 @@ PRE_AUTHORS_DEFAULTS = {
     "infer.fusion": "classes_only",
     "infer.vlm_pool_boxes": "refined",
     "infer.vlm_window_attention": False,
+    "infer.vlm_window_size": None,
+    "infer.vlm_global_blocks": (-1,),
 }
 
 
@@ -72,6 +75,20 @@ def _rpn_get(config: ml_collections.ConfigDict, key: str) -> Any:
     if key == "infer.proposal_nms_iou":
         return cc.config_get(config, key, cc.config_get(config, "rpn.nms_iou"))
     return cc.config_get(config, key, PRE_AUTHORS_RPN_DEFAULTS[key])
+
+
+def vlm_global_blocks(blocks: Sequence[int], depth: int) -> tuple[int, ...]:
+    """`infer.vlm_global_blocks` (negative indices count from the end) as sorted block indices of
+    a tower of `depth` blocks; an index outside the tower is an error naming the key."""
+    out = set()
+    for b in blocks:
+        if not -depth <= int(b) < depth:
+            raise ValueError(
+                f"config key `infer.vlm_global_blocks` = {tuple(blocks)!r}: block {b} is outside "
+                f"the pretrained image tower's {depth} blocks"
+            )
+        out.add(int(b) % depth)
+    return tuple(sorted(out))
 
 
 def _check(cond: bool, key: str, value: Any, why: str) -> None:
@@ -231,13 +248,22 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
         "infer.vlm_window_attention",
         default=PRE_AUTHORS_DEFAULTS["infer.vlm_window_attention"],
     )
+    vlm_window = cc.config_get(config, "infer.vlm_window_size", None)
+    if vlm_window is not None:
+        cc.check_int(p, config, "infer.vlm_window_size", min_value=1)
+    cc.check_int_list(
+        p,
+        config,
+        "infer.vlm_global_blocks",
+        default=PRE_AUTHORS_DEFAULTS["infer.vlm_global_blocks"],
+    )
     window = cc.config_get(config, "det.window_size", None)
-    if windowed and type(window) is int and window == 0:
+    if windowed and vlm_window is None and type(window) is int and window == 0:
         p.add(
             "infer.vlm_window_attention",
             windowed,
             "uses the detector's window (det.window_size), which is 0 (global attention): set "
-            "det.window_size > 0 or infer.vlm_window_attention=False",
+            "det.window_size > 0, infer.vlm_window_size or infer.vlm_window_attention=False",
         )
 
     # Vocabulary and initialisation.
@@ -536,6 +562,7 @@ class DetectTask:
             **tower_options(pcfg.model.image),
             remat_policy=self.config.remat,
         )
+        _ = self.vlm_backbone  # checks infer.vlm_global_blocks against the tower before compiling
         return OpenVocabDetector(
             backbone=backbone,
             min_level=int(self.config.det.min_level),
@@ -786,10 +813,11 @@ class DetectTask:
     def vlm_backbone(self) -> ViT | None:
         """The frozen image tower as run for VLM scores with `infer.vlm_window_attention`.
 
-        As the authors' frozen ViT (fvlm/modeling/clip_models.py, the "frozen" window-attention
-        layouts: "Frozen vision backbone performs better with window attention size v2"): window
-        attention in every block but the last, which stays global. The window is the detector's
-        (`det.window_size`). Pooling parameters are not used (the region features come from the
+        By default as the authors' frozen ViT (fvlm/modeling/clip_models.py, the "frozen"
+        window-attention layouts: "Frozen vision backbone performs better with window attention
+        size v2"): window attention in every block but the last, which stays global
+        (`infer.vlm_global_blocks`), with the detector's window (`det.window_size`) unless
+        `infer.vlm_window_size` is set. Pooling parameters are not used (the region features come from the
         last patch grid); a pool_type="tok" tower runs without its CLS token, as the detector's
         backbone does. None when `infer.vlm_window_attention` is False: the pretrained tower as
         it is (global attention in every block).
@@ -797,11 +825,14 @@ class DetectTask:
         if not _get(self.config, "infer.vlm_window_attention"):
             return None
         image = dict(self.two_tower.image)
+        window = _get(self.config, "infer.vlm_window_size")
         image.update(
             pool_type="gap",
             scan_layers=False,
-            window_size=int(self.config.det.window_size),
-            global_blocks=(int(image["depth"]) - 1,),
+            window_size=int(self.config.det.window_size if window is None else window),
+            global_blocks=vlm_global_blocks(
+                _get(self.config, "infer.vlm_global_blocks"), int(image["depth"])
+            ),
         )
         return ViT(**{"dtype": self.two_tower.dtype, **image})
 
