@@ -1,7 +1,7 @@
 r"""Detect free-text queries in images with a trained detection run and draw the results.
 
   python -m rovit_jax.predict --checkpoint runs/shapes_detect --image scene.png \
-      --query "red circle" --query "star" --out scene_dets.png --json scene_dets.json
+      --query "striped red" --query "dotted blue" --out scene_dets.png --json scene_dets.json
 
 `--image` may repeat and may name a folder (its image files); with more than one image, `--out`
 is a folder that receives one PNG per image (named after the image) and a progress bar is shown.

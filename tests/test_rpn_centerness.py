@@ -367,7 +367,9 @@ def test_run_configs_without_the_new_fields_keep_their_behaviour():
     assert modes(new) == ("all_sampled", "iou", "linear")
     assert new.rpn_per_level_nms and new.test_proposal_nms_iou == 1.0
     assert new.rpn_box_loss_weight == 8.0 and c.det.max_instances == 300
-    for key in list(detect.PRE_AUTHORS_RPN_DEFAULTS) + ["infer.proposal_nms_iou"]:
+    for key in [k for k in detect.PRE_AUTHORS_DEFAULTS if k.startswith("rpn.")] + [
+        "infer.proposal_nms_iou"
+    ]:
         block, leaf = key.split(".")
         del c[block][leaf]
     detect.validate_config(c, check_files=False)

@@ -50,10 +50,13 @@ def test_category_table_invariants():
     assert all(groups[g] for g in groups)
     assert len(groups["r"]) >= 8
     assert sorted(sum(groups.values(), [])) == list(range(len(cats)))
-    # Every word of a novel name also occurs in a base name, and no word in a background kind.
-    base_words = {w for c in cats if c.frequency != "r" for w in c.name.split()}
-    assert {w for i in groups["r"] for w in cats[i].name.split()} <= base_words
-    assert not base_words & set(sw.BACKGROUNDS)
+    # The novel categories are one pattern in every colour: the pattern is never on a base
+    # category, every colour is; no name shares a word with a background kind.
+    assert {cats[i].pattern for i in groups["r"]} == {sw.RARE_PATTERN}
+    assert sorted(cats[i].colour for i in groups["r"]) == sorted(sw.COLOURS)
+    assert all(c.pattern != sw.RARE_PATTERN for c in cats if c.frequency != "r")
+    words = {w for c in cats for w in c.name.split()}
+    assert not words & set(sw.BACKGROUNDS)
     # Every silhouette is distinct (no two masks agree on 90% of their union).
     masks = [sw._shape_mask(s, 48, 24, 24, 20, 0.0) for s in sw.SHAPES]
     for i in range(len(masks)):
@@ -214,9 +217,10 @@ def test_scene_statistics():
             box = tight_box(mask)
             extents.append(max(box[2] - box[0], box[3] - box[1]))
     total = sum(instances.values())
-    assert 0.42 < instances["f"] / total < 0.58
-    assert 0.24 < instances["c"] / total < 0.40
-    assert 0.11 < instances["r"] / total < 0.25
+    for group, share in sw.GROUP_SHARE.items():
+        # Within 4 binomial standard deviations of the configured share.
+        tol = 4 * np.sqrt(share * (1 - share) / total)
+        assert abs(instances[group] / total - share) < tol, (group, instances, total)
     assert all(per_category[i] > 0 for i in sw.frequency_groups()["r"])
     # Object sizes span at least 4x (tight extents of the visible part, as a fraction of the side).
     small, large = np.quantile(extents, [0.02, 0.98])

@@ -3,7 +3,7 @@
     from rovit_jax.inference import Predictor
 
     predictor = Predictor.from_checkpoint("runs/shapes_detect")
-    dets = predictor.predict("scene.png", ["red circle", "blue star"], score_threshold=0.3)
+    dets = predictor.predict("scene.png", ["striped red", "dotted blue"], score_threshold=0.3)
     dets.boxes, dets.scores, dets.names, dets.masks  # original pixels (y0, x0, y1, x1), [N, H, W]
 
 Inference follows the evaluation path: images are resized and padded like
@@ -359,7 +359,7 @@ class Predictor:
 
         Args:
           images: one image or a list: uint8 [H, W, 3] RGB arrays, PIL images or file paths.
-          queries: free-text category names, e.g. ["red circle", "star"].
+          queries: free-text category names, e.g. ["striped red", "a red shape"].
           score_threshold: detections scoring below it are dropped.
           max_detections: at most this many per image (and at most the run's
             `infer.max_detections`, the size of the compiled top-k).

@@ -32,9 +32,10 @@ from rovit_jax.train.checkpoint import load_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# Values of the classification-side fields for a run config written before they existed (the
-# behaviour that run was trained and evaluated with); new configs get the authors' values from
-# detect_config.detect_defaults.
+# Values of the fields that follow the authors' detection pipeline for a run config written
+# before they existed (the behaviour that run was trained and evaluated with); new configs get the
+# authors' values from detect_config.detect_defaults. infer.proposal_nms_iou is not listed: such
+# runs used their rpn.nms_iou at test time too.
 PRE_AUTHORS_DEFAULTS = {
     "head.background": "learned",
     "roi.background_weight": 1.0,
@@ -43,19 +44,6 @@ PRE_AUTHORS_DEFAULTS = {
     "infer.vlm_window_attention": False,
     "infer.vlm_window_size": None,
     "infer.vlm_global_blocks": (-1,),
-}
-
-
-def _get(config: ml_collections.ConfigDict, key: str) -> Any:
-    """A classification-side field (see PRE_AUTHORS_DEFAULTS), defaulted for older run configs."""
-    from rovit_jax import config_check as cc
-
-    return cc.config_get(config, key, PRE_AUTHORS_DEFAULTS[key])
-
-
-# The same for the region-proposal fields: the behaviour of runs configured before them
-# (infer.proposal_nms_iou: those runs used their rpn.nms_iou at test time too).
-PRE_AUTHORS_RPN_DEFAULTS = {
     "rpn.per_level_nms": False,
     "rpn.centerness_loss": "positives",
     "rpn.centerness_fg_iou": 0.3,
@@ -68,13 +56,13 @@ PRE_AUTHORS_RPN_DEFAULTS = {
 }
 
 
-def _rpn_get(config: ml_collections.ConfigDict, key: str) -> Any:
-    """A region-proposal field, defaulted for older run configs (PRE_AUTHORS_RPN_DEFAULTS)."""
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    """A field of PRE_AUTHORS_DEFAULTS (or infer.proposal_nms_iou), defaulted for older runs."""
     from rovit_jax import config_check as cc
 
     if key == "infer.proposal_nms_iou":
         return cc.config_get(config, key, cc.config_get(config, "rpn.nms_iou"))
-    return cc.config_get(config, key, PRE_AUTHORS_RPN_DEFAULTS[key])
+    return cc.config_get(config, key, PRE_AUTHORS_DEFAULTS[key])
 
 
 def vlm_global_blocks(blocks: Sequence[int], depth: int) -> tuple[int, ...]:
@@ -303,7 +291,7 @@ def _validate_rpn_fields(p: Any, config: ml_collections.ConfigDict) -> None:
 
     from rovit_jax import config_check as cc
 
-    d = PRE_AUTHORS_RPN_DEFAULTS
+    d = PRE_AUTHORS_DEFAULTS
     cc.check_bool(p, config, "rpn.per_level_nms", default=d["rpn.per_level_nms"])
     for key, choices in (
         ("rpn.centerness_loss", rcnn.CENTERNESS_LOSSES),
@@ -426,16 +414,16 @@ def rcnn_config(config: ml_collections.ConfigDict) -> rcnn.RCNNConfig:
         rpn_pre_nms_top_k=int(r.pre_nms_top_k),
         rpn_nms_iou=r.nms_iou,
         rpn_post_nms_top_k=int(r.post_nms_top_k),
-        rpn_per_level_nms=bool(_rpn_get(config, "rpn.per_level_nms")),
-        centerness_loss=str(_rpn_get(config, "rpn.centerness_loss")),
-        centerness_fg_iou=float(_rpn_get(config, "rpn.centerness_fg_iou")),
-        centerness_bg_iou=float(_rpn_get(config, "rpn.centerness_bg_iou")),
-        centerness_batch_per_image=int(_rpn_get(config, "rpn.centerness_batch_per_image")),
-        centerness_positive_fraction=float(_rpn_get(config, "rpn.centerness_positive_fraction")),
-        rpn_box_loss=str(_rpn_get(config, "rpn.box_loss")),
-        rpn_box_loss_weight=float(_rpn_get(config, "rpn.box_loss_weight")),
-        rpn_box_coding=str(_rpn_get(config, "rpn.box_coding")),
-        test_proposal_nms_iou=float(_rpn_get(config, "infer.proposal_nms_iou")),
+        rpn_per_level_nms=bool(_get(config, "rpn.per_level_nms")),
+        centerness_loss=str(_get(config, "rpn.centerness_loss")),
+        centerness_fg_iou=float(_get(config, "rpn.centerness_fg_iou")),
+        centerness_bg_iou=float(_get(config, "rpn.centerness_bg_iou")),
+        centerness_batch_per_image=int(_get(config, "rpn.centerness_batch_per_image")),
+        centerness_positive_fraction=float(_get(config, "rpn.centerness_positive_fraction")),
+        rpn_box_loss=str(_get(config, "rpn.box_loss")),
+        rpn_box_loss_weight=float(_get(config, "rpn.box_loss_weight")),
+        rpn_box_coding=str(_get(config, "rpn.box_coding")),
+        test_proposal_nms_iou=float(_get(config, "infer.proposal_nms_iou")),
         roi_batch_per_image=int(roi.batch_per_image),
         roi_positive_fraction=roi.positive_fraction,
         roi_fg_iou=roi.fg_iou,
