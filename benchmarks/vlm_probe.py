@@ -8,8 +8,9 @@ region of the test images through the detection task's own VLM branch (`--detect
 default configs/shapes_detect.py: the frozen tower at the detection resolution with its
 window-attention layout, RoIAlign on the last feature map, mean pooling, projection). Reports
 top-1 accuracy over all categories, split into base and novel (rare) categories, next to chance,
-and how similar the text embeddings of two different category names are. A category is a surface, "<pattern> <colour>", on a random silhouette; the
-table also gives how often the predicted name has the right colour and the right pattern.
+and how similar the text embeddings of two different category names are. A category is a
+surface, "<pattern> <colour>", on a random silhouette; the table also gives how often the
+predicted name has the right colour and the right pattern.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def main() -> None:
     parser.add_argument(
         "--detect_config",
         default=os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_detect.py"),
-        help="detection config whose VLM branch is probed (det.image_size, infer.vlm_*, templates)",
+        help="detection config (path.py[:arg]) whose VLM branch is probed (det.image_size, "
+        "infer.vlm_*, text.templates)",
     )
     parser.add_argument("--window_size", type=int, default=None, help="override infer.vlm_window_size")
     parser.add_argument(
@@ -47,10 +49,9 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
-    import importlib.util
-
     from rovit_jax.data import image_text, shapes_world, sources
     from rovit_jax.data.detection_input import example_from_shapes_record, resize_and_pad
+    from rovit_jax.interop.workdir import load_config
     from rovit_jax.tasks.detect import DetectTask
     from rovit_jax.train.checkpoint import scan
 
@@ -58,10 +59,7 @@ def main() -> None:
         pcfg = ml_collections.ConfigDict(json.load(f))
     if pcfg.data.name != "shapes_world":
         raise SystemExit("the probe needs a shapes-world pretraining run")
-    spec = importlib.util.spec_from_file_location("detect_config", args.detect_config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    dcfg = module.get_config()
+    dcfg = load_config(args.detect_config)
     dcfg.init.run_pretraining = False
     dcfg.init.pretrain_workdir = args.pretrain_workdir
     if args.window_size is not None:
