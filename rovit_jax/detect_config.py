@@ -124,6 +124,8 @@ def detect_defaults() -> ml_collections.ConfigDict:
     c.roi.pool_size = 7
     c.roi.mask_pool_size = 14  # 28x28 masks
     c.roi.mask_loss_weight = 1.0
+    # Weight of the box-regression L1 (summed over foreground RoIs, divided by all sampled RoIs).
+    c.roi.box_loss_weight = 1.0
     # Classification cross-entropy of background RoIs x 0.9, the loss still averaged over RoIs
     # (the authors' frcnn_background_weight; 1.0 = unweighted, this project's earlier default).
     c.roi.background_weight = 0.9

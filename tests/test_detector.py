@@ -1,5 +1,6 @@
 """Detector training: sharded step == single-device step; one-image overfit reaches AP50 >= 0.95."""
 
+import dataclasses
 import os
 import sys
 
@@ -13,6 +14,7 @@ from rovit_jax.data import detection_input, shapes_tfds
 from rovit_jax.detection import rcnn
 from rovit_jax.evaluation import detection as det_eval
 from rovit_jax.tasks import get_task
+from rovit_jax.tasks.detect import validate_config
 from rovit_jax.tasks.pretrain import build_model
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.mesh import tree_paths
@@ -79,6 +81,30 @@ def _synthetic_detection_batch(config, rng):
         "masks": masks,
         "image_info": np.tile(np.array([[s, s, 1, 0]], np.float32), (b, 1)),
     }
+
+
+def test_box_loss_weight_scales_only_the_box_term(data_dir):
+    """`roi.box_loss_weight` w: total(w) - total(1) == (w - 1) * box_loss, other terms unchanged."""
+    config = _config(batch_size=2)
+    task = _task(config, data_dir)
+    params = jax.jit(task.init_params)(jax.random.key(0))
+    batch = jax.tree.map(jnp.asarray, _synthetic_detection_batch(config, np.random.default_rng(3)))
+    vocab = task.base_vocabulary
+    emb, valid = jnp.asarray(vocab["embeddings"]), jnp.asarray(vocab["valid"])
+    assert task.rcnn.box_loss_weight == 1.0  # the default (and older runs')
+
+    def loss(weight):
+        cfg = dataclasses.replace(task.rcnn, box_loss_weight=weight)
+        return rcnn.detector_loss(task.model, params, batch, emb, valid, jax.random.key(1), cfg)
+
+    (t1, m1), (t4, m4) = loss(1.0), loss(4.0)
+    assert float(m1["box_loss"]) > 0
+    np.testing.assert_allclose(float(t4 - t1), 3.0 * float(m1["box_loss"]), rtol=1e-4)
+    for key in m1:
+        np.testing.assert_allclose(m4[key], m1[key], rtol=1e-6, err_msg=key)
+    bad = _config(**{"roi.box_loss_weight": -1.0})
+    with pytest.raises(ValueError, match="roi.box_loss_weight"):
+        validate_config(bad, check_files=False)
 
 
 def test_sharded_detection_step_matches_single_device(data_dir):

@@ -72,6 +72,7 @@ class RCNNConfig:
     roi_pool_size: int = 7
     mask_pool_size: int = 14
     mask_loss_weight: float = 1.0
+    box_loss_weight: float = 1.0
     # Weight of background RoIs' classification cross-entropy (the authors' 0.9); the loss is
     # still divided by the number of RoIs, not by the sum of weights.
     background_weight: float = 0.9
@@ -529,7 +530,7 @@ def detector_loss(
         jnp.mean(rpn_obj_loss)
         + jnp.mean(rpn_box_loss)
         + cls_loss
-        + box_loss
+        + cfg.box_loss_weight * box_loss
         + cfg.mask_loss_weight * mask_loss
     )
     acc = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == samples["classes"], 0)) / num_valid

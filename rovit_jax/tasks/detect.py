@@ -39,6 +39,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PRE_AUTHORS_DEFAULTS = {
     "head.background": "learned",
     "roi.background_weight": 1.0,
+    "roi.box_loss_weight": 1.0,
     "infer.fusion": "classes_only",
     "infer.vlm_pool_boxes": "refined",
     "infer.vlm_window_attention": False,
@@ -186,6 +187,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     _validate_rpn_fields(p, config)
     cc.check_number(p, config, "roi.fg_iou", min_value=0.0, max_value=1.0)
     cc.check_number(p, config, "roi.mask_loss_weight", min_value=0.0)
+    cc.check_number(p, config, "roi.box_loss_weight", min_value=0.0, default=1.0)
     cc.check_number(
         p,
         config,
@@ -430,6 +432,7 @@ def rcnn_config(config: ml_collections.ConfigDict) -> rcnn.RCNNConfig:
         roi_pool_size=int(roi.pool_size),
         mask_pool_size=int(roi.mask_pool_size),
         mask_loss_weight=float(roi.mask_loss_weight),
+        box_loss_weight=float(_get(config, "roi.box_loss_weight")),
         background_weight=float(_get(config, "roi.background_weight")),
         test_pre_nms_top_k=int(inf.pre_nms_top_k),
         test_post_nms_top_k=int(inf.post_nms_top_k),
