@@ -49,7 +49,6 @@ import time
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = os.path.join(os.path.dirname(HERE), "configs")
 
 LOSSES = ("focal", "sigmoid", "softmax")
 CPE = (True, False)
@@ -111,20 +110,20 @@ def detect_run(cpe: bool, loss: str, seed: int, mode: str, objectness: str = "ce
 
 def build_config(run: Run, budget: dict[str, Any], out: str, data_dir: str | None):
     """The ml_collections config of `run` (shapes configs + the sweep's budget)."""
-    sys.path.insert(0, CONFIGS)
-    import shapes_detect
-    import shapes_pretrain
+    from rovit_jax.config_files import load_config
 
     tiny = ",tiny" if budget["tiny"] else ""
     if run.kind == "pretrain":
-        c = shapes_pretrain.get_config(
+        c = load_config(
+            "shapes_pretrain:"
             f"steps={budget['pretrain_steps']},loss={run.loss},cpe={run.cpe},seed={run.seed}{tiny}"
         )
         c.total_steps = int(budget["pretrain_steps"])
         c.checkpoint_every = c.total_steps
         c.keep_checkpoints = 1
     else:
-        c = shapes_detect.get_config(
+        c = load_config(
+            "shapes_detect:"
             f"steps={budget['detect_steps']},objectness={run.objectness},seed={run.seed}{tiny}"
         )
         c.total_steps = int(budget["detect_steps"])

@@ -29,7 +29,6 @@ import argparse
 import collections
 import glob
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -46,6 +45,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.extend import core as jax_core  # noqa: E402
 
+from rovit_jax.config_files import load_config  # noqa: E402
 from rovit_jax.detection import rcnn  # noqa: E402
 from rovit_jax.tasks.detect import DetectTask  # noqa: E402
 from rovit_jax.tasks.pretrain import build_model  # noqa: E402
@@ -56,10 +56,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(file: str, arg: str | None):
-    spec = importlib.util.spec_from_file_location(file[:-3], os.path.join(REPO, "configs", file))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config(f"{file}:{arg}" if arg else file)
 
 
 def cases() -> dict[str, tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import os
 import tempfile
 
@@ -31,12 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(steps: int, prefetch: int):
-    spec = importlib.util.spec_from_file_location(
-        "cfg", os.path.join(REPO, "configs", "shapes_pretrain.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(f"steps={steps}")
+    from rovit_jax.config_files import load_config
+
+    c = load_config(f"shapes_pretrain:steps={steps}")
     c.prefetch = prefetch
     c.log_every = steps // 2  # the last report covers the second half: steady state only
     c.checkpoint_every = 0

@@ -27,7 +27,6 @@ on this machine MFU is "fraction of what this CPU achieves on a large matmul".
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -39,6 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rovit_jax import config_files  # noqa: E402
 from rovit_jax.models.layers import transformer_size  # noqa: E402
 from rovit_jax.models.vit import vit_variant  # noqa: E402
 from rovit_jax.tasks import get_task  # noqa: E402
@@ -63,10 +63,8 @@ ROWS = {
 
 
 def load_config(file: str, arg: str):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", file))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    """configs/<file> with get_config's `arg` (none when empty)."""
+    return config_files.load_config(f"{file}:{arg}" if arg else file)
 
 
 def matmul_flops_per_second(n: int = 2048, repeats: int = 10) -> float:

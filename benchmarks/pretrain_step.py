@@ -12,7 +12,6 @@ compare against the chip's datasheet figure instead.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import time
@@ -23,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rovit_jax import config_files  # noqa: E402
 from rovit_jax.tasks import get_task  # noqa: E402
 from rovit_jax.train import mesh as mesh_lib  # noqa: E402
 from rovit_jax.train.trainer import Trainer  # noqa: E402
@@ -35,10 +35,8 @@ CASES = {
 
 
 def load_config(file: str, arg: str):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", file))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    """configs/<file> with get_config's `arg` (none when empty)."""
+    return config_files.load_config(f"{file}:{arg}" if arg else file)
 
 
 def matmul_flops_per_second(n: int = 2048, repeats: int = 10) -> float:

@@ -35,7 +35,9 @@ def main() -> None:
         help="detection config (path.py[:arg]) whose VLM branch is probed (det.image_size, "
         "infer.vlm_*, text.templates)",
     )
-    parser.add_argument("--window_size", type=int, default=None, help="override infer.vlm_window_size")
+    parser.add_argument(
+        "--window_size", type=int, default=None, help="override infer.vlm_window_size"
+    )
     parser.add_argument(
         "--global_blocks",
         type=int,
@@ -49,9 +51,9 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
+    from rovit_jax.config_files import load_config
     from rovit_jax.data import image_text, shapes_world, sources
     from rovit_jax.data.detection_input import example_from_shapes_record, resize_and_pad
-    from rovit_jax.interop.workdir import load_config
     from rovit_jax.tasks.detect import DetectTask
     from rovit_jax.train.checkpoint import scan
 

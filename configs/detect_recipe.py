@@ -17,15 +17,11 @@ Parallelism and memory arguments of `recipe()` (see rovit_jax.train.layouts):
   dtype   float32 (default) | bfloat16 compute; parameters and optimizer state stay float32
 """
 
-import os
-import sys
+from rovit_jax.config_files import load_sibling
+from rovit_jax.detect_config import detect_defaults
+from rovit_jax.train.layouts import apply_layout
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import vit_b16_224_pretrain  # noqa: E402
-
-from rovit_jax.detect_config import detect_defaults  # noqa: E402
-from rovit_jax.train.layouts import apply_layout  # noqa: E402
+vit_b16_224_pretrain = load_sibling(__file__, "vit_b16_224_pretrain")
 
 # ViTDet global-attention blocks (0-based): blocks 3/6/9/12 of B/16, 6/12/18/24 of L/16.
 GLOBAL_BLOCKS = {"B/16": (2, 5, 8, 11), "L/16": (5, 11, 17, 23)}

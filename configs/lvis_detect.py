@@ -30,14 +30,10 @@ memory (configs/detect_recipe.py, rovit_jax.train.layouts):
   dtype   float32 (default) | bfloat16 compute; parameters and optimizer state stay float32
 """
 
-import os
-import sys
+from rovit_jax.config_args import parse_arg
+from rovit_jax.config_files import load_sibling
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import detect_recipe  # noqa: E402
-
-from rovit_jax.config_args import parse_arg  # noqa: E402
+detect_recipe = load_sibling(__file__, "detect_recipe")
 
 
 def get_config(arg=None):

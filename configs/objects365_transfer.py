@@ -15,14 +15,10 @@ LVIS run (the same `variant`).
 Arguments: `variant` (B/16 | L/16), `small` (tiny CPU smoke run).
 """
 
-import os
-import sys
+from rovit_jax.config_args import parse_arg
+from rovit_jax.config_files import load_sibling
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import detect_recipe  # noqa: E402
-
-from rovit_jax.config_args import parse_arg  # noqa: E402
+detect_recipe = load_sibling(__file__, "detect_recipe")
 
 
 def get_config(arg=None):

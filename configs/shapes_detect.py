@@ -13,15 +13,11 @@ during pretraining at 64 px), the paper's 224 -> 1024 px change of scale in mini
 Arguments: steps, batch, objectness (centerness|binary), seed, pretrain_steps, tiny (bool).
 """
 
-import os
-import sys
+from rovit_jax.config_args import parse_arg
+from rovit_jax.config_files import load_sibling
+from rovit_jax.detect_config import detect_defaults
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import shapes_pretrain  # noqa: E402
-
-from rovit_jax.config_args import parse_arg  # noqa: E402
-from rovit_jax.detect_config import detect_defaults  # noqa: E402
+shapes_pretrain = load_sibling(__file__, "shapes_pretrain")
 
 
 def get_config(arg=None):

@@ -8,20 +8,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 # ---- a tiny detection run shared by test_predictor and test_export -----------------------------
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+from rovit_jax.config_files import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _detect_config():
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import shapes_detect
-    finally:
-        sys.path.pop(0)
-    return shapes_detect.get_config("tiny")
+    return load_config("shapes_detect:tiny")
 
 
 def _save_run(workdir: str, config, params, step: int) -> None:

@@ -109,9 +109,7 @@ def test_authors_fusion_matches_numpy_transcription():
     # modes (the authors' head multiplies objectness^3 into whatever class scores it has).
     for fusion in ("authors", "classes_only"):
         det_only = np.asarray(
-            rcnn.fused_class_scores(
-                det_probs, None, obj, text_valid, is_novel, _cfg(fusion=fusion)
-            )
+            rcnn.fused_class_scores(det_probs, None, obj, text_valid, is_novel, _cfg(fusion=fusion))
         )
         np.testing.assert_allclose(
             det_only[..., :k_valid], p_det * obj[..., None] ** 3.0, rtol=2e-5, atol=1e-9
@@ -280,7 +278,7 @@ def test_vlm_window_attention_in_every_block_but_the_last(tiny):
     far = _task(_config(**{"infer.vlm_global_blocks": (7,)}), config.data.data_dir)
     far.__dict__["pretrained"] = task.pretrained
     with pytest.raises(ValueError, match=r"`infer.vlm_global_blocks` = \(7,\).*outside"):
-        far.model
+        _ = far.model
 
     # Global attention everywhere (the earlier behaviour) gives a different map.
     glob_task = _task(_config(**{"infer.vlm_window_attention": False}), config.data.data_dir)

@@ -1,12 +1,12 @@
 """Config validation: every problem listed in one error, paths checked, mesh checked without jax."""
 
 import os
-import sys
 
 import ml_collections
 import pytest
 
 from rovit_jax import config_check as cc
+from rovit_jax.config_files import load_config
 from rovit_jax.detect_config import detect_defaults
 from rovit_jax.pretrain_config import pretrain_defaults
 from rovit_jax.tasks import detect, pretrain
@@ -15,12 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _shipped(module: str, arg=None) -> ml_collections.ConfigDict:
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        mod = __import__(module)
-    finally:
-        sys.path.pop(0)
-    return mod.get_config(arg)
+    return load_config(f"{module}:{arg}" if arg else module)
 
 
 def _raised(fn, config) -> cc.ConfigError:

@@ -6,16 +6,13 @@ import sys
 
 import pytest
 
+from rovit_jax.config_files import load_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(arg="tiny"):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import shapes_detect
-    finally:
-        sys.path.pop(0)
-    return shapes_detect.get_config(arg)
+    return load_config(f"shapes_detect:{arg}" if arg else "shapes_detect")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import dataclasses
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from rovit_jax.config_files import apply_overrides, load_config
 from rovit_jax.data import detection_input, shapes_tfds
 from rovit_jax.detection import rcnn
 from rovit_jax.evaluation import detection as det_eval
@@ -24,18 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import shapes_detect
-    finally:
-        sys.path.pop(0)
-    c = shapes_detect.get_config("tiny")
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    c = load_config("shapes_detect:tiny")
+    apply_overrides(c, overrides)
     return c
 
 

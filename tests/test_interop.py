@@ -7,7 +7,6 @@ wrongly mapped tensor changes the outputs.
 
 import os
 import pickle
-import sys
 
 import jax
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from rovit_jax.config_files import load_config
 from rovit_jax.interop import (
     export_image_tower_safetensors,
     export_text_tower_safetensors,
@@ -43,12 +43,7 @@ MU = dict(width=64, depth=2, mlp_dim=256, num_heads=2)  # the "mu" size of the t
 
 
 def _tiny_config():
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import shapes_pretrain
-    finally:
-        sys.path.pop(0)
-    return shapes_pretrain.get_config("tiny")  # mu/8 at 32 px, text mu, vocab 512, embed 32
+    return load_config("shapes_pretrain:tiny")  # mu/8 at 32 px, text mu, vocab 512, embed 32
 
 
 def _random_params(model, seed):

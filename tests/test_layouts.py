@@ -8,13 +8,13 @@ within a few learning-rate steps of their start.
 """
 
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from rovit_jax.config_files import apply_overrides, load_config
 from rovit_jax.models.layers import unscan_params
 from rovit_jax.tasks import get_task
 from rovit_jax.train import layouts
@@ -28,21 +28,11 @@ STEPS = 3
 
 
 def _config(**overrides):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import shapes_pretrain
-    finally:
-        sys.path.pop(0)
-    c = shapes_pretrain.get_config("tiny")
+    c = load_config("shapes_pretrain:tiny")
     c.batch_size = 16
     c.fsdp_min_size = 0
     c.async_checkpointing = False
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    apply_overrides(c, overrides)
     return c
 
 

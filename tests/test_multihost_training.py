@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from rovit_jax.config_files import load_config
 from rovit_jax.data import sources
 from rovit_jax.train.checkpoint import load_params
 from rovit_jax.train.mesh import tree_paths
@@ -133,12 +134,7 @@ def _run_and_compare(config, root, overrides, total, stop):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The tiny shapes world and its tokenizer, built once so the runs only read them."""
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import shapes_pretrain
-    finally:
-        sys.path.pop(0)
-    config = shapes_pretrain.get_config("tiny")
+    config = load_config("shapes_pretrain:tiny")
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
     sources.tokenizer_for(config)
     return config.data.data_dir

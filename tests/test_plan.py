@@ -6,7 +6,6 @@ The two command-line runs start first and run beside the in-process tests (each 
 step on 8 simulated devices in its own process, as a user would).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from rovit_jax import plan
+from rovit_jax.config_files import load_config
 from rovit_jax.models.layers import TRANSFORMER_SIZES
 from rovit_jax.tasks.detect import DetectTask
 from rovit_jax.tasks.pretrain import PretrainTask
@@ -36,10 +36,7 @@ CLI_OVERRIDES = (
 
 
 def _load(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config(f"{name}:{arg}" if arg else name)
 
 
 def _cli(remat: str, json_path: str, *extra: str) -> subprocess.Popen:

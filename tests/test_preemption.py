@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import pytest
 
+from rovit_jax.config_files import load_config
 from rovit_jax.tasks import get_task
 from rovit_jax.train import loop, preemption
 from rovit_jax.train.checkpoint import load_params
@@ -232,12 +233,7 @@ def test_sigterm_then_kill_during_save_then_resume_equals_straight_run(
 
 def test_in_process_sigterm_stops_with_checkpoint_and_restores_handlers(shared, tmp_path):
     """The signal path without a subprocess: SIGTERM sent while batch 3 is being made."""
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import shapes_pretrain
-    finally:
-        sys.path.pop(0)
-    config = shapes_pretrain.get_config("tiny")
+    config = load_config("shapes_pretrain:tiny")
     config.data.data_dir = shared["data_dir"]
     config.async_checkpointing = True
     config.total_steps = 8

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from rovit_jax.config_files import apply_overrides, load_config
 from rovit_jax.tasks import get_task
 from rovit_jax.train import loop
 from rovit_jax.train import mesh as mesh_lib
@@ -18,12 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_config(arg="tiny"):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import shapes_pretrain
-    finally:
-        sys.path.pop(0)
-    return shapes_pretrain.get_config(arg)
+    return load_config(f"shapes_pretrain:{arg}" if arg else "shapes_pretrain")
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +31,7 @@ def _tiny(data_dir, **overrides):
     c = _load_config("tiny")
     c.data.data_dir = data_dir
     c.async_checkpointing = False
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    apply_overrides(c, overrides)
     return c
 
 

@@ -10,7 +10,6 @@ modes on those files.
 import json
 import math
 import os
-import sys
 
 import jax
 import ml_collections
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from rovit_jax.config_files import load_config
 from rovit_jax.data.categories import COCO_CATEGORIES
 from rovit_jax.tasks import get_task
 from rovit_jax.train.checkpoint import load_params
@@ -29,12 +29,7 @@ NUM_IMAGES = 8
 
 
 def _config(name: str, arg: str):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        module = __import__(name)
-    finally:
-        sys.path.pop(0)
-    return module.get_config(arg)
+    return load_config(f"{name}:{arg}" if arg else name)
 
 
 def _draw(rng, width: int, height: int):

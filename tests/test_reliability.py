@@ -8,7 +8,6 @@ import glob
 import logging
 import os
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from rovit_jax.config_files import apply_overrides, load_config
 from rovit_jax.tasks import get_task
 from rovit_jax.train import guards, loop
 from rovit_jax.train import mesh as mesh_lib
@@ -26,21 +26,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny(data_dir, **overrides):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import shapes_pretrain
-    finally:
-        sys.path.pop(0)
-    c = shapes_pretrain.get_config("tiny")
+    c = load_config("shapes_pretrain:tiny")
     c.data.data_dir = data_dir
     c.async_checkpointing = False
     c.log_every = 1
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    apply_overrides(c, overrides)
     return c
 
 

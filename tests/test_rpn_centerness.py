@@ -8,13 +8,13 @@ anchors / 256), `RpnBoxIoULoss` (8 * (1 - IoU) of decoded boxes on every matched
 """
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rovit_jax.config_files import load_config
 from rovit_jax.detection import rcnn
 from rovit_jax.ops.matching import sample_balanced
 from rovit_jax.train.optim import make_optimizer
@@ -310,14 +310,9 @@ def test_test_time_proposals_default_to_no_suppression_and_training_keeps_its_nm
 
 # ---- optimizer --------------------------------------------------------------------------------
 def _tiny_detector_params():
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import shapes_detect
-    finally:
-        sys.path.pop(0)
     from rovit_jax.tasks.detect import DetectTask
 
-    config = shapes_detect.get_config("tiny")
+    config = load_config("shapes_detect:tiny")
     task = DetectTask.for_planning(config, config.pretrain, num_classes=4)
     shapes = jax.eval_shape(task.init_params, jax.random.key(0))
     return config, jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)

@@ -39,9 +39,10 @@ def _grid(text: str | None) -> tuple[int, int] | None:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from rovit_jax.config_files import load_config
     from rovit_jax.interop import import_weights as iw
     from rovit_jax.interop.towers import init_params, resolve_model
-    from rovit_jax.interop.workdir import check_new_workdir, load_config, write_init_workdir
+    from rovit_jax.interop.workdir import check_new_workdir, write_init_workdir
 
     check_new_workdir(args.out)  # before the (slow) import
     config = load_config(args.config)

@@ -13,8 +13,6 @@ use it directly as ``init.pretrain_workdir``.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 from typing import Any
 
@@ -24,25 +22,7 @@ import numpy as np
 
 from rovit_jax.interop.towers import flatten
 
-__all__ = ["load_config", "check_new_workdir", "write_init_workdir"]
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """A config from ``path.py[:arg]`` (its ``get_config(arg)``) or a run's ``config.json``."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file {path}")
-    if path.endswith(".json"):
-        with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
-    module_spec = importlib.util.spec_from_file_location("rovit_jax_interop_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"{path} is not a Python config file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} has no get_config(arg)")
-    return module.get_config(arg) if arg else module.get_config()
+__all__ = ["check_new_workdir", "write_init_workdir"]
 
 
 def _check_same_structure(params: Any, abstract: Any) -> None:

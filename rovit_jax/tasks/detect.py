@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from functools import cached_property
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import jax

@@ -10,13 +10,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview, periodic_actions
 
 from rovit_jax.data.image_text import prefetch
 from rovit_jax.train import guards, preemption
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from rovit_jax.train.trainer import Trainer
+from rovit_jax.train.writers import create_writer
 
 
 def _every(step: int, period: int, total: int) -> bool:
@@ -59,7 +60,7 @@ def _run(
     total = int(config.total_steps)
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    writer = create_writer(workdir, just_logging=not is_chief)
     if is_chief:
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
         # Later stages (detection finetuning, export) rebuild the model from this file.

@@ -1,0 +1,44 @@
+"""The loop's metric writer: TensorBoard keeps every input counter, the log line only non-zero."""
+
+import logging
+
+from tensorboard.backend.event_processing import event_accumulator
+
+from rovit_jax.train.writers import create_writer
+
+SCALARS = {
+    "train/loss": 1.25,
+    "input/wait_fraction": 0.0,  # not a counter: logged even when zero
+    "input/skipped/undecodable_image": 0,
+    "input/skipped/empty_caption": 3,
+    "input/dropped/too_small": 0,
+    "input/dropped/truncated": 2,
+}
+
+
+def _logged(caplog, writer, step):
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        writer.write_scalars(step, SCALARS)
+        writer.flush()
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"[{step}]")]
+
+
+def test_log_line_drops_zero_counters_and_tensorboard_keeps_them(tmp_path, caplog):
+    writer = create_writer(str(tmp_path), just_logging=False)
+    (line,) = _logged(caplog, writer, 7)
+    writer.close()
+    for key in ("train/loss=1.25", "input/wait_fraction=0", "empty_caption=3", "truncated=2"):
+        assert key in line, line
+    assert "undecodable_image" not in line and "too_small" not in line
+
+    acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert set(acc.Tags()["tensors"]) == set(SCALARS)
+
+
+def test_non_chief_hosts_only_log(tmp_path, caplog):
+    writer = create_writer(str(tmp_path), just_logging=True)
+    assert len(_logged(caplog, writer, 3)) == 1
+    writer.close()
+    assert list(tmp_path.iterdir()) == []  # no event file
