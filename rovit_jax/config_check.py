@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from rovit_jax.run_config import RUN_DEFAULTS
 from rovit_jax.train.mesh import BATCH_AXES
 
 # Reprs of offending values are cut to this many characters (a config list can be long).
@@ -409,11 +410,11 @@ def check_run_settings(problems: Problems, config: Any) -> None:
     for key in ("log_every", "eval_every", "checkpoint_every"):
         check_int(problems, config, key, min_value=0)
     check_int(problems, config, "keep_checkpoints", min_value=1)
-    check_bool(problems, config, "async_checkpointing", default=True)
-    check_int(problems, config, "fsdp_min_size", min_value=0, default=0)
+    check_bool(problems, config, "async_checkpointing", default=RUN_DEFAULTS["async_checkpointing"])
+    check_int(problems, config, "fsdp_min_size", min_value=0, default=RUN_DEFAULTS["fsdp_min_size"])
     check_int(problems, config, "data.num_workers", min_value=1, default=1)
-    check_int(problems, config, "prefetch", min_value=0, default=2)
-    check_bool(problems, config, "donate_state", default=True)
+    check_int(problems, config, "prefetch", min_value=0, default=RUN_DEFAULTS["prefetch"])
+    check_bool(problems, config, "donate_state", default=RUN_DEFAULTS["donate_state"])
     _check_sharding_rules(problems, config)
     mesh_problems(problems, config)
 

@@ -8,30 +8,16 @@ from __future__ import annotations
 import ml_collections
 
 from rovit_jax.pretrain_config import NO_DECAY
+from rovit_jax.run_config import add_run_settings
 
 
 def detect_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "detect"
-    c.seed = 0
     c.total_steps = 46_000  # unverified (LVIS, ViTDet-style schedule)
     c.batch_size = 256  # unverified
-    c.log_every = 50
-    c.eval_every = 0
     c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
-    c.async_checkpointing = True
-    # Non-finite loss/gradients (rovit_jax.train.guards): the step's update is skipped; "skip"
-    # stops after `max_consecutive` such steps in a row (0 = never), "halt" at the first one.
-    c.guard = ml_collections.ConfigDict(dict(policy="skip", max_consecutive=10))
-    # Tuples, so that the command line can override them: --config.mesh="(('fsdp', -1), ...)".
-    c.mesh = (("data", -1), ("fsdp", 1))
-    c.sharding_rules = ((".*", "fsdp"),)
-    c.fsdp_min_size = 2**14
-    c.compute_dtype = "float32"
-    c.remat = "none"
-    c.prefetch = 2  # batches decoded and copied to the devices ahead of the step (0: none)
-    c.donate_state = True  # the train step reuses the old state's buffers
+    add_run_settings(c)  # seed, logging, checkpoints, guard, mesh, sharding, dtype, remat, ...
 
     # Where the pretrained towers come from: a pretraining run's workdir ("" = <workdir>/pretrain).
     # With run_pretraining, a missing pretraining run is trained first from `c.pretrain`.

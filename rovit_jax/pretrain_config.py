@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from rovit_jax.run_config import add_run_settings
+
 # Weight decay skips biases, norms, embeddings of positions and the loss's scalars.
 NO_DECAY = (
     r"(^|/)bias$",
@@ -23,28 +25,10 @@ NO_DECAY = (
 def pretrain_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "pretrain"
-    c.seed = 0
     c.total_steps = 1000
     c.batch_size = 4096  # Global. Paper: 4096 for ablations, 16384 for main models (unverified).
-    c.log_every = 50
-    c.eval_every = 0  # 0: evaluate only at the end.
     c.checkpoint_every = 500
-    c.keep_checkpoints = 3
-    c.async_checkpointing = True
-    # Non-finite loss/gradients (rovit_jax.train.guards): the step's update is skipped; "skip"
-    # stops after `max_consecutive` such steps in a row (0 = never), "halt" at the first one.
-    c.guard = ml_collections.ConfigDict(dict(policy="skip", max_consecutive=10))
-
-    # Parallelism: mesh axes [(name, size)], -1 = the remaining devices. The batch is split over
-    # data x fsdp; parameters and optimizer state over fsdp by the rules below.
-    # Tuples, so that the command line can override them: --config.mesh="(('fsdp', -1), ...)".
-    c.mesh = (("data", -1), ("fsdp", 1))
-    c.sharding_rules = ((".*", "fsdp"),)
-    c.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated under "fsdp" rules
-    c.compute_dtype = "float32"  # or "bfloat16" (parameters and optimizer state stay float32)
-    c.remat = "none"  # "none" | "full" | "dots": rematerialise each transformer block
-    c.prefetch = 2  # batches decoded and copied to the devices ahead of the step (0: none)
-    c.donate_state = True  # the train step reuses the old state's buffers
+    add_run_settings(c)  # seed, logging, checkpoints, guard, mesh, sharding, dtype, remat, ...
     c.scan_layers = False  # one nn.scan over the blocks: faster compiles, stacked parameters
 
     c.data = ml_collections.ConfigDict()

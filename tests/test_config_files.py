@@ -94,3 +94,21 @@ def test_sibling_configs_load_by_path_from_anywhere(tmp_path, monkeypatch):
     c = load_config(str(tmp_path / "mine.py"))
     assert isinstance(c, ml_collections.ConfigDict) and c.batch_size == 8
     assert c.pretrain.total_steps == load_config("shapes_detect:tiny").pretrain.total_steps
+
+
+def test_run_settings_have_one_default_shared_by_both_tasks():
+    from rovit_jax.detect_config import detect_defaults
+    from rovit_jax.pretrain_config import pretrain_defaults
+    from rovit_jax.run_config import RUN_DEFAULTS, run_setting
+
+    for defaults in (pretrain_defaults(), detect_defaults()):
+        for key, value in RUN_DEFAULTS.items():
+            assert defaults[key] == value, key
+    # An older run's config without the field reads the same default everywhere.
+    old = load_config("shapes_pretrain:tiny")
+    with old.unlocked():
+        del old["fsdp_min_size"], old["prefetch"]
+    assert run_setting(old, "fsdp_min_size") == 2**14 and run_setting(old, "prefetch") == 2
+    from rovit_jax.tasks import pretrain
+
+    pretrain.validate_config(old)  # missing run settings are not problems

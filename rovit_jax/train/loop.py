@@ -13,6 +13,7 @@ import numpy as np
 from clu import parameter_overview, periodic_actions
 
 from rovit_jax.data.image_text import prefetch
+from rovit_jax.run_config import run_setting
 from rovit_jax.train import guards, preemption
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -102,7 +103,7 @@ def _run(
         device_batch = trainer.global_batch(batches.batch(step))
         return device_batch, _tallies(batches)
 
-    depth = int(config.get("prefetch", 2))
+    depth = int(run_setting(config, "prefetch"))
     # prefetch=0 produces each batch when the step asks for it (to measure what prefetch buys).
     stream = (
         prefetch(make_batch, start, end, depth=depth)

@@ -16,6 +16,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rovit_jax.run_config import RUN_DEFAULTS
+
 # Axes over which the batch dimension is split. FSDP shards parameters AND the batch, as in
 # ZeRO-3: every device sees a distinct slice of the batch.
 BATCH_AXES = ("data", "fsdp")
@@ -107,7 +109,11 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, axis: str, min_size: int) -> 
 
 
 def infer_shardings(
-    abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]], *, fsdp_min_size: int = 2**14
+    abstract_tree: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]],
+    *,
+    fsdp_min_size: int = RUN_DEFAULTS["fsdp_min_size"],
 ) -> Any:
     """NamedShardings for every leaf of `abstract_tree` from regex rules over its paths.
 

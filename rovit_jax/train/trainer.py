@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from rovit_jax.models import layers
+from rovit_jax.run_config import run_setting
 from rovit_jax.train import guards
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.optim import make_optimizer, regex_mask
@@ -63,7 +64,7 @@ class Trainer:
             self.abstract_state,
             mesh,
             [tuple(r) for r in config.sharding_rules],
-            fsdp_min_size=int(config.get("fsdp_min_size", 2**14)),
+            fsdp_min_size=int(run_setting(config, "fsdp_min_size")),
         )
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         self.replicated = mesh_lib.replicated(mesh)
@@ -73,7 +74,7 @@ class Trainer:
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, self.replicated),
             # The old state's buffers are reused for the new one (halves state memory).
-            donate_argnums=(0,) if bool(config.get("donate_state", True)) else (),
+            donate_argnums=(0,) if bool(run_setting(config, "donate_state")) else (),
         )
 
     def _init_state(self, rng: jax.Array) -> State:
