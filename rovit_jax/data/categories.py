@@ -283,10 +283,6 @@ class CategoryTable:
         """[(id, name, frequency)], the table format of the detection task."""
         return [(c.id, c.name, c.frequency) for c in self.categories]
 
-    def to_records(self) -> list[dict[str, Any]]:
-        """[{"id", "name", "frequency"}], the shapes world's metadata format."""
-        return [dataclasses.asdict(c) for c in self.categories]
-
     def restrict(self, ids: Iterable[int]) -> CategoryTable:
         """The categories whose id is in `ids`, in this table's order; ValueError on unknown ids."""
         keep = {int(i) for i in ids}

@@ -268,10 +268,6 @@ class CocoStyleDetectionSource:
         raise CorruptImageError(f"image file not found: {first}{tried}")
 
     # ---- annotations without pixels -----------------------------------------------------------
-    def image_record(self, index: int) -> Mapping[str, Any]:
-        """The JSON record of image `index`."""
-        return self._images[index]
-
     def annotations(self, index: int) -> list[Mapping[str, Any]]:
         """JSON annotations that form image `index`'s targets (crowd excluded unless included)."""
         anns = self._annotations[index]

@@ -31,12 +31,6 @@ class ImportReport:
     missing: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
 
-    def loaded_paths(self) -> set[str]:
-        return {path for path, _, _ in self.loaded}
-
-    def not_loaded_keys(self) -> set[str]:
-        return {key for key, _ in self.not_loaded}
-
     def missing_paths(self) -> set[str]:
         return {path for path, _ in self.missing}
 

@@ -131,10 +131,6 @@ class Checkpointer:
             },
         )
 
-    def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
-
     def all_steps(self) -> list[int]:
         """Steps orbax lists that also pass `step_problem`, ascending."""
         complete = set(scan(self.directory)[0])

@@ -51,8 +51,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, task: Task, mesh: Mesh):
         self.config, self.task, self.mesh = config, task, mesh
         self.tx, self.schedule = make_optimizer(config.optim, int(config.total_steps))
-        self.rng = jax.random.key(int(config.seed))
-        init_rng, self.step_rng = jax.random.split(self.rng)
+        init_rng, self.step_rng = jax.random.split(jax.random.key(int(config.seed)))
         self._init_rng = init_rng
 
         self.abstract_state = jax.eval_shape(self._init_state, init_rng)
