@@ -109,12 +109,14 @@ SIZE_RANGE = (0.14, 0.7)
 _HUE_JITTER = 6.0
 # Patterns repeat every PATTERN_PERIOD of the image side (10 px at 128 px, 5 px at the 64 px of
 # pretraining): the smallest objects still show about two periods. Each pattern's marks also have
-# their own tone (stripes the object's colour darkened, dots near black, checks white): at
-# detection's resolution a period spans more than a patch, so what the pretrained tower can tell
-# apart there is mostly tone, not texture. White is the tone it learns best (README, "The shapes
-# world"), which is why the checks, the novel pattern, are white.
+# their own tone (stripes mid grey, dots near black, checks white): at detection's resolution a
+# period spans more than a patch, so what the pretrained tower can tell apart there is mostly
+# tone, not texture. The tones differ on average over a region too: darkened stripes (world
+# 3.0.0) made striped and dotted surfaces equally dark on average (0.70 and 0.74 of the object's
+# colour), and the detector confused the two. White is the tone the towers learn best (README,
+# "The shapes world"), which is why the checks, the novel pattern, are white.
 PATTERN_PERIOD = 0.08
-_DARK_MARK = 0.4
+_GREY_MARK = 128.0
 _BLACK_MARK = 0.08
 _WHITE_MARK = 245.0
 _DOT_RADIUS = 0.3
@@ -357,7 +359,7 @@ def _object_colour(rng: np.random.Generator, colour: str) -> np.ndarray:
 def _pattern_on(
     pattern: str, ys: np.ndarray, xs: np.ndarray, theta: float, period: float, phase: np.ndarray
 ) -> np.ndarray:
-    """Which of the given pixels carry the pattern's dark marks: bool [P].
+    """Which of the given pixels carry the pattern's marks: bool [P].
 
     The pattern lives in the object's own frame (turned by theta, shifted by phase) with a period
     in pixels fixed per image, so that it reads the same on small and large objects.
@@ -402,7 +404,7 @@ def _paint(
 def _mark_colour(pattern: str, base: np.ndarray) -> np.ndarray:
     """The colour of a pattern's marks on an object of colour base: float [3] in [0, 255]."""
     if pattern == "striped":
-        return base * _DARK_MARK
+        return np.full(3, _GREY_MARK)
     if pattern == "dotted":
         return base * _BLACK_MARK
     return np.full(3, _WHITE_MARK)  # checkered (plain has no marks)
