@@ -71,21 +71,24 @@ def cases() -> dict[str, tuple[ml_collections.ConfigDict, ml_collections.ConfigD
 
 def random_task(config, pretrain_config, num_classes: int) -> DetectTask:
     """A DetectTask with random towers and a random vocabulary (no data, no pretraining run)."""
-    task = DetectTask(config, "", check_files=False)  # recipe configs name data files not here
     pcfg = ml_collections.ConfigDict(pretrain_config.to_dict())
     tt = build_model(pcfg)
     s, length = pcfg.pp.image_size, pcfg.tokenizer.max_len
     params = jax.jit(tt.init)(
         jax.random.key(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1, length), jnp.int32)
     )["params"]
-    task.__dict__["pretrained"] = (pcfg, params)
     e = pcfg.model.embed_dim
     emb = np.random.default_rng(0).normal(size=(num_classes, e)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     vocab = dict(embeddings=emb, valid=np.ones(num_classes, bool))
-    task.__dict__["base_vocabulary"] = dict(vocab, category_map={})
-    task.__dict__["full_vocabulary"] = dict(vocab, is_novel=np.zeros(num_classes, bool))
-    return task
+    return DetectTask(
+        config,
+        "",
+        check_files=False,  # recipe configs name data files not here
+        pretrained=(pcfg, params),
+        base_vocabulary=dict(vocab, category_map={}),
+        full_vocabulary=dict(vocab, is_novel=np.zeros(num_classes, bool)),
+    )
 
 
 def synthetic_batch(config, rng) -> dict[str, np.ndarray]:
@@ -305,9 +308,9 @@ def bench(
             jnp.asarray(vocab["is_novel"]),
             task.rcnn,
             vlm_region_embeddings_fn=lambda x, bx: task.vlm_region_embeddings(
-                task.pretrained[1], x, bx
+                task.pretrained.params, x, bx
             ),
-            vlm_logit_scale=jnp.exp(task.pretrained[1]["t"]),
+            vlm_logit_scale=jnp.exp(task.pretrained.params["t"]),
         )
     )
     params = holder["state"]["params"]

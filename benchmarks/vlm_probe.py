@@ -73,7 +73,7 @@ def main() -> None:
     # The detection task's own VLM branch: the frozen tower as detection runs it, RoIAlign of
     # the boxes on its last map, mean, projection.
     task = DetectTask(dcfg, check_files=False)
-    params = task.pretrained[1]
+    params = task.pretrained.params
     model = task.two_tower
     cats = shapes_world.CATEGORIES
     text, _ = task.vocabulary([c.name for c in cats])

@@ -387,7 +387,7 @@ def plan(
     param_bytes, param_bytes_dev = shard_bytes(state["params"], shardings["params"])
     opt_bytes, opt_bytes_dev = shard_bytes(state["opt_state"], shardings["opt_state"])
     count, groups = param_counts(config.task, state["params"])
-    pcfg = task.pretrained[0] if config.task == "detect" else None
+    pcfg = task.pretrained.config if config.task == "detect" else None
     flops_model, formula = model_flops(config, state["params"], pcfg)
 
     start = time.perf_counter()

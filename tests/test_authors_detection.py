@@ -23,7 +23,7 @@ from rovit_jax.models.layers import unscan_params
 from rovit_jax.models.vit import ViT
 from rovit_jax.ops import boxes as box_ops
 from rovit_jax.ops.roi_align import batched_roi_align
-from rovit_jax.tasks.detect import rcnn_config, validate_config
+from rovit_jax.tasks.detect import DetectTask, rcnn_config, validate_config
 
 
 def _softmax(x):
@@ -173,12 +173,18 @@ def test_config_fields_defaults_validation_and_older_runs():
     )
 
 
+def _sharing_towers(task, config):
+    """A task of another config on the same (random) pretrained towers as `task`."""
+    config.data.data_dir = task.config.data.data_dir
+    return DetectTask(config, "", pretrained=task.pretrained)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     # The authors' frozen layout (the shapes config windows every block instead).
     config = _config(**{"infer.vlm_global_blocks": (-1,), "infer.vlm_window_size": None})
     task = _task(config, str(tmp_path_factory.mktemp("tfds_authors")))
-    vlm_params = {k: v for k, v in task.pretrained[1].items() if k != "txt"}
+    vlm_params = {k: v for k, v in task.pretrained.params.items() if k != "txt"}
     params = jax.jit(task.init_params)(jax.random.key(0))
     return config, task, vlm_params, params
 
@@ -259,11 +265,9 @@ def test_vlm_window_attention_in_every_block_but_the_last(tiny):
 
     # Every block windowed, with a window of its own (the shapes config's layout): the final map
     # of one window does not depend on the pixels of any other.
-    own = _task(
-        _config(**{"infer.vlm_global_blocks": (), "infer.vlm_window_size": ws // 2}),
-        config.data.data_dir,
+    own = _sharing_towers(
+        task, _config(**{"infer.vlm_global_blocks": (), "infer.vlm_window_size": ws // 2})
     )
-    own.__dict__["pretrained"] = task.pretrained
     assert own.vlm_backbone.global_blocks == () and own.vlm_backbone.window_size == ws // 2
     w = ws // 2
     windowed_grid = np.asarray(own.vlm_patch_grid(vlm_params, images))
@@ -275,14 +279,12 @@ def test_vlm_window_attention_in_every_block_but_the_last(tiny):
     )
     assert np.abs(moved_grid[0][inside] - windowed_grid[0][inside]).max() > 1e-3
     # A block index outside the tower is named before anything compiles.
-    far = _task(_config(**{"infer.vlm_global_blocks": (7,)}), config.data.data_dir)
-    far.__dict__["pretrained"] = task.pretrained
+    far = _sharing_towers(task, _config(**{"infer.vlm_global_blocks": (7,)}))
     with pytest.raises(ValueError, match=r"`infer.vlm_global_blocks` = \(7,\).*outside"):
         _ = far.model
 
     # Global attention everywhere (the earlier behaviour) gives a different map.
-    glob_task = _task(_config(**{"infer.vlm_window_attention": False}), config.data.data_dir)
-    glob_task.__dict__["pretrained"] = task.pretrained
+    glob_task = _sharing_towers(task, _config(**{"infer.vlm_window_attention": False}))
     assert glob_task.vlm_backbone is None
     glob = np.asarray(glob_task.vlm_patch_grid(vlm_params, images))
     assert np.abs(glob - grid).max() > 1e-3

@@ -22,7 +22,7 @@ def test_fused_and_detector_only_in_one_pass_equal_two_detect_calls(data_dir):
     config = _config()
     task = _task(config, data_dir)
     params = task.init_params(jax.random.key(0))
-    vlm_params = {k: v for k, v in task.pretrained[1].items() if k != "txt"}
+    vlm_params = {k: v for k, v in task.pretrained.params.items() if k != "txt"}
     vocab = task.full_vocabulary
     text = [jnp.asarray(vocab[k]) for k in ("embeddings", "valid", "is_novel")]
     s = config.det.image_size

@@ -187,9 +187,13 @@ class Predictor:
         if image_size is not None:
             config.det.image_size = int(image_size)
         try:
-            task = DetectTask(config, run.workdir, check_files=False)
             # The pretraining run is already loaded; DetectTask would read it again.
-            task.__dict__["pretrained"] = (run.pretrain_config, run.pretrain_params)
+            task = DetectTask(
+                config,
+                run.workdir,
+                check_files=False,
+                pretrained=(run.pretrain_config, run.pretrain_params),
+            )
             _ = task.model  # checks the canvas against the backbone's patch size
         except ValueError as e:
             if image_size is None:

@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -449,18 +449,44 @@ def rcnn_config(config: ml_collections.ConfigDict) -> rcnn.RCNNConfig:
     )
 
 
+class PretrainedTowers(NamedTuple):
+    """The pretraining run a detector starts from: its config and its two towers' parameters
+    (None for planning, where only shapes matter)."""
+
+    config: ml_collections.ConfigDict
+    params: Any
+
+
 class DetectTask:
-    """Finetunes `OpenVocabDetector` on base categories; evaluates base + novel AP."""
+    """Finetunes `OpenVocabDetector` on base categories; evaluates base + novel AP.
+
+    What the task derives lazily (the pretraining run, the vocabularies) can be handed in
+    instead: `pretrained` (a run already loaded, e.g. by the predictor, or random towers in
+    tests and benchmarks) and `base_vocabulary` / `full_vocabulary` (dicts as the properties of
+    those names return).
+    """
 
     def __init__(
-        self, config: ml_collections.ConfigDict, workdir: str = "", *, check_files: bool = True
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str = "",
+        *,
+        check_files: bool = True,
+        pretrained: PretrainedTowers | tuple[ml_collections.ConfigDict, Any] | None = None,
+        base_vocabulary: dict[str, Any] | None = None,
+        full_vocabulary: dict[str, Any] | None = None,
     ):
         validate_config(config, check_files=check_files)
         self.config = config
         self.workdir = workdir
         self.rcnn = rcnn_config(config)
         self._mesh: Mesh | None = None
-        self._predict_cache: dict[bool, Any] = {}  # with_masks -> jitted predict
+        self._predict_fns: dict[bool, Any] = {}  # with_masks -> jitted predict
+        # Given values take the place of the cached properties of the same names.
+        given = dict(base_vocabulary=base_vocabulary, full_vocabulary=full_vocabulary)
+        if pretrained is not None:
+            given["pretrained"] = PretrainedTowers(*pretrained)
+        self.__dict__.update({k: v for k, v in given.items() if v is not None})
 
     @classmethod
     def for_planning(
@@ -482,16 +508,16 @@ class DetectTask:
         from rovit_jax.tasks import pretrain
 
         pretrain.validate_config(pretrain_config, check_files=False)
-        task = cls(config, check_files=False)
         k, e = bucket_size(int(num_classes)), int(pretrain_config.model.embed_dim)
         vocab = dict(embeddings=np.zeros((k, e), np.float32), valid=np.arange(k) < num_classes)
-        # Fill the cached properties that would otherwise read the pretraining run and the data.
-        task.__dict__.update(
-            pretrained=(pretrain_config, None),
-            finetuned=None,
+        task = cls(
+            config,
+            check_files=False,
+            pretrained=PretrainedTowers(pretrain_config, None),
             base_vocabulary=dict(vocab, category_map={}),
             full_vocabulary=dict(vocab, is_novel=np.zeros(k, bool), table=[]),
         )
+        task.__dict__["finetuned"] = None  # planning reads no detector run either
         return task
 
     # ---- the pretrained run --------------------------------------------------------------------
@@ -500,7 +526,7 @@ class DetectTask:
         return self.config.init.pretrain_workdir or os.path.join(self.workdir, "pretrain")
 
     @cached_property
-    def pretrained(self) -> tuple[ml_collections.ConfigDict, Any]:
+    def pretrained(self) -> PretrainedTowers:
         """(pretraining config, pretrained parameters); trains them first if so configured."""
         workdir = self.pretrain_workdir
         has_run = os.path.exists(os.path.join(workdir, "config.json"))
@@ -524,17 +550,17 @@ class DetectTask:
             pcfg = ml_collections.ConfigDict(json.load(f))
         params, step = load_params(workdir)
         logging.info("loaded pretrained parameters from %s at step %d", workdir, step)
-        return pcfg, params
+        return PretrainedTowers(pcfg, params)
 
     @cached_property
     def two_tower(self):
         from rovit_jax.tasks.pretrain import build_model
 
-        return build_model(self.pretrained[0])
+        return build_model(self.pretrained.config)
 
     @cached_property
     def model(self) -> OpenVocabDetector:
-        pcfg = self.pretrained[0]
+        pcfg = self.pretrained.config
         img = vit_variant(pcfg.model.image.variant)
         grid = pcfg.pp.image_size // img["patch_size"]
         _check(
@@ -590,7 +616,7 @@ class DetectTask:
     @cached_property
     def tokenizer(self):
         """The pretrained text tower's tokenizer."""
-        pcfg = ml_collections.ConfigDict(self.pretrained[0].to_dict())
+        pcfg = ml_collections.ConfigDict(self.pretrained.config.to_dict())
         pcfg.data.data_dir = pcfg.data.get("data_dir") or self.config.data.data_dir
         return sources.tokenizer_for(pcfg)
 
@@ -599,7 +625,7 @@ class DetectTask:
         """texts -> [N, E] unit-norm embeddings with the pretrained text tower."""
         from rovit_jax.classifier import make_text_embedder
 
-        return make_text_embedder(self.pretrained[0], self.pretrained[1], self.tokenizer)
+        return make_text_embedder(self.pretrained.config, self.pretrained.params, self.tokenizer)
 
     def vocabulary(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         templates = PROMPT_ENSEMBLES[self.config.text.templates]
@@ -736,7 +762,7 @@ class DetectTask:
         _ = self.pretrained, self.model, self.full_vocabulary, self.finetuned
         if int(self.config.total_steps) > 0:
             _ = self.base_vocabulary
-        if self._text_background and self.finetuned is None and self.pretrained[1] is not None:
+        if self._text_background and self.finetuned is None and self.pretrained.params is not None:
             _ = self.background_embedding
 
     @property
@@ -766,11 +792,11 @@ class DetectTask:
                     "and det.* settings are needed)"
                 )
             return jax.tree.map(jnp.asarray, self.finetuned)
-        if self.pretrained[1] is None:
+        if self.pretrained.params is None:
             return params  # for_planning: no pretrained values, only their shapes matter
         params = dict(params)
         # A backbone pretrained with scan_layers has stacked blocks; the detector's are separate.
-        pretrained_img = unscan_params(self.pretrained[1]["img"])
+        pretrained_img = unscan_params(self.pretrained.params["img"])
         # Window attention adds no parameters, so every backbone leaf has a pretrained value;
         # pooling parameters of other pooling types (cls, MAPHead) are not used by detection.
         missing = set(params["backbone"]) - set(pretrained_img)
@@ -858,7 +884,12 @@ class DetectTask:
     def predict_fn(self, trainer, *, with_masks: bool):
         """Jitted `(params, vlm_params, images, text_emb, text_valid, is_novel)` ->
         {"fused": detections, "detector_only": detections} (`rcnn.detect`'s dicts), both from
-        one backbone and head pass."""
+        one backbone and head pass. Compiled once per task and `with_masks`."""
+        if with_masks not in self._predict_fns:
+            self._predict_fns[with_masks] = self._jit_predict(trainer, with_masks=with_masks)
+        return self._predict_fns[with_masks]
+
+    def _jit_predict(self, trainer, *, with_masks: bool):
 
         def predict(params, vlm_params, images, text_emb, text_valid, is_novel):
             return rcnn.detect_variants(

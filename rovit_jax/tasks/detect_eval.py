@@ -59,15 +59,14 @@ def evaluate(task, trainer, params) -> dict[str, float]:
     novel = set(config.data.novel_frequencies)
     base_ids = {eid for eid, (_, _, f) in zip(category_ids, table) if f not in novel}
     novel_ids = set(category_ids) - base_ids
-    vlm_params = {k: v for k, v in task.pretrained[1].items() if k != "txt"}
+    vlm_params = {k: v for k, v in task.pretrained.params.items() if k != "txt"}
     text = [jax.numpy.asarray(vocab[k]) for k in ("embeddings", "valid", "is_novel")]
     metrics: dict[str, float] = {}
-    # Fused detections of the first images, from which the rendered examples are picked.
-    candidates: list[tuple[int, int, Any, Any, Any]] = []  # (image_id, index, boxes, scores, classes)
+    # Fused detections of the first images, from which the rendered examples are picked:
+    # (image_id, index, boxes, scores, classes).
+    candidates: list[tuple[int, int, Any, Any, Any]] = []
     # One pass: both variants share the backbone, proposals and heads.
-    if data.with_masks not in task._predict_cache:  # jitted once per task
-        task._predict_cache[data.with_masks] = task.predict_fn(trainer, with_masks=data.with_masks)
-    predict = task._predict_cache[data.with_masks]
+    predict = task.predict_fn(trainer, with_masks=data.with_masks)
     dets: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for batch in detection_input.eval_detection_batches(
         subset,
@@ -219,5 +218,7 @@ def _render(task, source, gt, candidates, novel_ids: set[int], category_ids: lis
     ]
     panels = [(source[index]["image"], b, s, c) for _, index, b, s, c in chosen]
     path = os.path.join(task.workdir, "detections.png")
-    render_detection_grid(panels, names, path, min_score=float(config.eval.get("render_min_score", 0.3)))
+    render_detection_grid(
+        panels, names, path, min_score=float(config.eval.get("render_min_score", 0.3))
+    )
     logging.info("rendered detections of %d images to %s", len(panels), path)
