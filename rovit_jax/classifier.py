@@ -25,6 +25,7 @@ import numpy as np
 
 from rovit_jax.data.categories import Category, CategoryTable
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier
+from rovit_jax.runs import read_pretraining_config
 
 
 def make_text_embedder(
@@ -106,14 +107,10 @@ def load_classifier(prefix: str) -> tuple[np.ndarray, dict[str, Any]]:
 
 def compute(pretrain_workdir: str, table: CategoryTable, templates: str) -> tuple[np.ndarray, dict]:
     """The classifier of `table` with the text tower of a pretraining run."""
-    import ml_collections
-
     from rovit_jax.data import sources
-    from rovit_jax.train.checkpoint import load_params
+    from rovit_jax.runs import load_pretrained_towers
 
-    with open(os.path.join(pretrain_workdir, "config.json")) as f:
-        pcfg = ml_collections.ConfigDict(json.load(f))
-    params, step = load_params(pretrain_workdir)
+    pcfg, params, step = load_pretrained_towers(pretrain_workdir)
     embed = make_text_embedder(pcfg, params, sources.tokenizer_for(pcfg))
     emb, _ = build_text_classifier(
         table.names(), embed, templates=PROMPT_ENSEMBLES[templates], pad_to_bucket=False
@@ -137,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         table = read_vocabulary(args.vocabulary)
-        if not os.path.isfile(os.path.join(args.pretrain_workdir, "config.json")):
-            raise FileNotFoundError(f"no pretraining run (config.json) in {args.pretrain_workdir}")
+        read_pretraining_config(args.pretrain_workdir)  # before any weight is read
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

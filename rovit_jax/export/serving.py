@@ -23,6 +23,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from rovit_jax.runs import vlm_tower_params
+
 __all__ = [
     "PREPROCESSING",
     "check_export_args",
@@ -49,7 +51,7 @@ def serving_function(predictor):
     detect = predictor.detection_function()
 
     def serve(params, images, text_embeddings, text_valid):
-        vlm = {k: v for k, v in params["towers"].items() if k != "txt"}
+        vlm = vlm_tower_params(params["towers"])
         text_valid = text_valid.astype(jnp.bool_)
         out = detect(params["detector"], vlm, images, text_embeddings, text_valid, text_valid)
         return {

@@ -3,6 +3,6 @@ retrieval)."""
 
 from rovit_jax.inference.images import ImageError, load_image
 from rovit_jax.inference.predictor import Detections, Predictor
-from rovit_jax.inference.runs import CheckpointKindError
+from rovit_jax.runs import CheckpointKindError
 
 __all__ = ["CheckpointKindError", "Detections", "ImageError", "Predictor", "load_image"]

@@ -35,7 +35,13 @@ from rovit_jax.detection import rcnn
 from rovit_jax.detection.postprocess import paste_masks, to_original_coordinates
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier, clean_name
 from rovit_jax.inference.images import ImageLike, as_image_list, list_images, load_image
-from rovit_jax.inference.runs import CheckpointKindError, LoadedRun, load_run, training_names
+from rovit_jax.runs import (
+    CheckpointKindError,
+    LoadedRun,
+    load_run,
+    training_names,
+    vlm_tower_params,
+)
 
 __all__ = ["Detections", "Predictor", "TEXT_CHUNK"]
 
@@ -192,7 +198,7 @@ class Predictor:
                 config,
                 run.workdir,
                 check_files=False,
-                pretrained=(run.pretrain_config, run.pretrain_params),
+                pretrained=run.towers,
             )
             _ = task.model  # checks the canvas against the backbone's patch size
         except ValueError as e:
@@ -205,7 +211,7 @@ class Predictor:
         self.templates = tuple(PROMPT_ENSEMBLES[config.text.templates])
         self.base_names = training_names(config)
         self._params = jax.device_put(run.params)
-        self._vlm_params = {k: v for k, v in self._tower_params.items() if k != "txt"}
+        self._vlm_params = vlm_tower_params(self._tower_params)
         self._detect = jax.jit(self._counted(self.detection_function()))
 
     def _counted(self, fn):

@@ -88,25 +88,13 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import ml_collections
-
     from rovit_jax.interop.timm_export import (
         export_image_tower_safetensors,
         export_text_tower_safetensors,
     )
-    from rovit_jax.train.checkpoint import load_params
+    from rovit_jax.runs import load_pretrained_towers
 
-    config_path = os.path.join(args.checkpoint, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no run config {config_path}")
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if config.get("task", "pretrain") != "pretrain":
-        raise ValueError(
-            f"{args.checkpoint} is a {config.task!r} run; export its pretraining run "
-            "(<workdir>/pretrain or its init.pretrain_workdir)"
-        )
-    params, step = load_params(args.checkpoint, args.step)
+    config, params, step = load_pretrained_towers(args.checkpoint, step=args.step)
     os.makedirs(args.out, exist_ok=True)
     image_path = os.path.join(args.out, "image_tower.safetensors")
     text_path = os.path.join(args.out, "text_tower.safetensors")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +26,14 @@ from rovit_jax.models.detector import BACKGROUND_MODES, OpenVocabDetector
 from rovit_jax.models.layers import tower_options, unscan_params
 from rovit_jax.models.vit import ViT, vit_variant
 from rovit_jax.ops.roi_align import batched_roi_align
+from rovit_jax.runs import (
+    CheckpointKindError,
+    PretrainedTowers,
+    load_pretrained_towers,
+    load_run_params,
+    read_run_config,
+)
 from rovit_jax.train import mesh as mesh_lib
-from rovit_jax.train.checkpoint import load_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -449,14 +454,6 @@ def rcnn_config(config: ml_collections.ConfigDict) -> rcnn.RCNNConfig:
     )
 
 
-class PretrainedTowers(NamedTuple):
-    """The pretraining run a detector starts from: its config and its two towers' parameters
-    (None for planning, where only shapes matter)."""
-
-    config: ml_collections.ConfigDict
-    params: Any
-
-
 class DetectTask:
     """Finetunes `OpenVocabDetector` on base categories; evaluates base + novel AP.
 
@@ -546,11 +543,7 @@ class DetectTask:
                 f"config key `init.pretrain_workdir`: no pretraining run in {workdir!r} "
                 "(set init.run_pretraining=True to train one first)"
             )
-        with open(os.path.join(workdir, "config.json")) as f:
-            pcfg = ml_collections.ConfigDict(json.load(f))
-        params, step = load_params(workdir)
-        logging.info("loaded pretrained parameters from %s at step %d", workdir, step)
-        return PretrainedTowers(pcfg, params)
+        return load_pretrained_towers(workdir)
 
     @cached_property
     def two_tower(self):
@@ -775,9 +768,13 @@ class DetectTask:
         workdir = self.config.init.get("detector_workdir")
         if not workdir:
             return None
-        params, step = load_params(workdir)
-        logging.info("loaded detector parameters from %s at step %d", workdir, step)
-        return params
+        config = read_run_config(workdir)
+        if config.task != "detect":
+            raise CheckpointKindError(
+                f"config key `init.detector_workdir` = {workdir!r} is a {config.task!r} run, "
+                "not a detection run"
+            )
+        return load_run_params(workdir)[0]
 
     def init_params(self, rng: jax.Array) -> Any:
         s = int(self.config.det.image_size)

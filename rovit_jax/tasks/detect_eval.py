@@ -11,6 +11,7 @@ import jax
 from rovit_jax.data import detection_input
 from rovit_jax.detection.postprocess import paste_masks, to_original_coordinates
 from rovit_jax.evaluation import detection as det_eval
+from rovit_jax.runs import vlm_tower_params
 
 VARIANTS = ("fused", "detector_only")
 _RENDER_POOL = 64  # evaluation images considered for detections.png
@@ -59,7 +60,7 @@ def evaluate(task, trainer, params) -> dict[str, float]:
     novel = set(config.data.novel_frequencies)
     base_ids = {eid for eid, (_, _, f) in zip(category_ids, table) if f not in novel}
     novel_ids = set(category_ids) - base_ids
-    vlm_params = {k: v for k, v in task.pretrained.params.items() if k != "txt"}
+    vlm_params = vlm_tower_params(task.pretrained.params)
     text = [jax.numpy.asarray(vocab[k]) for k in ("embeddings", "valid", "is_novel")]
     metrics: dict[str, float] = {}
     # Fused detections of the first images, from which the rendered examples are picked:

@@ -1,5 +1,7 @@
-"""Finding and loading a training run for inference: its config, parameters and tokenizer.
+"""Finding and loading training runs: their config, parameters and tokenizer.
 
+Every place that loads a run goes through here: the detection task (its pretraining run and
+`init.detector_workdir`), the predictor, the classifier and export commands and the benchmarks.
 A run's workdir (written by `python -m rovit_jax.main`) holds `config.json` and orbax
 checkpoints in `checkpoints/<step>/`. A detection run's towers and tokenizer come from its
 pretraining run, found as `DetectTask` finds it: `config.init.pretrain_workdir`, else
@@ -13,7 +15,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 
@@ -22,11 +24,16 @@ from rovit_jax.detection.text_classifier import clean_name
 __all__ = [
     "CheckpointKindError",
     "LoadedRun",
+    "PretrainedTowers",
+    "load_pretrained_towers",
     "load_run",
+    "load_run_params",
     "load_tokenizer",
+    "read_pretraining_config",
     "read_run_config",
     "resolve_pretrain_workdir",
     "training_names",
+    "vlm_tower_params",
 ]
 
 EXPECTED = (
@@ -37,6 +44,21 @@ EXPECTED = (
 
 class CheckpointKindError(ValueError):
     """A directory that is not the kind of run an operation needs."""
+
+
+class PretrainedTowers(NamedTuple):
+    """A pretraining run's config and its two towers' parameters ({"img", "txt", ...}; None for
+    planning, where only shapes matter), and their checkpoint step when read from a run."""
+
+    config: ml_collections.ConfigDict
+    params: Any
+    step: int | None = None
+
+
+def vlm_tower_params(tower_params: dict[str, Any]) -> dict[str, Any]:
+    """The towers' parameters without the text tower: what the frozen image side (VLM region
+    embeddings for score fusion) needs, so jitted inference does not carry the text weights."""
+    return {k: v for k, v in tower_params.items() if k != "txt"}
 
 
 @dataclasses.dataclass
@@ -65,6 +87,11 @@ class LoadedRun:
     pretrain_step: int
     tokenizer: Any
 
+    @property
+    def towers(self) -> PretrainedTowers:
+        """The pretraining run's config and tower parameters."""
+        return PretrainedTowers(self.pretrain_config, self.pretrain_params, self.pretrain_step)
+
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config of the run in `workdir`; clear errors when it is not a run."""
@@ -91,16 +118,42 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
-def _load_params(workdir: str, step: int | None) -> tuple[Any, int]:
+def load_run_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
+    """(parameters, step) of checkpoint `step` (None = the latest) of the run in `workdir`."""
     from rovit_jax.train.checkpoint import load_params
 
     try:
-        return load_params(workdir, step)
+        params, got = load_params(workdir, step)
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"run {workdir} has no usable checkpoint ({e}); expected checkpoints/<step>/ written "
             "by training"
         ) from None
+    logging.info("loaded parameters of %s at step %d", workdir, got)
+    return params, got
+
+
+def read_pretraining_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config of the pretraining run in `workdir`; CheckpointKindError for any other run."""
+    config = read_run_config(workdir)
+    if config.task != "pretrain":
+        raise CheckpointKindError(
+            f"{workdir} is a {config.task!r} run, not a pretraining run (a detection run's towers "
+            "come from <workdir>/pretrain or its config's init.pretrain_workdir)"
+        )
+    return config
+
+
+def load_pretrained_towers(workdir: str, *, step: int | None = None) -> PretrainedTowers:
+    """The config and tower parameters of the pretraining run in `workdir`.
+
+    Raises:
+      FileNotFoundError: `workdir` missing, or without a usable checkpoint.
+      CheckpointKindError (a ValueError): `workdir` is not a pretraining run.
+    """
+    config = read_pretraining_config(workdir)
+    params, got = load_run_params(workdir, step)
+    return PretrainedTowers(config, params, got)
 
 
 def resolve_pretrain_workdir(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -209,7 +262,7 @@ def load_run(workdir: str, *, step: int | None = None) -> LoadedRun:
     workdir = os.path.abspath(os.fspath(workdir))
     config = read_run_config(workdir)
     if config.task == "pretrain":
-        params, got = _load_params(workdir, step)
+        params, got = load_run_params(workdir, step)
         tokenizer = load_tokenizer(config)
         return LoadedRun(
             "pretrain", workdir, config, params, got, workdir, config, params, got, tokenizer
@@ -221,8 +274,8 @@ def load_run(workdir: str, *, step: int | None = None) -> LoadedRun:
             f"detection run {workdir}: {pretrain_workdir} is a {pcfg.task!r} run, not a "
             "pretraining run"
         )
-    params, got = _load_params(workdir, step)
-    pparams, pstep = _load_params(pretrain_workdir, None)
+    params, got = load_run_params(workdir, step)
+    pparams, pstep = load_run_params(pretrain_workdir)
     tokenizer = load_tokenizer(pcfg, config.data.get("data_dir"))
     return LoadedRun(
         "detect", workdir, config, params, got, pretrain_workdir, pcfg, pparams, pstep, tokenizer
