@@ -18,7 +18,7 @@ In a temporary directory it generates
 
 Each pipeline is timed on ONE thread, the calling one (decoding, augmentation and tokenization
 are plain Python / PIL / numpy per example), over whole batches after one warm-up batch; the
-figure is therefore a per-core rate. It is timed again through `image_text.prefetch`, the
+figure is therefore a per-core rate. It is timed again through `train.prefetch.prefetch`, the
 training loop's helper: one background producer thread (prefetch takes no worker count, so it
 hides host time behind the device step but adds no parallelism).
 
@@ -49,13 +49,14 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from rovit_jax.data.coco import CocoDetectionSource  # noqa: E402
 from rovit_jax.data.detection_input import DetectionBatches  # noqa: E402
-from rovit_jax.data.image_text import PretrainBatches, prefetch  # noqa: E402
+from rovit_jax.data.image_text import PretrainBatches  # noqa: E402
 from rovit_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
 from rovit_jax.data.vocabularies import COCO80  # noqa: E402
 from rovit_jax.data.web_shards import WebShardsImageTextSource  # noqa: E402
 from rovit_jax.detect_config import detect_defaults  # noqa: E402
 from rovit_jax.pretrain_config import pretrain_defaults  # noqa: E402
 from rovit_jax.train import mesh as mesh_lib  # noqa: E402
+from rovit_jax.train.prefetch import prefetch  # noqa: E402
 from rovit_jax.train.trainer import Trainer  # noqa: E402
 
 # The step benchmarks sit next to this file (benchmarks/ is not a package).
@@ -284,7 +285,7 @@ def main():
     cores = os.cpu_count()
     print(
         f"host: {cores} CPU cores, jax devices {jax.devices()}; pipelines on 1 thread "
-        "(batches built on the calling thread); 'prefetch' = image_text.prefetch, 1 producer "
+        "(batches built on the calling thread); 'prefetch' = train.prefetch, 1 producer "
         "thread (it takes no worker count)",
         flush=True,
     )

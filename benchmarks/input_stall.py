@@ -87,6 +87,12 @@ def main():
                 def batch(self, step):
                     return first
 
+                def counts(self):
+                    return {}
+
+                def restore_counts(self, counts):
+                    pass
+
             return Fixed()
 
     print(

@@ -21,7 +21,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 
@@ -53,12 +52,13 @@ def main() -> None:
 
     from rovit_jax.config_files import load_config
     from rovit_jax.data import image_text, shapes_world, sources
-    from rovit_jax.data.detection_input import example_from_shapes_record, resize_and_pad
+    from rovit_jax.data.detection_transforms import resize_and_pad
+    from rovit_jax.data.shapes_detection import example_from_shapes_record
+    from rovit_jax.runs import load_pretrained_towers
     from rovit_jax.tasks.detect import DetectTask
-    from rovit_jax.train.checkpoint import scan
 
-    with open(os.path.join(args.pretrain_workdir, "config.json")) as f:
-        pcfg = ml_collections.ConfigDict(json.load(f))
+    towers = load_pretrained_towers(args.pretrain_workdir)
+    pcfg = towers.config
     if pcfg.data.name != "shapes_world":
         raise SystemExit("the probe needs a shapes-world pretraining run")
     dcfg = load_config(args.detect_config)
@@ -72,7 +72,7 @@ def main() -> None:
         dcfg.infer.vlm_window_attention = False
     # The detection task's own VLM branch: the frozen tower as detection runs it, RoIAlign of
     # the boxes on its last map, mean, projection.
-    task = DetectTask(dcfg, check_files=False)
+    task = DetectTask(dcfg, check_files=False, pretrained=towers)
     params = task.pretrained.params
     model = task.two_tower
     cats = shapes_world.CATEGORIES
@@ -100,7 +100,7 @@ def main() -> None:
         pred = np.argmax(emb @ text.T, axis=-1)
         region += [(int(t), int(p)) for t, p in zip(big["labels"], pred)]
 
-    step = max(scan(os.path.join(args.pretrain_workdir, "checkpoints"))[0])
+    step = towers.step
     print(
         f"pretraining run at step {step}; {len(whole)} single-object images, "
         f"{len(region)} object regions"

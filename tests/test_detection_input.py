@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rovit_jax.data import detection_example as dex
 from rovit_jax.data import detection_input as di
+from rovit_jax.data import detection_transforms as dtf
+from rovit_jax.data import image_text, shapes_detection
 
 # ------------------------------------------------------------------------------------------
 # Synthetic examples written here.
@@ -89,7 +92,7 @@ def test_lsj_boxes_and_masks_follow_the_image(with_masks):
         del base["masks"]
     rects = np.asarray(RECTS_40x56, np.float64)
     for seed in range(24):
-        out = di.large_scale_jitter(
+        out = dtf.large_scale_jitter(
             base, np.random.default_rng(seed), output_size=size, scale_range=(0.3, 2.5), flip=False
         )
         image, (ch, cw) = out["image"], out["valid_size"]
@@ -141,8 +144,8 @@ def test_lsj_flip_mirrors_image_boxes_and_masks():
             if not with_masks:
                 del base["masks"]
             kw = dict(output_size=size, scale_range=(0.4, 2.0))
-            plain = di.large_scale_jitter(base, np.random.default_rng(seed), flip=False, **kw)
-            maybe = di.large_scale_jitter(base, np.random.default_rng(seed), flip=True, **kw)
+            plain = dtf.large_scale_jitter(base, np.random.default_rng(seed), flip=False, **kw)
+            maybe = dtf.large_scale_jitter(base, np.random.default_rng(seed), flip=True, **kw)
             ch, cw = plain["valid_size"]
             np.testing.assert_array_equal(maybe["valid_size"], plain["valid_size"])
             np.testing.assert_array_equal(maybe["labels"], plain["labels"])
@@ -177,7 +180,7 @@ def test_lsj_scale_statistics_follow_scale_range():
     low, high = 0.1, 2.0
     draws = []
     for seed in range(400):
-        out = di.large_scale_jitter(
+        out = dtf.large_scale_jitter(
             ex, np.random.default_rng(seed), output_size=size, scale_range=(low, high)
         )
         scale = float(out["image_info"][2])
@@ -193,7 +196,7 @@ def test_lsj_scale_statistics_follow_scale_range():
     n = len(draws)
     ks = max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
     assert ks < 0.1  # Kolmogorov-Smirnov against U(low, high); 1% critical value is 0.081
-    fixed = di.large_scale_jitter(
+    fixed = dtf.large_scale_jitter(
         ex, np.random.default_rng(0), output_size=size, scale_range=(0.5, 0.5)
     )
     np.testing.assert_allclose(fixed["image_info"][2], 0.5 * size / max(h, w), rtol=1e-6)
@@ -204,7 +207,7 @@ def test_lsj_crop_window_is_uniform_over_the_scaled_image():
     ex = rect_example(h, w, RECTS_40x56)
     offsets = []
     for seed in range(80):
-        out = di.large_scale_jitter(
+        out = dtf.large_scale_jitter(
             ex, np.random.default_rng(seed), output_size=size, scale_range=(2.0, 2.0), flip=False
         )
         np.testing.assert_array_equal(out["valid_size"], [size, size])  # always a full crop
@@ -221,9 +224,9 @@ def test_lsj_crop_window_is_uniform_over_the_scaled_image():
 
 def test_lsj_is_deterministic_given_the_generator():
     ex = rect_example(40, 56, RECTS_40x56)
-    a = di.large_scale_jitter(ex, np.random.default_rng(7), output_size=48)
-    b = di.large_scale_jitter(ex, np.random.default_rng(7), output_size=48)
-    c = di.large_scale_jitter(ex, np.random.default_rng(8), output_size=48)
+    a = dtf.large_scale_jitter(ex, np.random.default_rng(7), output_size=48)
+    b = dtf.large_scale_jitter(ex, np.random.default_rng(7), output_size=48)
+    c = dtf.large_scale_jitter(ex, np.random.default_rng(8), output_size=48)
     for key in ("image", "boxes", "labels", "masks", "image_info", "valid_size"):
         np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(a["image"], c["image"])
@@ -232,7 +235,7 @@ def test_lsj_is_deterministic_given_the_generator():
 def test_resize_and_pad_maps_back_to_original_coordinates():
     h, w, size = 30, 50, 40
     rects = ((3, 4, 20, 31), (10, 30, 29, 50))
-    out = di.resize_and_pad(rect_example(h, w, rects), output_size=size)
+    out = dtf.resize_and_pad(rect_example(h, w, rects), output_size=size)
     np.testing.assert_allclose(out["image_info"], [h, w, 0.8, 0.0], rtol=1e-6)
     np.testing.assert_array_equal(out["valid_size"], [24, 40])
     assert not out["image"][24:].any() and out["image"][:24].all()
@@ -250,7 +253,7 @@ def test_lsj_boxes_are_tight_bounds_of_resampled_shapes(shapes):
     size = 96
     for i in range(len(source)):
         ex = source[i]
-        out = di.resize_and_pad(ex, output_size=size)
+        out = dtf.resize_and_pad(ex, output_size=size)
         np.testing.assert_allclose(out["image_info"][2], 1.5)
         # Nearest-neighbour reference: canvas pixel centre i + 0.5 samples source (i + 0.5) / 1.5.
         centres = np.floor((np.arange(size) + 0.5) / 1.5).astype(int)
@@ -262,7 +265,7 @@ def test_lsj_boxes_are_tight_bounds_of_resampled_shapes(shapes):
             np.testing.assert_allclose(out["boxes"][k] * size, tight(ref), atol=1.5)
             np.testing.assert_allclose(out["boxes"][k] * size, tight(mask), atol=1e-4)
         for seed in range(3):  # random crops cut shapes: boxes still hug the visible mask
-            jit = di.large_scale_jitter(ex, np.random.default_rng([i, seed]), output_size=64)
+            jit = dtf.large_scale_jitter(ex, np.random.default_rng([i, seed]), output_size=64)
             for k in range(len(jit["labels"])):
                 np.testing.assert_allclose(jit["boxes"][k] * 64, tight(jit["masks"][k]), atol=1e-4)
 
@@ -285,10 +288,10 @@ def test_drop_invalid_boxes_counts_zero_area_nan_and_outside():
         ],
         np.float32,
     )
-    ex = di.validate_example(
+    ex = dex.validate_example(
         {"image": np.zeros((h, w, 3), np.uint8), "boxes": boxes, "labels": np.arange(7)}
     )
-    out, dropped = di.drop_invalid_boxes(ex)
+    out, dropped = dex.drop_invalid_boxes(ex)
     assert dropped == 5
     np.testing.assert_array_equal(out["labels"], [0, 4])
     np.testing.assert_allclose(out["boxes"], [[0.1, 0.1, 0.5, 0.5], [0.0, 0.5, 0.4, 1.0]])
@@ -296,25 +299,25 @@ def test_drop_invalid_boxes_counts_zero_area_nan_and_outside():
 
 def test_invalid_examples_and_arguments_raise_clear_errors():
     good = rect_example(10, 12, ((1, 1, 5, 5),))
-    with pytest.raises(di.InvalidExampleError, match="labels"):
-        di.validate_example({**good, "labels": np.array([1, 2])})
-    with pytest.raises(di.InvalidExampleError, match="masks"):
-        di.validate_example({**good, "masks": np.zeros((1, 9, 12), np.bool_)})
-    with pytest.raises(di.InvalidExampleError, match="image"):
-        di.validate_example({**good, "image": np.zeros((10, 12, 3), np.float32)})
-    with pytest.raises(di.InvalidExampleError, match="boxes"):
-        di.validate_example({**good, "boxes": np.zeros((1, 3), np.float32)})
-    with pytest.raises(di.InvalidExampleError, match="'labels'"):
-        di.validate_example({"image": good["image"], "boxes": good["boxes"]})
-    with pytest.raises(di.CorruptImageError):
-        di.validate_example({**good, "image": b"not an image"})
+    with pytest.raises(dex.InvalidExampleError, match="labels"):
+        dex.validate_example({**good, "labels": np.array([1, 2])})
+    with pytest.raises(dex.InvalidExampleError, match="masks"):
+        dex.validate_example({**good, "masks": np.zeros((1, 9, 12), np.bool_)})
+    with pytest.raises(dex.InvalidExampleError, match="image"):
+        dex.validate_example({**good, "image": np.zeros((10, 12, 3), np.float32)})
+    with pytest.raises(dex.InvalidExampleError, match="boxes"):
+        dex.validate_example({**good, "boxes": np.zeros((1, 3), np.float32)})
+    with pytest.raises(dex.InvalidExampleError, match="'labels'"):
+        dex.validate_example({"image": good["image"], "boxes": good["boxes"]})
+    with pytest.raises(image_text.CorruptImageError):
+        dex.validate_example({**good, "image": b"not an image"})
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="output_size"):
-        di.large_scale_jitter(good, rng, output_size=0)
+        dtf.large_scale_jitter(good, rng, output_size=0)
     with pytest.raises(ValueError, match="scale_range"):
-        di.large_scale_jitter(good, rng, output_size=16, scale_range=(0.0, 1.0))
+        dtf.large_scale_jitter(good, rng, output_size=16, scale_range=(0.0, 1.0))
     with pytest.raises(ValueError, match="scale_range"):
-        di.large_scale_jitter(good, rng, output_size=16, scale_range=(2.0, 1.0))
+        dtf.large_scale_jitter(good, rng, output_size=16, scale_range=(2.0, 1.0))
     src = ListSource([good])
     with pytest.raises(ValueError, match="mask_stride"):
         di.DetectionBatches(src, global_batch=1, image_size=18, max_instances=2, seed=0)
@@ -331,8 +334,8 @@ def test_invalid_examples_and_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="empty"):
         di.DetectionBatches(ListSource([]), global_batch=1, image_size=16, max_instances=2, seed=0)
     with pytest.raises(ValueError, match="'r'"):
-        di.base_category_map({"f": [0], "c": [1]}, keep=("f", "r"))
-    assert di.base_category_map({"f": [4, 0], "c": [2], "r": [1, 3]}) == {0: 0, 2: 1, 4: 2}
+        dex.base_category_map({"f": [0], "c": [1]}, keep=("f", "r"))
+    assert dex.base_category_map({"f": [4, 0], "c": [2], "r": [1, 3]}) == {0: 0, 2: 1, 4: 2}
 
 
 # ------------------------------------------------------------------------------------------
@@ -537,7 +540,7 @@ def test_eval_batches_are_ordered_padded_and_masked():
     np.testing.assert_array_equal(got["image_id"], [100, 101, -1, 103, 104, -1, -1, -1])
     np.testing.assert_allclose(got["image_info"][0], [30, 50, 0.8, 0])
     np.testing.assert_allclose(got["image_info"][4], [20, 10, 2.0, 0])
-    ref = di.resize_and_pad(examples[0], output_size=40)["image"][:24].astype(np.float32)
+    ref = dtf.resize_and_pad(examples[0], output_size=40)["image"][:24].astype(np.float32)
     np.testing.assert_allclose(got["image"][0, :24], ref / 127.5 - 1, atol=1e-6)
     assert not got["image"][0, 24:].any() and not got["image"][4, :, 20:].any()
     assert not got["image"][2].any() and not got["image"][5:].any()
@@ -572,7 +575,7 @@ def shapes(tmp_path_factory):
         num_test=4,
         max_objects=4,
     )
-    return builder, di.ShapesDetectionSource(builder, "train")
+    return builder, shapes_detection.ShapesDetectionSource(builder, "train")
 
 
 def test_shapes_records_convert_to_examples(shapes):
@@ -592,15 +595,17 @@ def test_shapes_records_convert_to_examples(shapes):
         # Mask PNG bytes decode the same way.
         pngs = [png_bytes(m) for m in np.asarray(rec["objects"]["mask"])[..., 0]]
         as_bytes = {**rec, "objects": {**rec["objects"], "mask": pngs}}
-        np.testing.assert_array_equal(di.example_from_shapes_record(as_bytes)["masks"], masks)
+        np.testing.assert_array_equal(
+            shapes_detection.example_from_shapes_record(as_bytes)["masks"], masks
+        )
     with pytest.raises(ValueError, match="split"):
-        di.ShapesDetectionSource(builder, "nope")
+        shapes_detection.ShapesDetectionSource(builder, "nope")
 
 
 def test_shapes_batches_hold_out_rare_categories(shapes):
     builder, source = shapes
     groups = builder.info.metadata["frequency_groups"]
-    cmap = di.base_category_map(groups)
+    cmap = dex.base_category_map(groups)
     rare = set(groups["r"])
     assert len(cmap) == len(groups["f"]) + len(groups["c"]) and not rare & set(cmap)
     batches = di.DetectionBatches(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rovit_jax.config_files import apply_overrides, load_config
-from rovit_jax.data import detection_input, shapes_tfds
+from rovit_jax.data import detection_transforms, shapes_detection, shapes_tfds
 from rovit_jax.detection import rcnn
 from rovit_jax.evaluation import detection as det_eval
 from rovit_jax.tasks.detect import DetectTask, validate_config
@@ -152,7 +152,7 @@ def test_one_image_overfit_reaches_ap50(data_dir):
     task.validate(mesh)
     trainer = Trainer(config, task, mesh)
     builder = shapes_tfds.build_shapes_world(data_dir, **config.data.world)
-    source = detection_input.ShapesDetectionSource(builder, "train")
+    source = shapes_detection.ShapesDetectionSource(builder, "train")
     cmap = task.base_vocabulary["category_map"]
     s = config.det.image_size
 
@@ -163,7 +163,7 @@ def test_one_image_overfit_reaches_ap50(data_dir):
 
     index = next(i for i in range(len(source)) if usable(source[i]))
     example = source[index]
-    padded = detection_input.resize_and_pad(example, output_size=config.det.image_size)
+    padded = detection_transforms.resize_and_pad(example, output_size=config.det.image_size)
     keep = np.array([int(lab) in cmap for lab in padded["labels"]])
     m = config.det.max_instances
     boxes = np.zeros((m, 4), np.float32)

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from rovit_jax.data import detection_input as di
+from rovit_jax.data import detection_example as dex
+from rovit_jax.data import detection_transforms as dtf
 from rovit_jax.data import image_text
 from rovit_jax.detect_config import detect_defaults
 from rovit_jax.ops import boxes as box_ops
@@ -335,9 +336,9 @@ def examples(draw):
 @given(examples(), st.integers(0, 2**31))
 def test_validate_example_raises_only_documented_errors(example, seed):
     try:
-        ex = di.validate_example(example)
-    except (di.InvalidExampleError, di.CorruptImageError) as e:
-        assert e.reason in di.DETECTION_SKIP_REASONS, e.reason
+        ex = dex.validate_example(example)
+    except (dex.InvalidExampleError, image_text.CorruptImageError) as e:
+        assert e.reason in dex.DETECTION_SKIP_REASONS, e.reason
         return
     h, w = ex["image"].shape[:2]
     n = len(ex["boxes"])
@@ -348,13 +349,13 @@ def test_validate_example_raises_only_documented_errors(example, seed):
     if "masks" in ex:
         assert ex["masks"].dtype == np.bool_ and ex["masks"].shape == (n, h, w)
     # What the batcher does next never fails on a validated example.
-    kinds = di.bad_box_counts(ex["boxes"])
-    kept, dropped = di.drop_invalid_boxes(ex)
+    kinds = dex.bad_box_counts(ex["boxes"])
+    kept, dropped = dex.drop_invalid_boxes(ex)
     assert sum(kinds.values()) == dropped
     b = kept["boxes"]
     assert np.isfinite(b).all() and (b >= 0).all() and (b <= 1).all()
     assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
-    out = di.large_scale_jitter(ex, np.random.default_rng(seed), output_size=16)
+    out = dtf.large_scale_jitter(ex, np.random.default_rng(seed), output_size=16)
     assert out["image"].shape == (16, 16, 3) and np.isfinite(out["boxes"]).all()
     assert len(out["labels"]) <= len(kept["labels"])
 

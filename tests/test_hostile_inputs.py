@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rovit_jax.data import detection_example as dex
 from rovit_jax.data import detection_input as di
 from rovit_jax.data import image_text
 from rovit_jax.data.coco import CocoDetectionSource
@@ -431,7 +432,7 @@ def test_coco_reader_names_the_file_of_each_bad_image(coco_files):
         25: ("bad_segm.png", "invalid_annotation"),
     }
     for image_id, (name, reason) in expected.items():
-        with pytest.raises((di.CorruptImageError, di.InvalidExampleError)) as info:
+        with pytest.raises((image_text.CorruptImageError, dex.InvalidExampleError)) as info:
             src[src.image_ids.index(image_id)]
         assert name in str(info.value) and error_reason(info.value) == reason
 
@@ -455,7 +456,7 @@ def test_coco_batches_count_planted_problems_and_serve_every_valid_image(coco_fi
     assert image_10 and all(classes == [CATEGORY_MAP[1]] for classes in image_10)
     assert {r: n for r, n in batches.skipped_by_reason.items() if n} == coco_files["planted"]
     assert batches.dropped["bad_box"] == 4 and batches.dropped["unmapped_category"] == 1
-    assert batches.bad_boxes == dict.fromkeys(di.BAD_BOX_KINDS, 1)
+    assert batches.bad_boxes == dict.fromkeys(dex.BAD_BOX_KINDS, 1)
 
 
 def test_coco_evaluation_masks_unusable_images(coco_files):

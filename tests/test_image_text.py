@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from rovit_jax.data import image_text
+from rovit_jax.train.prefetch import prefetch
 
 
 class WordTokenizer:
@@ -136,7 +137,7 @@ def test_eval_batches_pad_and_mask_consistently_across_hosts():
 
 
 def test_prefetch_preserves_order_and_propagates_errors():
-    got = list(image_text.prefetch(lambda s: s * s, 2, 7))
+    got = list(prefetch(lambda s: s * s, 2, 7))
     assert got == [(s, s * s) for s in range(2, 7)]
 
     def boom(step):
@@ -145,4 +146,4 @@ def test_prefetch_preserves_order_and_propagates_errors():
         return step
 
     with pytest.raises(KeyError, match="bad step"):
-        list(image_text.prefetch(boom, 0, 10))
+        list(prefetch(boom, 0, 10))

@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from rovit_jax.data import categories as cat_lib
+from rovit_jax.data import detection_example as dex
 from rovit_jax.data import detection_input as di
 from rovit_jax.data.coco import (
     CocoCaptionsSource,
@@ -198,7 +199,7 @@ def test_category_table():
     assert table.novel_ids(("c", "r")) == [5, 9]
     assert table.frequency_groups() == {"f": [2], "c": [5], "r": [9], "": [7]}
     assert table.as_tuples()[0] == (2, "apple", "f")
-    assert di.base_category_map(table.frequency_groups()) == {2: 0, 5: 1}
+    assert dex.base_category_map(table.frequency_groups()) == {2: 0, 5: 1}
     with pytest.raises(ValueError, match="more than once"):
         cat_lib.CategoryTable((cat_lib.Category(1, "a"), cat_lib.Category(1, "b")))
     with pytest.raises(ValueError, match="'x'"):
@@ -265,7 +266,7 @@ def test_coco_detection_values(coco_fixture):
 
     # Every example passes the pipeline's own format check.
     for i in range(len(source)):
-        di.validate_example(source[i])
+        dex.validate_example(source[i])
 
 
 def test_coco_crowd_categories_and_ground_truth(coco_fixture):
@@ -418,7 +419,7 @@ def test_tfds_coco_with_mock_data():
             _check_tfds_example(source[i], TFDS_EXAMPLES[i], decoded[i]["image"])
         # Label 0 -> person (1), 79 -> toothbrush (90).
         np.testing.assert_array_equal(source[0]["labels"], [1, 90])
-        di.validate_example(source[0])
+        dex.validate_example(source[0])
 
 
 class TinyCocoTfrecord(tfds.core.GeneratorBasedBuilder):

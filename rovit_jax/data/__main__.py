@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from rovit_jax.data.categories import CategoryTable
-from rovit_jax.data.detection_input import InvalidExampleError
+from rovit_jax.data.detection_example import InvalidExampleError
 from rovit_jax.data.image_text import CorruptImageError, decode_image
 
 DETECTION_FORMATS = ("coco", "lvis", "objects365", "shapes")
@@ -66,7 +66,7 @@ def open_detection(args: argparse.Namespace) -> tuple[Any, CategoryTable]:
     fmt = args.format
     if fmt == "shapes":
         from rovit_jax.data import shapes_tfds
-        from rovit_jax.data.detection_input import ShapesDetectionSource
+        from rovit_jax.data.shapes_detection import ShapesDetectionSource
 
         data_dir = args.images or os.environ.get(
             "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")

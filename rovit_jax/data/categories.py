@@ -4,7 +4,7 @@ Every detection reader exposes its vocabulary as a `CategoryTable`. Frequencies 
 "f" (frequent), "c" (common), "r" (rare), or "" when the dataset has none (COCO, Objects365).
 The open-vocabulary protocol holds a set of frequency groups out of detection training (novel)
 and evaluates on all categories; `base_ids` / `novel_ids` give the two sides, and
-`frequency_groups` feeds `detection_input.base_category_map`.
+`frequency_groups` feeds `detection_example.base_category_map`.
 
 The table also reads the shapes world's metadata (`builder.info.metadata["categories"]`, a list
 of {"id", "name", "frequency"}) with `from_records`, and gives the (id, name, frequency) tuples

@@ -47,7 +47,7 @@ from rovit_jax.data.categories import (
     CategoryTable,
     coco_category_table,
 )
-from rovit_jax.data.detection_input import InvalidExampleError
+from rovit_jax.data.detection_example import InvalidExampleError
 from rovit_jax.data.image_text import DEFAULT_MAX_PIXELS, CorruptImageError, decode_image
 
 # ----------------------------------------------------------------------------------------------

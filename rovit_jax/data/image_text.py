@@ -43,20 +43,18 @@ from __future__ import annotations
 
 import io
 import logging
-import queue
 import struct
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from rovit_jax.data.stream import (
-    EpochShuffledStream,
+    StreamBatches,
     UnusableExampleError,
     error_reason,
+    eval_host_indices,
     load_with_substitutes,
 )
 
@@ -319,22 +317,7 @@ def preprocess_image(
     return image.astype(np.float32) / 127.5 - 1.0
 
 
-def worker_pool(num_workers: int) -> ThreadPoolExecutor | None:
-    """Threads that decode and augment a batch's examples (PIL releases the GIL), or None."""
-    if int(num_workers) != num_workers or num_workers < 1:
-        raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
-    return ThreadPoolExecutor(int(num_workers)) if num_workers > 1 else None
-
-
-def map_in_order(pool: ThreadPoolExecutor | None, fn: Callable[[Any], T], items) -> list[T]:
-    """[fn(x) for x in items], on the pool when there is one; results keep the input order, so
-    batches do not depend on the number of workers."""
-    if pool is None:
-        return [fn(x) for x in items]
-    return list(pool.map(fn, items))
-
-
-class PretrainBatches:
+class PretrainBatches(StreamBatches):
     """Deterministic per-step training batches for this host.
 
     `batch(step)` returns `{"image": f32 [b, S, S, 3], "text": i32 [b, L]}` where b is this host's
@@ -361,21 +344,19 @@ class PretrainBatches:
         max_substitutes: int = 64,
         num_workers: int = 1,
     ):
-        self.stream = EpochShuffledStream(
+        super().__init__(
             len(source),
             global_batch=global_batch,
             seed=seed,
             process_index=process_index,
             process_count=process_count,
+            num_workers=num_workers,
+            tallies={"skipped": PRETRAIN_SKIP_REASONS},
         )
-        self.pool = worker_pool(num_workers)
         self.source, self.tokenizer = source, tokenizer
-        self.global_batch, self.image_size, self.seed = global_batch, image_size, seed
+        self.image_size = image_size
         self.crop_scale, self.flip = crop_scale, flip
         self.max_pixels, self.max_substitutes = max_pixels, max_substitutes
-        self.skipped = 0
-        self.skipped_by_reason: dict[str, int] = dict.fromkeys(PRETRAIN_SKIP_REASONS, 0)
-        self.index_at, self.positions = self.stream.index_at, self.stream.positions
 
     def _load(self, idx: int) -> tuple[np.ndarray, str]:
         """(decoded image uint8 [H, W, 3], caption) of dataset index `idx`, or raises."""
@@ -386,8 +367,8 @@ class PretrainBatches:
         )
         return image, caption
 
-    def _example(self, position: int) -> tuple[np.ndarray, str, str | None]:
-        """(image [S, S, 3], caption, skip reason or None) of a stream position."""
+    def _row(self, position: int) -> tuple[tuple[np.ndarray, str], str | None, dict]:
+        """((image [S, S, 3], caption), skip reason or None, no other tallies) of a position."""
         epoch, index = self.index_at(position)
         failures: list[Exception] = []
         idx, (image, caption), substituted = load_with_substitutes(
@@ -404,69 +385,12 @@ class PretrainBatches:
             image, rng, size=self.image_size, crop_scale=self.crop_scale, flip=self.flip
         )
         # Counted under the original example's problem, whatever its substitutes' were.
-        return image, caption, error_reason(failures[0]) if substituted else None
+        reason = error_reason(failures[0]) if substituted else None
+        return (image, caption), reason, {}
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        examples = map_in_order(self.pool, self._example, self.stream.host_positions(step))
-        images, captions, reasons = zip(*examples)
-        for reason in reasons:  # One count per replaced stream position.
-            if reason is not None:
-                self.skipped += 1
-                self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+        images, captions = zip(*self._rows(step))
         return {"image": np.stack(images), "text": self.tokenizer.encode(list(captions))}
-
-    def counts(self) -> dict[str, int]:
-        """Flat tallies for logging: `{"skipped/<reason>": n}` (every known reason, zeros too)."""
-        return {f"skipped/{reason}": n for reason, n in self.skipped_by_reason.items()}
-
-    def restore_counts(self, counts: Mapping[str, int]) -> None:
-        """Restores tallies saved from `counts()` (e.g. on resume); `skipped` becomes their sum."""
-        for key, n in counts.items():
-            group, _, reason = str(key).partition("/")
-            if group == "skipped" and reason:
-                self.skipped_by_reason[reason] = int(n)
-        self.skipped = sum(self.skipped_by_reason.values())
-
-
-def prefetch(
-    make_batch: Callable[[int], Any], start_step: int, end_step: int, *, depth: int = 2
-) -> Iterator[tuple[int, Any]]:
-    """Yields `(step, make_batch(step))` for steps in [start, end), produced on a background thread.
-
-    Host-side decoding then overlaps the device step. Exceptions from the producer are re-raised.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for step in range(start_step, end_step):
-                if stop.is_set():
-                    return
-                q.put((step, make_batch(step)))
-        except BaseException as e:  # pylint: disable=broad-except
-            q.put(e)
-            return
-        q.put(None)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # Unblock a producer waiting on a full queue.
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
 
 
 def eval_batches(
@@ -487,14 +411,10 @@ def eval_batches(
     padding). Captions are never refused here (see the module docstring).
     """
     n = len(source)
-    local = batch_size // process_count
-    num_batches = -(-n // batch_size)
     blank = np.zeros((image_size, image_size, 3), np.float32)
-    for b in range(num_batches):
+    for indices in eval_host_indices(n, batch_size, process_index, process_count):
         images, captions, mask, index = [], [], [], []
-        for i in range(
-            b * batch_size + process_index * local, b * batch_size + (process_index + 1) * local
-        ):
+        for i in indices:
             ok = i < n
             image, caption = blank, ""
             if ok:

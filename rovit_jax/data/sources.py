@@ -261,7 +261,7 @@ def detection_data(config: ml_collections.ConfigDict, *, need_train: bool = True
     data = config.data
     name = data.name
     if name == "shapes_world":
-        from rovit_jax.data.detection_input import ShapesDetectionSource
+        from rovit_jax.data.shapes_detection import ShapesDetectionSource
 
         builder = shapes_builder(data)
         table = CategoryTable.from_records(builder.info.metadata["categories"])

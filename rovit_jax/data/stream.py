@@ -16,8 +16,9 @@ looked up along the exception's cause chain.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -148,3 +149,124 @@ def load_with_substitutes(
         f"{max_substitutes + 1} consecutive unusable {what}s near dataset index {index}; "
         f"last error: {last_error}"
     )
+
+
+def worker_pool(num_workers: int) -> ThreadPoolExecutor | None:
+    """Threads that decode and augment a batch's examples (PIL releases the GIL), or None."""
+    if int(num_workers) != num_workers or num_workers < 1:
+        raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+    return ThreadPoolExecutor(int(num_workers)) if num_workers > 1 else None
+
+
+def map_in_order(
+    pool: ThreadPoolExecutor | None, fn: Callable[[Any], T], items: Iterable
+) -> list[T]:
+    """[fn(x) for x in items], on the pool when there is one; results keep the input order, so
+    batches do not depend on the number of workers."""
+    if pool is None:
+        return [fn(x) for x in items]
+    return list(pool.map(fn, items))
+
+
+class Batches(Protocol):
+    """A task's training input, as the training loop reads it."""
+
+    skipped: int  # replaced (substituted) stream positions so far, over all reasons
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This host's share of the global batch of `step` (a pure function of seed and step)."""
+
+    def counts(self) -> dict[str, int]:
+        """Flat tallies `{"<group>/<key>": n}` for logging and checkpointing."""
+
+    def restore_counts(self, counts: Mapping[str, int]) -> None:
+        """Restores tallies saved from `counts()` (on resume)."""
+
+
+class StreamBatches:
+    """The shared part of the training batchers: this host's slice of an `EpochShuffledStream`,
+    rows built by `num_workers` threads in stream order, and tallies kept per group.
+
+    A subclass implements `_row(position) -> (row, skip reason or None, {group: {key: n}})` and
+    `batch(step)` from `_rows(step)`. A skip reason counts one replaced stream position in
+    `skipped` and in the "skipped" group; other groups (e.g. dropped instances) add up as given.
+    Rows, batches and counts are the same for any number of workers.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        *,
+        global_batch: int,
+        seed: int,
+        process_index: int,
+        process_count: int,
+        num_workers: int,
+        tallies: Mapping[str, Sequence[str]],
+    ):
+        self.stream = EpochShuffledStream(
+            num_examples,
+            global_batch=global_batch,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        self.index_at, self.positions = self.stream.index_at, self.stream.positions
+        self.pool = worker_pool(num_workers)
+        self.global_batch, self.seed = global_batch, seed
+        # Every known key is present from the start (zeros too): a log or checkpoint of the
+        # counts has the same keys whatever happened.
+        self.tallies = {group: dict.fromkeys(keys, 0) for group, keys in tallies.items()}
+        self.tallies.setdefault("skipped", {})
+        self.skipped_by_reason = self.tallies["skipped"]
+        self.skipped = 0
+
+    def _row(self, position: int) -> tuple[Any, str | None, Mapping[str, Mapping[str, int]]]:
+        raise NotImplementedError
+
+    def _rows(self, step: int) -> list[Any]:
+        """This host's rows of `step`, with their tallies counted in stream order."""
+        results = map_in_order(self.pool, self._row, self.stream.host_positions(step))
+        for _, reason, extra in results:
+            if reason is not None:  # One count per replaced stream position.
+                self.skipped += 1
+                self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+            for group, table in extra.items():
+                for key, n in table.items():
+                    self.tallies[group][key] = self.tallies[group].get(key, 0) + n
+        return [row for row, _, _ in results]
+
+    def counts(self) -> dict[str, int]:
+        """Flat tallies `{"<group>/<key>": n}`, every known key present (zeros too)."""
+        return {
+            f"{group}/{key}": n for group, table in self.tallies.items() for key, n in table.items()
+        }
+
+    def restore_counts(self, counts: Mapping[str, int]) -> None:
+        """Restores tallies saved from `counts()` (e.g. on resume); `skipped` becomes the sum of
+        the per-reason skips."""
+        for key, n in counts.items():
+            group, _, name = str(key).partition("/")
+            if group in self.tallies and name:
+                self.tallies[group][name] = int(n)
+        self.skipped = sum(self.skipped_by_reason.values())
+
+
+def eval_host_indices(
+    num_examples: int, batch_size: int, process_index: int, process_count: int
+) -> Iterator[range]:
+    """This host's dataset indices in each global evaluation batch, padded to full batches.
+
+    Every host gets the same number of batches (big_vision-style padding): `ceil(n / batch_size)`
+    ranges of `batch_size // process_count` indices each; indices >= `num_examples` are padding.
+    """
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(
+            f"batch_size {batch_size} must be positive and divisible by the {process_count} hosts"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    local = batch_size // process_count
+    for b in range(-(-num_examples // batch_size)):
+        first = b * batch_size + process_index * local
+        yield range(first, first + local)

@@ -12,12 +12,13 @@ import ml_collections
 import numpy as np
 from clu import parameter_overview, periodic_actions
 
-from rovit_jax.data.image_text import prefetch
+from rovit_jax.data.stream import Batches
 from rovit_jax.run_config import run_setting
 from rovit_jax.train import guards, preemption
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from rovit_jax.train.trainer import Trainer
+from rovit_jax.train.prefetch import prefetch
+from rovit_jax.train.trainer import Task, Trainer
 from rovit_jax.train.writers import create_writer
 
 
@@ -26,15 +27,15 @@ def _every(step: int, period: int, total: int) -> bool:
 
 
 def run(
-    config: ml_collections.ConfigDict, workdir: str, task: Any, *, stop_after: int | None = None
+    config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_after: int | None = None
 ) -> dict[str, Any]:
     """Trains `task` for `config.total_steps`, resuming from the latest checkpoint in `workdir`.
 
     `stop_after` ends this run early at that step with a checkpoint, as a preemption would; the
     next run resumes exactly where it stopped.
 
-    The task supplies `validate`, `init_params`, `loss_fn`, `batch_shapes`,
-    `train_batches(process_index, process_count)` (an object with `batch(step)`, `skipped`) and
+    The task is a `trainer.Task`: `validate`, `init_params`, `loss_fn`, `batch_shapes`,
+    `train_batches(process_index, process_count)` (a `data.stream.Batches`) and
     `evaluate(trainer, params) -> dict`. Returns the last evaluation's metrics and the final state.
 
     Reliability: SIGTERM/SIGINT stop the run after the current step with a committed checkpoint
@@ -51,7 +52,7 @@ def run(
 def _run(
     config: ml_collections.ConfigDict,
     workdir: str,
-    task: Any,
+    task: Task,
     watcher: preemption.PreemptionWatcher,
     stop_after: int | None,
 ) -> dict[str, Any]:
@@ -218,15 +219,15 @@ def _save(
     checkpointer.save(step, state, input_state)
 
 
-def _tallies(batches: Any) -> dict[str, Any]:
-    """The input pipeline's counters: substituted examples, and per-reason tallies if it has any."""
-    counts = batches.counts() if hasattr(batches, "counts") else {}
+def _tallies(batches: Batches) -> dict[str, Any]:
+    """The input pipeline's counters: substituted examples, and its per-group tallies."""
+    counts = batches.counts()
     return {"skipped": int(batches.skipped), "counts": {k: int(v) for k, v in counts.items()}}
 
 
-def _restore_tallies(batches: Any, input_state: dict[str, Any]) -> None:
+def _restore_tallies(batches: Batches, input_state: dict[str, Any]) -> None:
     batches.skipped = int(input_state.get("skipped", 0))
-    if input_state.get("counts") and hasattr(batches, "restore_counts"):
+    if input_state.get("counts"):
         batches.restore_counts(input_state["counts"])
 
 

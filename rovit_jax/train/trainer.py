@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from rovit_jax.data.stream import Batches
 from rovit_jax.models import layers
 from rovit_jax.run_config import run_setting
 from rovit_jax.train import guards
@@ -43,6 +44,12 @@ class Task(Protocol):
 
     def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
         """Global shapes of one training batch (for ahead-of-time compilation)."""
+
+    def train_batches(self, process_index: int, process_count: int) -> Batches:
+        """This host's training input (`data.stream.Batches`: `batch(step)` and tallies)."""
+
+    def evaluate(self, trainer: Trainer, params: Any) -> dict[str, float]:
+        """Evaluation metrics of `params` (every host calls it; all return the same values)."""
 
 
 class Trainer:
