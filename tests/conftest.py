@@ -6,6 +6,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Loading triton's native module (torch._dynamo imports it, and torchvision and timm import that)
+# after TensorFlow 2.21 has run in the same process segfaults. Test files import the PyTorch
+# oracles lazily, after the shapes world has run TensorFlow through tfds, so which worker crashes
+# depends on the order files reach it. Loading triton first avoids it (0.5 s).
+try:
+    import triton  # noqa: F401
+except ImportError:  # torch absent, or a build without triton
+    pass
+
 
 # ---- a tiny detection run shared by test_predictor and test_export -----------------------------
 
