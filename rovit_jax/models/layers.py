@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "TRANSFORMER_SIZES",
+    "COMPUTE_DTYPES",
     "REMAT_POLICIES",
     "transformer_size",
     "MlpBlock",
@@ -49,6 +50,8 @@ TRANSFORMER_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 REMAT_POLICIES = ("none", "full", "dots")
+# Values of the `compute_dtype` setting (parameters and optimizer state stay float32).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # The sharding of [batch, ...] activations, set by the trainer while it traces a train step.

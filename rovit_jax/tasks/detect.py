@@ -23,7 +23,7 @@ from rovit_jax.detection.text_classifier import (
     build_text_classifier,
 )
 from rovit_jax.models.detector import BACKGROUND_MODES, OpenVocabDetector
-from rovit_jax.models.layers import tower_options, unscan_params
+from rovit_jax.models.layers import COMPUTE_DTYPES, REMAT_POLICIES, tower_options, unscan_params
 from rovit_jax.models.vit import ViT, vit_variant
 from rovit_jax.ops.roi_align import batched_roi_align
 from rovit_jax.runs import (
@@ -34,8 +34,6 @@ from rovit_jax.runs import (
     read_run_config,
 )
 from rovit_jax.train import mesh as mesh_lib
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Values of the fields that follow the authors' detection pipeline for a run config written
 # before they existed (the behaviour that run was trained and evaluated with); new configs get the
@@ -115,8 +113,10 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     cc.check_int(p, config, "eval.num_images", min_value=0, default=0)
     cc.check_int(p, config, "eval.render_images", min_value=0, default=0)
     cc.check_number(p, config, "eval.render_min_score", min_value=0.0, default=0.3)
-    cc.check_choice(p, config, "compute_dtype", tuple(DTYPES), why=str(tuple(DTYPES)))
-    cc.check_choice(p, config, "remat", pretrain.REMAT)
+    cc.check_choice(
+        p, config, "compute_dtype", tuple(COMPUTE_DTYPES), why=str(tuple(COMPUTE_DTYPES))
+    )
+    cc.check_choice(p, config, "remat", REMAT_POLICIES)
 
     # Image size, pyramid levels and mask targets.
     size = cc.check_int(p, config, "det.image_size", min_value=1)
@@ -592,7 +592,7 @@ class DetectTask:
             mask_num_convs=int(self.config.head.mask_num_convs),
             base_temperature=float(self.config.head.base_temperature),
             background=str(_get(self.config, "head.background")),
-            dtype=DTYPES[self.config.compute_dtype],
+            dtype=COMPUTE_DTYPES[self.config.compute_dtype],
         )
 
     # ---- data and vocabulary -------------------------------------------------------------------

@@ -15,18 +15,12 @@ from jax.sharding import Mesh
 from rovit_jax.data import image_text, sources
 from rovit_jax.evaluation.retrieval import recall_at_k
 from rovit_jax.losses import contrastive
-from rovit_jax.models.layers import ACTIVATIONS, tower_options
-from rovit_jax.models.text import text_variant
+from rovit_jax.models.layers import ACTIVATIONS, COMPUTE_DTYPES, REMAT_POLICIES, tower_options
+from rovit_jax.models.text import TEXT_POOL_TYPES, text_variant
 from rovit_jax.models.two_tower import TwoTower
-from rovit_jax.models.vit import vit_variant
+from rovit_jax.models.vit import POOL_TYPES, vit_variant
 from rovit_jax.ops.posemb import sample_crop_boxes
 from rovit_jax.train import mesh as mesh_lib
-
-LOSS_KINDS = ("softmax", "sigmoid", "focal")
-IMAGE_POOLS = ("gap", "tok", "map")
-TEXT_POOLS = ("mean", "last", "first", "map")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-REMAT = ("none", "full", "dots")
 
 
 def _check(cond: bool, key: str, value: Any, why: str) -> None:
@@ -70,15 +64,15 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
         p,
         config,
         "model.image.pool_type",
-        IMAGE_POOLS,
-        why=f"unknown pooling; choose one of {IMAGE_POOLS}",
+        POOL_TYPES,
+        why=f"unknown pooling; choose one of {POOL_TYPES}",
     )
     cc.check_choice(
         p,
         config,
         "model.text.pool_type",
-        TEXT_POOLS,
-        why=f"unknown pooling; choose one of {TEXT_POOLS}",
+        TEXT_POOL_TYPES,
+        why=f"unknown pooling; choose one of {TEXT_POOL_TYPES}",
     )
     cc.check_int(p, config, "model.embed_dim", min_value=1)
     cc.check_number(p, config, "model.temperature_init", min_value=0.0, min_exclusive=True)
@@ -101,7 +95,11 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     cc.check_bool(p, config, "pp.flip")
 
     cc.check_choice(
-        p, config, "loss.kind", LOSS_KINDS, why=f"unknown loss; choose one of {LOSS_KINDS}"
+        p,
+        config,
+        "loss.kind",
+        contrastive.CONTRASTIVE_LOSS_KINDS,
+        why=f"unknown loss; choose one of {contrastive.CONTRASTIVE_LOSS_KINDS}",
     )
     cc.check_number(p, config, "loss.alpha", min_value=0.0, max_value=1.0)
     cc.check_number(p, config, "loss.gamma", min_value=0.0)
@@ -121,8 +119,8 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
             up_size,
             f"must be >= the pretraining patch grid {grid} (pp.image_size={size} / patch {patch})",
         )
-    cc.check_choice(p, config, "compute_dtype", tuple(DTYPES))
-    cc.check_choice(p, config, "remat", REMAT)
+    cc.check_choice(p, config, "compute_dtype", tuple(COMPUTE_DTYPES))
+    cc.check_choice(p, config, "remat", REMAT_POLICIES)
     cc.check_bool(p, config, "scan_layers", default=False)
     cc.check_bool(p, config, "model.image.pre_norm", default=False)
     cc.check_bool(p, config, "model.text.causal", default=False)
@@ -206,7 +204,7 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTower:
     """The two-tower model described by `config.model` (and pp/cpe/dtype/remat)."""
     img = vit_variant(config.model.image.variant)
     grid = config.pp.image_size // img["patch_size"]
-    dtype = DTYPES[config.compute_dtype]
+    dtype = COMPUTE_DTYPES[config.compute_dtype]
     image = dict(
         img,
         posemb_grid=(grid, grid),
