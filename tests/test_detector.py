@@ -1,6 +1,7 @@
 """Detector training: sharded step == single-device step; one-image overfit reaches AP50 >= 0.95."""
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -80,6 +81,7 @@ def test_box_loss_weight_scales_only_the_box_term(data_dir):
     emb, valid = jnp.asarray(vocab["embeddings"]), jnp.asarray(vocab["valid"])
     assert task.rcnn.box_loss_weight == 1.0  # the default (and older runs')
 
+    @functools.partial(jax.jit, static_argnums=0)  # RCNNConfig is static (hashed)
     def loss(weight):
         cfg = dataclasses.replace(task.rcnn, box_loss_weight=weight)
         return rcnn.detector_loss(task.model, params, batch, emb, valid, jax.random.key(1), cfg)
