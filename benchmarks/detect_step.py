@@ -307,7 +307,7 @@ def bench(
             jnp.asarray(vocab["valid"]),
             jnp.asarray(vocab["is_novel"]),
             task.rcnn,
-            vlm_region_embeddings_fn=lambda x, bx: task.vlm_region_embeddings(
+            vlm_region_embeddings_fn=lambda x, bx: task.frozen_vlm.region_embeddings(
                 task.pretrained.params, x, bx
             ),
             vlm_logit_scale=jnp.exp(task.pretrained.params["t"]),

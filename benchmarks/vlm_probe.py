@@ -81,7 +81,7 @@ def main() -> None:
     novel = np.array([c.frequency == "r" for c in cats])
     detect_size = int(dcfg.det.image_size)
     embed_image = jax.jit(lambda x: model.apply({"params": params}, x, None)[0][0])
-    embed_regions = jax.jit(lambda x, b: task.vlm_region_embeddings(params, x, b))
+    embed_regions = jax.jit(lambda x, b: task.frozen_vlm.region_embeddings(params, x, b))
 
     source = sources.shapes_builder(pcfg.data).as_data_source(pcfg.data.eval_split)
     size = int(pcfg.pp.image_size)

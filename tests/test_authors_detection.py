@@ -10,6 +10,8 @@ Each numpy reference transcribes the authors' released F-VLM / DITO code (google
                     in every block but the last).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 from test_detector import _config, _task
 
+from rovit_jax.detect_config import detect_defaults
 from rovit_jax.detection import rcnn
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES
 from rovit_jax.models.layers import unscan_params
@@ -43,7 +46,9 @@ def _authors_ensemble(class_logits, pretrained_logits, base_indicator, w_base, w
 
 
 def _cfg(**kw):
-    return rcnn.RCNNConfig(image_size=64, min_level=3, max_level=4, **kw)
+    """The default detection config's RCNNConfig at a 64 px canvas, with `kw` replaced."""
+    base = dict(image_size=64, min_level=3, max_level=4)
+    return dataclasses.replace(rcnn_config(detect_defaults()), **{**base, **kw})
 
 
 def test_authors_fusion_matches_numpy_transcription():
@@ -239,7 +244,7 @@ def test_vlm_window_attention_in_every_block_but_the_last(tiny):
     s, ws = config.det.image_size, config.det.window_size
     rng = np.random.default_rng(3)
     images = jnp.asarray(rng.uniform(-1, 1, (1, s, s, 3)), jnp.float32)
-    grid = np.asarray(task.vlm_patch_grid(vlm_params, images))
+    grid = np.asarray(task.frozen_vlm.patch_grid(vlm_params, images))
 
     # Reference: the pretrained ViT config run with window_size=ws and global_blocks=(last,).
     image = dict(task.two_tower.image, pool_type="gap", scan_layers=False)
@@ -268,10 +273,15 @@ def test_vlm_window_attention_in_every_block_but_the_last(tiny):
     own = _sharing_towers(
         task, _config(**{"infer.vlm_global_blocks": (), "infer.vlm_window_size": ws // 2})
     )
-    assert own.vlm_backbone.global_blocks == () and own.vlm_backbone.window_size == ws // 2
+    assert (
+        own.frozen_vlm.backbone.global_blocks == ()
+        and own.frozen_vlm.backbone.window_size == ws // 2
+    )
     w = ws // 2
-    windowed_grid = np.asarray(own.vlm_patch_grid(vlm_params, images))
-    moved_grid = np.asarray(own.vlm_patch_grid(vlm_params, images.at[:, : w * p, : w * p].set(0.5)))
+    windowed_grid = np.asarray(own.frozen_vlm.patch_grid(vlm_params, images))
+    moved_grid = np.asarray(
+        own.frozen_vlm.patch_grid(vlm_params, images.at[:, : w * p, : w * p].set(0.5))
+    )
     inside = np.zeros((gh, gh), bool)
     inside[:w, :w] = True
     np.testing.assert_allclose(
@@ -285,13 +295,13 @@ def test_vlm_window_attention_in_every_block_but_the_last(tiny):
 
     # Global attention everywhere (the earlier behaviour) gives a different map.
     glob_task = _sharing_towers(task, _config(**{"infer.vlm_window_attention": False}))
-    assert glob_task.vlm_backbone is None
-    glob = np.asarray(glob_task.vlm_patch_grid(vlm_params, images))
+    assert glob_task.frozen_vlm.backbone is None
+    glob = np.asarray(glob_task.frozen_vlm.patch_grid(vlm_params, images))
     assert np.abs(glob - grid).max() > 1e-3
 
     # Region embeddings: RoIAlign of the windowed map, mean, projection, normalisation.
     boxes = jnp.asarray([[[8.0, 8.0, 60.0, 90.0], [30.0, 2.0, 100.0, 40.0]]], jnp.float32)
-    got = np.asarray(task.vlm_region_embeddings(vlm_params, images, boxes))
+    got = np.asarray(task.frozen_vlm.region_embeddings(vlm_params, images, boxes))
     pooled = np.asarray(
         batched_roi_align(
             jnp.asarray(grid),

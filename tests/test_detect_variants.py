@@ -27,7 +27,7 @@ def test_fused_and_detector_only_in_one_pass_equal_two_detect_calls(data_dir):
     text = [jnp.asarray(vocab[k]) for k in ("embeddings", "valid", "is_novel")]
     s = config.det.image_size
     images = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (2, s, s, 3)), jnp.float32)
-    vlm_fn = lambda im, bx: task.vlm_region_embeddings(vlm_params, im, bx)  # noqa: E731
+    vlm_fn = lambda im, bx: task.frozen_vlm.region_embeddings(vlm_params, im, bx)  # noqa: E731
     scale = jnp.exp(vlm_params["t"])
     kw = dict(vlm_region_embeddings_fn=vlm_fn, vlm_logit_scale=scale, with_masks=False)
     run = lambda fn, **k: jax.jit(  # noqa: E731

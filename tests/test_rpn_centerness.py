@@ -7,6 +7,7 @@ anchors / 256), `RpnBoxIoULoss` (8 * (1 - IoU) of decoded boxes on every matched
 `decode_boxes_lrtb` and `multilevel_propose_rois` (per-level top-k, per-level NMS, overall top-k).
 """
 
+import dataclasses
 import os
 
 import jax
@@ -15,16 +16,19 @@ import numpy as np
 import pytest
 
 from rovit_jax.config_files import load_config
+from rovit_jax.detect_config import detect_defaults
 from rovit_jax.detection import rcnn
 from rovit_jax.ops.matching import sample_balanced
+from rovit_jax.tasks.detect import rcnn_config
 from rovit_jax.train.optim import make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(**kw):
+    """The default detection config's RCNNConfig at a small canvas, with `kw` replaced."""
     base = dict(image_size=128, min_level=3, max_level=5, anchor_size=3.0, aspect_ratios=(1.0,))
-    return rcnn.RCNNConfig(**{**base, **kw})
+    return dataclasses.replace(rcnn_config(detect_defaults()), **{**base, **kw})
 
 
 def _random_gt(rng, s, m, n_valid):

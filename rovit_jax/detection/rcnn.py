@@ -40,56 +40,60 @@ BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 @dataclasses.dataclass(frozen=True)
 class RCNNConfig:
-    """Static settings of targets, sampling and inference (all from the task config)."""
+    """Static settings of targets, sampling and inference.
+
+    Built from a detection config by `tasks.detect.rcnn_config`; the defaults live in one place,
+    `detect_config.detect_defaults()` (fields named there `rpn.*`, `roi.*`, `infer.*`).
+    """
 
     image_size: int
     min_level: int
     max_level: int
-    anchor_size: float = 8.0
-    aspect_ratios: tuple[float, ...] = (1.0,)
-    objectness: str = "centerness"
-    rpn_fg_iou: float = 0.7
-    rpn_bg_iou: float = 0.3
-    rpn_batch_per_image: int = 256
-    rpn_positive_fraction: float = 0.5
-    rpn_pre_nms_top_k: int = 2000
-    rpn_nms_iou: float = 0.7
-    rpn_post_nms_top_k: int = 1000
+    anchor_size: float
+    aspect_ratios: tuple[float, ...]
+    objectness: str
+    rpn_fg_iou: float
+    rpn_bg_iou: float
+    rpn_batch_per_image: int
+    rpn_positive_fraction: float
+    rpn_pre_nms_top_k: int
+    rpn_nms_iou: float
+    rpn_post_nms_top_k: int
     # Proposal NMS within each pyramid level (True, the authors') or once over all levels.
-    rpn_per_level_nms: bool = True
+    rpn_per_level_nms: bool
     # Centerness RPN: objectness targets and sampling, box loss and box coding (rpn_loss_single).
-    centerness_loss: str = "all_sampled"
-    centerness_fg_iou: float = 0.3
-    centerness_bg_iou: float = 0.1
-    centerness_batch_per_image: int = 256
-    centerness_positive_fraction: float = 255 / 256
-    rpn_box_loss: str = "iou"
-    rpn_box_loss_weight: float = 8.0
-    rpn_box_coding: str = "linear"
-    roi_batch_per_image: int = 512
-    roi_positive_fraction: float = 0.25
-    roi_fg_iou: float = 0.5
-    roi_pool_size: int = 7
-    mask_pool_size: int = 14
-    mask_loss_weight: float = 1.0
-    box_loss_weight: float = 1.0
+    centerness_loss: str
+    centerness_fg_iou: float
+    centerness_bg_iou: float
+    centerness_batch_per_image: int
+    centerness_positive_fraction: float
+    rpn_box_loss: str
+    rpn_box_loss_weight: float
+    rpn_box_coding: str
+    roi_batch_per_image: int
+    roi_positive_fraction: float
+    roi_fg_iou: float
+    roi_pool_size: int
+    mask_pool_size: int
+    mask_loss_weight: float
+    box_loss_weight: float
     # Weight of background RoIs' classification cross-entropy (the authors' 0.9); the loss is
     # still divided by the number of RoIs, not by the sum of weights.
-    background_weight: float = 0.9
+    background_weight: float
     # Inference.
-    test_pre_nms_top_k: int = 1000
-    test_post_nms_top_k: int = 1000
-    test_proposal_nms_iou: float = 1.0  # >= 1: no suppression, proposals by objectness alone
-    detection_nms_iou: float = 0.5
-    max_detections: int = 300
-    score_threshold: float = 0.0
-    vlm_box_scale: float = 0.7
-    vlm_temperature: float | None = 0.01  # None: the pretrained model's learned temperature
-    w_base: float = 0.35
-    w_novel: float = 0.65
-    objectness_exponent: float = 3.0
-    fusion: str = "authors"  # see detection.score_fusion
-    vlm_pool_boxes: str = "proposals"
+    test_pre_nms_top_k: int
+    test_post_nms_top_k: int
+    test_proposal_nms_iou: float  # >= 1: no suppression, proposals by objectness alone
+    detection_nms_iou: float
+    max_detections: int
+    score_threshold: float
+    vlm_box_scale: float
+    vlm_temperature: float | None  # None: the pretrained model's learned temperature
+    w_base: float
+    w_novel: float
+    objectness_exponent: float
+    fusion: str  # see detection.score_fusion
+    vlm_pool_boxes: str
 
     def __post_init__(self):
         for key, value, choices in (
@@ -195,8 +199,10 @@ def _argmax_match(
     forcing = gt_valid & (jnp.max(quality, axis=0) > 0)  # [M]
     best_anchor = jnp.where(forcing, jnp.argmax(quality, axis=0), n)  # n: dropped
     # The lowest-index gt forcing each anchor (m: none), as the authors' argmax of a one-hot.
-    forced_by = jnp.full((n,), m, jnp.int32).at[best_anchor].min(
-        jnp.arange(m, dtype=jnp.int32), mode="drop"
+    forced_by = (
+        jnp.full((n,), m, jnp.int32)
+        .at[best_anchor]
+        .min(jnp.arange(m, dtype=jnp.int32), mode="drop")
     )
     is_forced = forced_by < m
     return jnp.where(is_forced, forced_by, matched), jnp.where(is_forced, 1, labels)
@@ -682,9 +688,7 @@ def fused_class_scores(
     )
     if cfg.fusion == "authors":
         vlm_probs = None if vlm_logits is None else jax.nn.softmax(vlm_logits, -1)
-        return fuse_scores_with_background(
-            det_probs, vlm_probs, objectness, valid=text_valid, **kw
-        )
+        return fuse_scores_with_background(det_probs, vlm_probs, objectness, valid=text_valid, **kw)
     # "classes_only": the VLM softmax over the classes alone, no background, no renormalisation.
     vlm_probs = None if vlm_logits is None else jax.nn.softmax(vlm_logits[..., 1:], -1)
     return fuse_scores(det_probs[..., 1:], vlm_probs, objectness, **kw)

@@ -235,7 +235,7 @@ class Predictor:
         def detect(params, vlm_params, images, text_emb, text_valid, is_novel):
             vlm = None
             if fusion:
-                vlm = lambda im, bx: task.vlm_region_embeddings(vlm_params, im, bx)  # noqa: E731
+                vlm = lambda im, bx: task.frozen_vlm.region_embeddings(vlm_params, im, bx)  # noqa: E731
             return rcnn.detect(
                 task.model,
                 params,

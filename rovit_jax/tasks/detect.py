@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
@@ -23,9 +22,9 @@ from rovit_jax.detection.text_classifier import (
     build_text_classifier,
 )
 from rovit_jax.models.detector import BACKGROUND_MODES, OpenVocabDetector
-from rovit_jax.models.layers import COMPUTE_DTYPES, REMAT_POLICIES, tower_options, unscan_params
-from rovit_jax.models.vit import ViT, vit_variant
-from rovit_jax.ops.roi_align import batched_roi_align
+from rovit_jax.models.frozen_vlm import FrozenRegionEmbedder, load_pretrained_backbone
+from rovit_jax.models.layers import COMPUTE_DTYPES, REMAT_POLICIES, tower_options
+from rovit_jax.models.vit import vit_variant
 from rovit_jax.runs import (
     CheckpointKindError,
     PretrainedTowers,
@@ -67,20 +66,6 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
     if key == "infer.proposal_nms_iou":
         return cc.config_get(config, key, cc.config_get(config, "rpn.nms_iou"))
     return cc.config_get(config, key, PRE_AUTHORS_DEFAULTS[key])
-
-
-def vlm_global_blocks(blocks: Sequence[int], depth: int) -> tuple[int, ...]:
-    """`infer.vlm_global_blocks` (negative indices count from the end) as sorted block indices of
-    a tower of `depth` blocks; an index outside the tower is an error naming the key."""
-    out = set()
-    for b in blocks:
-        if not -depth <= int(b) < depth:
-            raise ValueError(
-                f"config key `infer.vlm_global_blocks` = {tuple(blocks)!r}: block {b} is outside "
-                f"the pretrained image tower's {depth} blocks"
-            )
-        out.add(int(b) % depth)
-    return tuple(sorted(out))
 
 
 def _check(cond: bool, key: str, value: Any, why: str) -> None:
@@ -572,7 +557,7 @@ class DetectTask:
             **tower_options(pcfg.model.image),
             remat_policy=self.config.remat,
         )
-        _ = self.vlm_backbone  # checks infer.vlm_global_blocks against the tower before compiling
+        _ = self.frozen_vlm  # checks infer.vlm_global_blocks against the tower before compiling
         return OpenVocabDetector(
             backbone=backbone,
             min_level=int(self.config.det.min_level),
@@ -792,18 +777,9 @@ class DetectTask:
         if self.pretrained.params is None:
             return params  # for_planning: no pretrained values, only their shapes matter
         params = dict(params)
-        # A backbone pretrained with scan_layers has stacked blocks; the detector's are separate.
-        pretrained_img = unscan_params(self.pretrained.params["img"])
-        # Window attention adds no parameters, so every backbone leaf has a pretrained value;
-        # pooling parameters of other pooling types (cls, MAPHead) are not used by detection.
-        missing = set(params["backbone"]) - set(pretrained_img)
-        if missing:
-            raise ValueError(f"pretrained image tower lacks parameters {sorted(missing)}")
-        loaded = {k: jax.tree.map(jnp.asarray, pretrained_img[k]) for k in params["backbone"]}
-        fresh_shapes = jax.tree.map(jnp.shape, params["backbone"])
-        if jax.tree.map(jnp.shape, loaded) != fresh_shapes:
-            raise ValueError("pretrained image tower shapes differ from the detector backbone's")
-        params["backbone"] = loaded
+        params["backbone"] = load_pretrained_backbone(
+            params["backbone"], self.pretrained.params["img"]
+        )
         if self._text_background:
             # The authors' fixed background row: the text embedding of ".", never trained (the
             # model reads it behind stop_gradient).
@@ -824,59 +800,18 @@ class DetectTask:
 
     # ---- inference and evaluation --------------------------------------------------------------
     @cached_property
-    def vlm_backbone(self) -> ViT | None:
-        """The frozen image tower as run for VLM scores with `infer.vlm_window_attention`.
-
-        By default as the authors' frozen ViT (fvlm/modeling/clip_models.py, the "frozen"
-        window-attention layouts: "Frozen vision backbone performs better with window attention
-        size v2"): window attention in every block but the last, which stays global
-        (`infer.vlm_global_blocks`), with the detector's window (`det.window_size`) unless
-        `infer.vlm_window_size` is set. Pooling parameters are not used (the region features come from the
-        last patch grid); a pool_type="tok" tower runs without its CLS token, as the detector's
-        backbone does. None when `infer.vlm_window_attention` is False: the pretrained tower as
-        it is (global attention in every block).
-        """
-        if not _get(self.config, "infer.vlm_window_attention"):
-            return None
-        image = dict(self.two_tower.image)
+    def frozen_vlm(self) -> FrozenRegionEmbedder:
+        """The frozen pretrained image tower that embeds regions for VLM score fusion, with
+        `infer.vlm_window_attention` / `vlm_global_blocks` and `infer.vlm_window_size` (default:
+        the detector's `det.window_size`)."""
         window = _get(self.config, "infer.vlm_window_size")
-        image.update(
-            pool_type="gap",
-            scan_layers=False,
+        return FrozenRegionEmbedder.build(
+            self.two_tower,
+            window_attention=bool(_get(self.config, "infer.vlm_window_attention")),
             window_size=int(self.config.det.window_size if window is None else window),
-            global_blocks=vlm_global_blocks(
-                _get(self.config, "infer.vlm_global_blocks"), int(image["depth"])
-            ),
+            global_blocks=_get(self.config, "infer.vlm_global_blocks"),
+            pool_size=self.rcnn.roi_pool_size,
         )
-        return ViT(**{"dtype": self.two_tower.dtype, **image})
-
-    def vlm_patch_grid(self, vlm_params, images: jax.Array) -> jax.Array:
-        """[B, S, S, 3] -> [B, h, w, D]: the frozen image tower's last map (after encoder_norm,
-        as pooled in pretraining), with window attention per `vlm_backbone` or global."""
-        if self.vlm_backbone is None:
-            (_, _), aux = self.two_tower.apply({"params": vlm_params}, images, None)
-            return aux["img/patch_grid"]
-        unused = ("cls", "cls_pos_embedding", "MAPHead_0")
-        img = {k: v for k, v in unscan_params(vlm_params["img"]).items() if k not in unused}
-        _, aux = self.vlm_backbone.apply({"params": img}, images)
-        return aux["patch_grid"]
-
-    def vlm_region_embeddings(self, vlm_params, images: jax.Array, boxes: jax.Array) -> jax.Array:
-        """Frozen pretrained backbone: RoIAlign of boxes on its last map, mean, projection.
-
-        images [B, S, S, 3], boxes [B, P, 4] pixels -> [B, P, E] unit-norm.
-        """
-        grid = self.vlm_patch_grid(vlm_params, images)
-        stride = images.shape[1] / grid.shape[1]
-        pooled = batched_roi_align(
-            grid.astype(jnp.float32),
-            boxes,
-            output_size=self.rcnn.roi_pool_size,
-            spatial_scale=1.0 / stride,
-            sampling_ratio=2,
-        ).mean(axis=(2, 3))
-        emb = pooled @ vlm_params["img_proj"]["kernel"]
-        return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
 
     def predict_fn(self, trainer, *, with_masks: bool):
         """Jitted `(params, vlm_params, images, text_emb, text_valid, is_novel)` ->
@@ -897,7 +832,7 @@ class DetectTask:
                 text_valid,
                 is_novel,
                 self.rcnn,
-                vlm_region_embeddings_fn=lambda im, bx: self.vlm_region_embeddings(
+                vlm_region_embeddings_fn=lambda im, bx: self.frozen_vlm.region_embeddings(
                     vlm_params, im, bx
                 ),
                 vlm_logit_scale=jnp.exp(vlm_params["t"]),
