@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -566,7 +566,17 @@ def mesh_problems(
             f"{num_devices} devices",
         )
         return
-    shards = int(np.prod([resolved[a] for a in BATCH_AXES]))
+    batch_problems(problems, config, resolved, num_processes)
+
+
+def batch_problems(
+    problems: Problems, config: Any, mesh_shape: Mapping[str, int], num_processes: int = 1
+) -> None:
+    """Adds a problem for each of `batch_size` and `eval.batch_size` that the batch shards of a
+    mesh of `mesh_shape` (the product of its `data` and `fsdp` axes), or the hosts, do not
+    divide."""
+    resolved = dict(mesh_shape)
+    shards = int(np.prod([resolved.get(a, 1) for a in BATCH_AXES]))
     for key in ("batch_size", "eval.batch_size"):
         value = config_get(config, key)
         if not _is_int(value) or value < 1:
@@ -584,6 +594,14 @@ def mesh_problems(
                 value,
                 f"must be divisible by the {num_processes} hosts",
             )
+
+
+def check_batches_fit_mesh(config: Any, mesh_shape: Mapping[str, int]) -> None:
+    """Raises ConfigError unless the mesh's batch shards divide `batch_size` and
+    `eval.batch_size` (what a task checks against the mesh it is given)."""
+    problems = Problems()
+    batch_problems(problems, config, mesh_shape)
+    problems.raise_if_any()
 
 
 def check_mesh(config: Any, num_devices: int, num_processes: int = 1) -> None:

@@ -32,7 +32,6 @@ from rovit_jax.runs import (
     load_run_params,
     read_run_config,
 )
-from rovit_jax.train import mesh as mesh_lib
 
 # Values of the fields that follow the authors' detection pipeline for a run config written
 # before they existed (the behaviour that run was trained and evaluated with); new configs get the
@@ -725,15 +724,9 @@ class DetectTask:
 
     # ---- model and loss -------------------------------------------------------------------------
     def validate(self, mesh: Mesh) -> None:
-        shards = mesh_lib.num_batch_shards(mesh)
-        for key in ("batch_size", "eval.batch_size"):
-            value = self.config[key] if key == "batch_size" else self.config.eval.batch_size
-            _check(
-                value % shards == 0,
-                key,
-                value,
-                f"must be divisible by the {shards} batch shards of the mesh {dict(mesh.shape)}",
-            )
+        from rovit_jax import config_check as cc
+
+        cc.check_batches_fit_mesh(self.config, dict(mesh.shape))
         self._mesh = mesh
         # Everything derived from the pretrained run is computed here, eagerly: inside the
         # traced init/loss functions it would be staged into the trace instead.

@@ -282,19 +282,9 @@ class PretrainTask:
 
     # ---- model and loss -----------------------------------------------------------------------
     def validate(self, mesh: Mesh) -> None:
-        shards = mesh_lib.num_batch_shards(mesh)
-        _check(
-            self.config.batch_size % shards == 0,
-            "batch_size",
-            self.config.batch_size,
-            f"must be divisible by the {shards} batch shards of the mesh {dict(mesh.shape)}",
-        )
-        _check(
-            self.config.eval.batch_size % shards == 0,
-            "eval.batch_size",
-            self.config.eval.batch_size,
-            f"must be divisible by the {shards} batch shards of the mesh {dict(mesh.shape)}",
-        )
+        from rovit_jax import config_check as cc
+
+        cc.check_batches_fit_mesh(self.config, dict(mesh.shape))
         self._mesh = mesh
 
     def init_params(self, rng: jax.Array) -> Any:
