@@ -26,6 +26,7 @@ from rovit_jax.models.layers import unscan_params
 from rovit_jax.models.vit import ViT
 from rovit_jax.ops import boxes as box_ops
 from rovit_jax.ops.roi_align import batched_roi_align
+from rovit_jax.runs import vlm_tower_params
 from rovit_jax.tasks.detect import DetectTask, rcnn_config, validate_config
 
 
@@ -189,7 +190,7 @@ def tiny(tmp_path_factory):
     # The authors' frozen layout (the shapes config windows every block instead).
     config = _config(**{"infer.vlm_global_blocks": (-1,), "infer.vlm_window_size": None})
     task = _task(config, str(tmp_path_factory.mktemp("tfds_authors")))
-    vlm_params = {k: v for k, v in task.pretrained.params.items() if k != "txt"}
+    vlm_params = vlm_tower_params(task.pretrained.params)
     params = jax.jit(task.init_params)(jax.random.key(0))
     return config, task, vlm_params, params
 

@@ -10,6 +10,7 @@ import pytest
 from test_detector import _config, _task
 
 from rovit_jax.detection import rcnn
+from rovit_jax.runs import vlm_tower_params
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def test_fused_and_detector_only_in_one_pass_equal_two_detect_calls(data_dir):
     config = _config()
     task = _task(config, data_dir)
     params = task.init_params(jax.random.key(0))
-    vlm_params = {k: v for k, v in task.pretrained.params.items() if k != "txt"}
+    vlm_params = vlm_tower_params(task.pretrained.params)
     vocab = task.full_vocabulary
     text = [jnp.asarray(vocab[k]) for k in ("embeddings", "valid", "is_novel")]
     s = config.det.image_size
