@@ -18,7 +18,9 @@ SCALARS = {
 
 def _logged(caplog, writer, step):
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    # clu logs through absl's logger, whose level an earlier test in the same worker may have
+    # raised (absl verbosity): set that logger's level, not only the root's.
+    with caplog.at_level(logging.INFO, logger="absl"):
         writer.write_scalars(step, SCALARS)
         writer.flush()
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"[{step}]")]
