@@ -3,6 +3,8 @@ r"""LVIS evaluation timing: faster-coco-eval (`evaluate_lvis`) against the offic
   python benchmarks/detection_eval.py                       # 2,000 images, bbox and segm
   python benchmarks/detection_eval.py --images=500 --iou_types=bbox
 
+Needs the test extra (`pip install -e .[test]`), which installs the official `lvis` package.
+
 Generates LVIS-style ground truth from a fixed seed (categories split into rare / common /
 frequent groups, a few polygon-masked objects per image, federated negative and
 not-exhaustive lists) and noisy detections (jittered copies of the objects, some with a wrong
