@@ -30,6 +30,23 @@ def test_one_label_per_object_is_class_agnostic_nms_above_the_score_bar(seed):
     assert np.all(scores[keep] >= 0.3)
 
 
+def test_same_label_boxes_inside_a_kept_one_are_dropped_other_labels_kept():
+    # A frame's whole box, two partial boxes of it (same label, IoU < 0.5 but inside it), and
+    # another object in the frame's hole (another label).
+    boxes = np.array(
+        [[0.0, 0.0, 100.0, 100.0], [0.0, 0.0, 100.0, 30.0], [60, 0, 100, 100], [40, 40, 60, 60]]
+    )
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    labels = np.array([3, 3, 3, 5])
+    # IoU with the whole box: 0.3, 0.4, 0.04, so class-agnostic NMS alone keeps all four.
+    np.testing.assert_array_equal(one_label_per_object(boxes, scores, 0.3), [0, 1, 2, 3])
+    np.testing.assert_array_equal(one_label_per_object(boxes, scores, 0.3, labels=labels), [0, 3])
+    # Partly inside (half of the smaller box) stays, at the 0.7 containment bar.
+    half = np.array([[0.0, 0.0, 100.0, 100.0], [50.0, 80.0, 90.0, 120.0]])
+    keep = one_label_per_object(half, np.array([0.9, 0.8]), 0.3, labels=np.array([1, 1]))
+    np.testing.assert_array_equal(keep, [0, 1])
+
+
 def test_detection_grid_tiles_the_panels(tmp_path):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)

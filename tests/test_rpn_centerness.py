@@ -146,9 +146,15 @@ def test_matcher_equals_the_authors_argmax_matcher(seed):
     assert np.all(np.asarray(labels) == 0)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_centerness_losses_equal_the_authors_labeler_and_losses(seed):
-    cfg = _cfg(centerness_batch_per_image=64, centerness_positive_fraction=63 / 64)
+# Box matching at the authors' 0.7 / 0.3, and at the shapes config's 0.3 / 0.3.
+@pytest.mark.parametrize("seed,box_fg", [(0, 0.7), (1, 0.7), (2, 0.3), (3, 0.3)])
+def test_centerness_losses_equal_the_authors_labeler_and_losses(seed, box_fg):
+    cfg = _cfg(
+        centerness_batch_per_image=64,
+        centerness_positive_fraction=63 / 64,
+        rpn_fg_iou=box_fg,
+        rpn_bg_iou=0.3,
+    )
     anchors = np.asarray(rcnn.anchors(cfg)[0])
     n = anchors.shape[0]
     rng = np.random.default_rng(seed)
@@ -191,8 +197,8 @@ def test_centerness_losses_equal_the_authors_labeler_and_losses(seed):
     assert (center[sampled] > 0).any() and (sampled & (labels == 0)).any()
     np.testing.assert_allclose(obj_loss, want_obj, rtol=1e-5)
 
-    # Box: the labeler at 0.7 / 0.3, box targets = matched gt corners, RpnBoxIoULoss.
-    match = _argmax_matcher(iou, 0.7, 0.3)
+    # Box: the labeler at box_fg / 0.3, box targets = matched gt corners, RpnBoxIoULoss.
+    match = _argmax_matcher(iou, box_fg, 0.3)
     targets = np.where((match >= 0)[:, None], gt[valid][np.maximum(match, 0)], 0.0)
     pred = np.clip(_decode_lrtb(box, anchors), 0, cfg.image_size)
     overlap, iou_ok = _aligned_iou(pred, targets)
@@ -200,6 +206,9 @@ def test_centerness_losses_equal_the_authors_labeler_and_losses(seed):
     want_box = 8.0 * np.sum((1 - overlap) * box_mask) / cfg.rpn_batch_per_image
     assert box_mask.sum() >= 4
     np.testing.assert_allclose(box_loss, want_box, rtol=1e-5)
+    # The threshold reaches the loss: at 0.3 more anchors are trained than at 0.7.
+    if box_fg < 0.7:
+        assert box_mask.sum() > (_argmax_matcher(iou, 0.7, 0.3) >= 0).sum()
 
 
 def test_positives_mode_ignores_background_and_all_sampled_does_not():

@@ -8,7 +8,13 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PALETTE", "draw_detections", "one_label_per_object", "render_detection_grid", "render_detections"]
+__all__ = [
+    "PALETTE",
+    "draw_detections",
+    "one_label_per_object",
+    "render_detection_grid",
+    "render_detections",
+]
 
 # Distinct, saturated colours (Tableau 10); a detection's colour is chosen by its label.
 PALETTE = (
@@ -153,11 +159,21 @@ def render_detections(
 
 
 def one_label_per_object(
-    boxes: np.ndarray, scores: np.ndarray, min_score: float, iou_threshold: float = 0.5
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    min_score: float,
+    iou_threshold: float = 0.5,
+    *,
+    labels: np.ndarray | None = None,
+    containment: float = 0.7,
 ) -> np.ndarray:
     """Indices of the detections to draw: score >= min_score, best first, and no box that
     overlaps an already kept one by IoU > iou_threshold (whatever its class), so that each object
-    carries one label. boxes [N, 4] (y0, x0, y1, x1), scores [N] -> int [M]."""
+    carries one label. With `labels`, a box is also dropped when it has the label of a kept box
+    and more than `containment` of the smaller box's area lies in the other: partial boxes of
+    one object (a side of a frame) stack inside its whole box below the IoU bar, while another
+    object inside a box (a shape in a ring's hole) has another label.
+    boxes [N, 4] (y0, x0, y1, x1), scores [N], labels [N] -> int [M]."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     scores = np.asarray(scores, np.float64).reshape(-1)
     keep: list[int] = []
@@ -172,9 +188,14 @@ def one_label_per_object(
             ih = max(min(b[2], o[2]) - max(b[0], o[0]), 0.0)
             iw = max(min(b[3], o[3]) - max(b[1], o[1]), 0.0)
             inter = ih * iw
-            union = area + max(o[2] - o[0], 0.0) * max(o[3] - o[1], 0.0) - inter
+            other = max(o[2] - o[0], 0.0) * max(o[3] - o[1], 0.0)
+            union = area + other - inter
             if union > 0 and inter / union > iou_threshold:
                 clash = True
+            elif labels is not None and labels[i] == labels[j]:
+                smaller = min(area, other)
+                clash = smaller > 0 and inter / smaller > containment
+            if clash:
                 break
         if not clash:
             keep.append(int(i))
@@ -204,7 +225,7 @@ def render_detection_grid(
         raise ValueError("render_detection_grid needs at least one panel")
     drawn = []
     for image, boxes, scores, labels in panels:
-        keep = one_label_per_object(boxes, scores, min_score)
+        keep = one_label_per_object(boxes, scores, min_score, labels=np.asarray(labels).reshape(-1))
         drawn.append(
             draw_detections(
                 image,
