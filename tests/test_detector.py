@@ -12,6 +12,7 @@ import pytest
 
 from rovit_jax.config_files import apply_overrides, load_config
 from rovit_jax.data import detection_transforms, shapes_detection, shapes_tfds
+from rovit_jax.detect_config import detect_defaults
 from rovit_jax.detection import rcnn
 from rovit_jax.evaluation import detection as det_eval
 from rovit_jax.tasks.detect import DetectTask, validate_config
@@ -79,7 +80,9 @@ def test_box_loss_weight_scales_only_the_box_term(data_dir):
     batch = jax.tree.map(jnp.asarray, _synthetic_detection_batch(config, np.random.default_rng(3)))
     vocab = task.base_vocabulary
     emb, valid = jnp.asarray(vocab["embeddings"]), jnp.asarray(vocab["valid"])
-    assert task.rcnn.box_loss_weight == 1.0  # the default (and older runs')
+    # The library default (the authors', and older runs') is 1; the shapes config sets its own.
+    assert detect_defaults().roi.box_loss_weight == 1.0
+    assert task.rcnn.box_loss_weight == config.roi.box_loss_weight
 
     @functools.partial(jax.jit, static_argnums=0)  # RCNNConfig is static (hashed)
     def loss(weight):
