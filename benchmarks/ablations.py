@@ -603,11 +603,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = dict(BUDGETS[args.mode])
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    # Every worker: one XLA thread, one device (the sweep's parallelism is across runs).
-    os.environ["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=1 "
-        "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    # Every worker: one XLA thread, one device (the sweep's parallelism is across runs). Other
+    # XLA flags of the caller (an optimisation level, say) are kept.
+    forced = (
+        "--xla_force_host_platform_device_count=1",
+        "--xla_cpu_multi_thread_eigen=false",
+        "intra_op_parallelism_threads=1",
     )
+    names = tuple(f.split("=")[0] for f in forced)
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(names)]
+    os.environ["XLA_FLAGS"] = " ".join([*forced, *kept])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t0 = time.time()
 

@@ -14,6 +14,7 @@ import time
 
 import nbformat
 import pytest
+from conftest import xla_flags
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
@@ -87,7 +88,7 @@ def kernel_env(tmp_path_factory):
         TFDS_DATA_DIR=str(root / "tfds"),
         # One CPU device, as on a Colab CPU runtime (the suite's 8 fake devices would not divide
         # the tiny detection batch).
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=xla_flags(1),
         MPLBACKEND="module://matplotlib_inline.backend_inline",
     )
     cwd = root / "cwd"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags
 
 from rovit_jax.config_files import load_config
 
@@ -30,7 +31,7 @@ def test_cli_pretrain_finetune_evaluate(data_dir, tmp_path):
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| fused |" in proc.stdout and "| detector_only |" in proc.stdout, proc.stdout

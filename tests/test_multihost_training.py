@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from rovit_jax.config_files import load_config
 from rovit_jax.data import sources
@@ -35,7 +36,7 @@ def _free_port() -> int:
 def _env(devices: int) -> dict:
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),

@@ -26,6 +26,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from rovit_jax.config_files import load_config
 from rovit_jax.tasks import get_task
@@ -35,7 +36,7 @@ from rovit_jax.train.checkpoint import load_params
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    XLA_FLAGS=xla_flags(2),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
 )
@@ -87,7 +88,6 @@ def shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("preemption")
     launcher = root / "launch.py"
     launcher.write_text(LAUNCHER)
-    ENV["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax_cache")
     return {"root": root, "data_dir": str(root / "tfds"), "launcher": str(launcher)}
 
 

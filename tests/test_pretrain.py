@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from rovit_jax.config_files import apply_overrides, load_config
 from rovit_jax.tasks import get_task
@@ -194,7 +195,7 @@ def test_main_cli_tiny_run(data_dir, tmp_path):
         f"--config.data.data_dir={data_dir}",
         "--config.total_steps=30",
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "final evaluation at step 30" in proc.stdout and "t2i_recall@1" in proc.stdout

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from rovit_jax.data import vocabularies
 from rovit_jax.data.categories import CategoryTable
@@ -211,8 +212,8 @@ def test_build_text_classifier_with_clip_ensemble_matches_numpy():
 
 def test_input_pipeline_benchmark_quick_smoke_run():
     env = dict(os.environ)
-    # One device, and cheap XLA optimisation: compile time dominates the two tiny train steps.
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    # One device (compile time dominates the two tiny train steps).
+    env["XLA_FLAGS"] = xla_flags(1)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "input_pipeline.py"), "--quick"],
