@@ -27,7 +27,8 @@ and `small` (a tiny model, batch and step count with the configured data: a smok
 recipe on a CPU). Parallelism and memory (rovit_jax.train.layouts, rovit_jax.plan):
   layout  data (default: batch split over every device, state replicated) | fsdp (batch, parameters
           and optimizer state split over every device) | fsdp_tp (fsdp x Megatron tensor
-          parallelism over a `model` axis of `tp` devices); sets `mesh` and `sharding_rules`
+          parallelism over a `model` axis of `tp` devices); sets `mesh`, `sharding_rules` and
+          `logical_axis_rules`
   tp      size of the `model` axis with layout=fsdp_tp (default 1; must divide the head counts
           and MLP widths of both towers)
   remat   none (default) | full (recompute each transformer block in the backward pass) | dots

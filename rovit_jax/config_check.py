@@ -416,6 +416,7 @@ def check_run_settings(problems: Problems, config: Any) -> None:
     check_int(problems, config, "prefetch", min_value=0, default=RUN_DEFAULTS["prefetch"])
     check_bool(problems, config, "donate_state", default=RUN_DEFAULTS["donate_state"])
     _check_sharding_rules(problems, config)
+    _check_logical_axis_rules(problems, config)
     mesh_problems(problems, config)
 
 
@@ -437,6 +438,36 @@ def _check_sharding_rules(problems: Problems, config: Any) -> None:
                 rule,
                 "spec must be 'replicate', 'fsdp' or a tuple of mesh axis names / None per "
                 "dimension",
+            )
+
+
+def _check_logical_axis_rules(problems: Problems, config: Any) -> None:
+    from rovit_jax.models.logical_axes import LOGICAL_AXES
+
+    key = "logical_axis_rules"
+    rules = config_get(config, key, RUN_DEFAULTS[key])
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        problems.add(key, rules, "must be a list of (logical axis name, mesh axis or None) pairs")
+        return
+    mesh = config_get(config, "mesh", ())
+    try:
+        mesh_names = {str(name) for name, _ in mesh} | set(BATCH_AXES)  # required anyway
+    except (TypeError, ValueError):  # a malformed mesh is reported by mesh_problems
+        mesh_names = None
+    for i, rule in enumerate(rules):
+        if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
+            problems.add(f"{key}[{i}]", rule, "must be a (logical axis name, mesh axis) pair")
+            continue
+        name, axis = rule
+        problems.check(
+            name in LOGICAL_AXES, f"{key}[{i}]", rule, f"logical axis must be one of {LOGICAL_AXES}"
+        )
+        if axis is not None and mesh_names is not None:
+            problems.check(
+                axis in mesh_names,
+                f"{key}[{i}]",
+                rule,
+                f"mesh axis must be None or one of `mesh`'s axes {sorted(mesh_names)}",
             )
 
 

@@ -1,7 +1,7 @@
 r"""Memory and FLOPs plan of a config's train step, compiled ahead of time for a device mesh.
 
 Before launching on a TPU pod slice or a GPU cluster: does this config fit? The train step is
-lowered and compiled for the config's mesh (`mesh`, `sharding_rules`: see
+lowered and compiled for the config's mesh (`mesh`, `sharding_rules`, `logical_axis_rules`: see
 rovit_jax.train.layouts) on `--devices` simulated host devices, so XLA's SPMD partitioner produces
 the per-device program a real run would execute, and its memory and cost analyses are printed:
 

@@ -118,6 +118,16 @@ def test_pretrain_config_with_several_problems_lists_all_of_them():
     assert any("model.image.variant='B/16'" in line for line in lines)
 
 
+def test_logical_axis_rules_are_checked():
+    c = pretrain_defaults()
+    c.logical_axis_rules = (("embed", "fsdp"), ("width", "fsdp"), ("mlp", "tensor"), "mlp")
+    e = _raised(pretrain.validate_config, c)
+    got = {k: why for k, _, why in e.problems}
+    assert sorted(got) == [f"logical_axis_rules[{i}]" for i in (1, 2, 3)]
+    assert "embed" in got["logical_axis_rules[1]"]  # the known names are listed
+    assert "fsdp" in got["logical_axis_rules[2]"]  # and the mesh's axes
+
+
 def test_pretrain_wrong_types_are_reported_not_crashed_on():
     d = pretrain_defaults().to_dict()  # a plain dict: ConfigDict would refuse type changes
     d["pp"]["image_size"] = "224"

@@ -55,6 +55,58 @@ def test_sharding_rules():
     assert stacked["w"].spec == P(None, "fsdp", None)
 
 
+def test_logical_axis_rules():
+    mesh = mesh_lib.make_mesh([("data", 2), ("fsdp", 2), ("model", 2)])
+    f32 = jnp.float32
+    tree = {
+        "params": {
+            "w": jax.ShapeDtypeStruct((8, 6), f32),
+            "tiny": jax.ShapeDtypeStruct((4, 2), f32),
+            "odd": jax.ShapeDtypeStruct((3, 4), f32),
+            "flat": jax.ShapeDtypeStruct((16,), f32),
+            "unnamed": jax.ShapeDtypeStruct((2, 12), f32),
+        },
+        "opt_state": {"mu": {"w": jax.ShapeDtypeStruct((8, 6), f32)}},
+    }
+    names = {
+        "w": ("embed", "mlp"),
+        "tiny": ("embed", "mlp"),
+        "odd": ("embed", None),
+        "flat": ("embed", "mlp"),  # a rank the leaf does not have: names ignored
+    }
+    table = [("embed", "fsdp"), ("mlp", "model")]
+
+    def specs(rules, **kw):
+        sh = mesh_lib.infer_shardings(
+            tree, mesh, rules, logical_axes=names, logical_rules=table, **kw
+        )
+        return {k: v.spec for k, v in sh["params"].items()}, sh["opt_state"]["mu"]["w"].spec
+
+    got, moment = specs([("odd", "replicate"), (".*", "fsdp")], fsdp_min_size=10)
+    assert got["w"] == P("fsdp", "model") and moment == P("fsdp", "model")
+    # Below fsdp_min_size the fsdp split is dropped, the model split kept.
+    assert got["tiny"] == P(None, "model")
+    assert got["odd"] == P()  # "replicate" wins over the names
+    assert got["flat"] == P("fsdp")  # largest divisible dimension, as for unnamed leaves
+    assert got["unnamed"] == P(None, "fsdp")
+    # An explicit tuple rule wins over the names.
+    got, _ = specs([("params/w", (None, "fsdp")), ("odd", "replicate"), (".*", "fsdp")])
+    assert got["w"] == P(None, "fsdp")
+    # A named split that does not divide is an error naming the table.
+    with pytest.raises(ValueError, match="logical_axis_rules.*odd.*not divisible"):
+        specs([(".*", "fsdp")], fsdp_min_size=0)
+    # Names a table leaves out, and mesh axes of size 1, do not split.
+    sh = mesh_lib.infer_shardings(
+        {"w": jax.ShapeDtypeStruct((8, 6), f32)},
+        mesh_lib.make_mesh([("data", 8), ("fsdp", 1)]),
+        [(".*", "fsdp")],
+        logical_axes={"w": ("embed", "mlp")},
+        logical_rules=[("embed", "fsdp")],
+        fsdp_min_size=0,
+    )
+    assert sh["w"].spec == P()
+
+
 def test_schedule_shape():
     optim = pretrain_defaults().optim
     optim.lr, optim.warmup_steps, optim.schedule = 1.0, 10, "cosine"
@@ -122,6 +174,8 @@ class _TwoLayerTask:
             "backbone": {"a": jax.random.normal(ka, (16, 64))},
             "head": {"b": jax.random.normal(kb, (64, 1))},
         }
+
+    init_model_params = init_params
 
     def loss_fn(self, params, batch, rng):
         del rng

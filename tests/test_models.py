@@ -414,3 +414,37 @@ def test_two_tower_bfloat16():
     (zimg, ztxt), aux = jax.jit(model.apply)(variables, x, TOKENS)
     assert zimg.dtype == jnp.float32 and aux["img/patch_grid"].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.linalg.norm(np.asarray(ztxt), axis=-1), 1.0, atol=1e-5)
+
+
+def test_logical_axis_names_are_traced_not_stored():
+    from rovit_jax.models.logical_axes import named, param_logical_axes
+    from rovit_jax.train.mesh import path_str
+
+    model = TwoTower(
+        image=dict(vit_variant("mu/8"), posemb_grid=(4, 4)),
+        text=dict(text_variant("mu"), vocab_size=50, max_len=8),
+        embed_dim=16,
+    )
+
+    def init(rng):
+        return model.init(rng, images(1), jnp.ones((1, 8), jnp.int32))["params"]
+
+    names = {path_str(p): n for p, n in param_logical_axes(init, jax.random.key(0)).items()}
+    params = init(jax.random.key(0))
+    shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    # Plain arrays outside the trace: checkpoints and callers of `init` see no boxes.
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    block = "txt/Transformer/encoderblock_1/"
+    assert names[block + "MultiHeadDotProductAttention_0/query/kernel"] == ("embed", "heads", "kv")
+    assert names[block + "MultiHeadDotProductAttention_0/out/kernel"] == ("heads", "kv", "embed")
+    assert names[block + "MlpBlock_0/Dense_1/kernel"] == ("mlp", "embed")
+    assert names["txt/embedding/embedding"] == ("vocab", "embed")
+    assert names["img/embedding/kernel"] == (None, None, None, "embed")
+    # Every transformer weight matrix is named, with one name per dimension.
+    for path, shape in shapes.items():
+        if "Transformer/encoderblock" in path and path.endswith("kernel"):
+            assert path in names, path
+        if path in names:
+            assert len(names[path]) == len(shape), path
+    with pytest.raises(ValueError, match="unknown logical axis"):
+        named(jax.nn.initializers.zeros, "width")

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rovit_jax.models.logical_axes import EMBED, HEADS, KV, LAYERS, MLP, named
+
 __all__ = [
     "TRANSFORMER_SIZES",
     "COMPUTE_DTYPES",
@@ -111,6 +113,19 @@ def check_activation(activation: str) -> None:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
+def _attention_inits() -> dict[str, Any]:
+    """Flax attention's initialisers (Xavier kernels, zero biases) with logical names: query /
+    key / value kernels [D, heads, head_dim] and biases [heads, head_dim], output [heads,
+    head_dim, D] (its bias stays unnamed)."""
+    xavier = nn.initializers.xavier_uniform()
+    return dict(
+        kernel_init=named(xavier, EMBED, HEADS, KV),
+        bias_init=named(nn.initializers.zeros, HEADS, KV),
+        out_kernel_init=named(xavier, HEADS, KV, EMBED),
+        out_bias_init=nn.initializers.zeros,
+    )
+
+
 class MlpBlock(nn.Module):
     """Transformer MLP: Dense -> activation (GELU) -> Dropout -> Dense. [..., D] -> [..., D]."""
 
@@ -121,17 +136,21 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        dense = dict(
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6),
-        )
+        dense = dict(dtype=self.dtype, param_dtype=jnp.float32)
+        xavier, tiny = nn.initializers.xavier_uniform(), nn.initializers.normal(stddev=1e-6)
         d = x.shape[-1]
-        x = nn.Dense(self.mlp_dim, name="Dense_0", **dense)(x)
+        x = nn.Dense(
+            self.mlp_dim,
+            name="Dense_0",
+            kernel_init=named(xavier, EMBED, MLP),
+            bias_init=named(tiny, MLP),
+            **dense,
+        )(x)
         x = ACTIVATIONS[self.activation](x)
         x = nn.Dropout(rate=self.dropout)(x, deterministic)
-        return nn.Dense(d, name="Dense_1", **dense)(x)
+        return nn.Dense(
+            d, name="Dense_1", kernel_init=named(xavier, MLP, EMBED), bias_init=tiny, **dense
+        )(x)
 
 
 def _window_partition(
@@ -209,9 +228,9 @@ class Encoder1DBlock(nn.Module):
             num_heads=self.num_heads,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=nn.initializers.xavier_uniform(),
             deterministic=deterministic,
             name="MultiHeadDotProductAttention_0",
+            **_attention_inits(),
         )
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
         if self.window_size > 0:
@@ -302,6 +321,7 @@ class Encoder(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=self.depth,
+                metadata_params={nn.PARTITION_NAME: LAYERS},
             )(
                 mlp_dim=self.mlp_dim,
                 num_heads=self.num_heads,
@@ -373,8 +393,8 @@ class MAPHead(nn.Module):
             num_heads=self.num_heads,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=nn.initializers.xavier_uniform(),
             name="MultiHeadDotProductAttention_0",
+            **_attention_inits(),
         )(probe, x, mask=attn_mask)
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
         x = x + MlpBlock(

@@ -28,6 +28,7 @@ from rovit_jax.models.layers import (
     check_remat_policy,
     transformer_size,
 )
+from rovit_jax.models.logical_axes import EMBED, VOCAB, named
 
 __all__ = ["TextTransformer", "text_variant", "TEXT_POOL_TYPES"]
 
@@ -110,12 +111,12 @@ class TextTransformer(nn.Module):
             self.vocab_size,
             self.width,
             param_dtype=jnp.float32,
-            embedding_init=nn.initializers.normal(stddev=self.width**-0.5),
+            embedding_init=named(nn.initializers.normal(stddev=self.width**-0.5), VOCAB, EMBED),
             name="embedding",
         )(tokens)
         pe = self.param(
             "pos_embedding",
-            nn.initializers.normal(stddev=self.width**-0.5),
+            named(nn.initializers.normal(stddev=self.width**-0.5), None, EMBED),
             (self.max_len, self.width),
             jnp.float32,
         )

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rovit_jax.models.logical_axes import EMBED, named
 from rovit_jax.models.text import TextTransformer
 from rovit_jax.models.vit import ViT
 
@@ -55,7 +56,12 @@ class TwoTower(nn.Module):
             raise ValueError(f"temperature_init must be > 0, got {self.temperature_init!r}")
         self.img = ViT(**{"dtype": self.dtype, **dict(self.image)})
         self.txt = TextTransformer(**{"dtype": self.dtype, **dict(self.text)})
-        proj = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+        proj = dict(
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=named(nn.initializers.lecun_normal(), EMBED, None),
+        )
         self.img_proj = nn.Dense(self.embed_dim, **proj)
         self.txt_proj = nn.Dense(self.embed_dim, **proj)
         self.t = self.param(

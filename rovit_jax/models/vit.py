@@ -26,6 +26,7 @@ from rovit_jax.models.layers import (
     check_remat_policy,
     transformer_size,
 )
+from rovit_jax.models.logical_axes import EMBED, named
 from rovit_jax.ops.posemb import crop_pos_embed, resize_pos_embed
 
 __all__ = ["ViT", "vit_variant", "POOL_TYPES"]
@@ -141,6 +142,7 @@ class ViT(nn.Module):
             padding="VALID",
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            kernel_init=named(nn.initializers.lecun_normal(), None, None, None, EMBED),
             name="embedding",
         )(images.astype(self.dtype))
         gh, gw = x.shape[1:3]
@@ -148,7 +150,7 @@ class ViT(nn.Module):
 
         pe = self.param(
             "pos_embedding",
-            nn.initializers.normal(stddev=self.width**-0.5),
+            named(nn.initializers.normal(stddev=self.width**-0.5), None, None, EMBED),
             (*self.posemb_grid, self.width),
             jnp.float32,
         )

@@ -754,9 +754,12 @@ class DetectTask:
             )
         return load_run_params(workdir)[0]
 
-    def init_params(self, rng: jax.Array) -> Any:
+    def init_model_params(self, rng: jax.Array) -> Any:
         s = int(self.config.det.image_size)
-        params = self.model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+        return self.model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+
+    def init_params(self, rng: jax.Array) -> Any:
+        params = self.init_model_params(rng)
         if self.finetuned is not None:
             # Vocabulary transfer: the detector is reused as is; only the text classifier changes.
             fresh = jax.tree.map(jnp.shape, params)

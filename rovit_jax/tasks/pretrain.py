@@ -288,6 +288,9 @@ class PretrainTask:
         self._mesh = mesh
 
     def init_params(self, rng: jax.Array) -> Any:
+        return self.init_model_params(rng)
+
+    def init_model_params(self, rng: jax.Array) -> Any:
         shapes = self.batch_shapes()
         images = jnp.zeros((1,) + shapes["image"].shape[1:], jnp.float32)
         tokens = jnp.zeros((1,) + shapes["text"].shape[1:], jnp.int32)

@@ -34,8 +34,8 @@ def run(
     `stop_after` ends this run early at that step with a checkpoint, as a preemption would; the
     next run resumes exactly where it stopped.
 
-    The task is a `trainer.Task`: `validate`, `init_params`, `loss_fn`, `batch_shapes`,
-    `train_batches(process_index, process_count)` (a `data.stream.Batches`) and
+    The task is a `trainer.Task`: `validate`, `init_params`, `init_model_params`, `loss_fn`,
+    `batch_shapes`, `train_batches(process_index, process_count)` (a `data.stream.Batches`) and
     `evaluate(trainer, params) -> dict`. Returns the last evaluation's metrics and the final state.
 
     Reliability: SIGTERM/SIGINT stop the run after the current step with a committed checkpoint

@@ -7,7 +7,7 @@ maps parameter paths (regexes) to partition specs. Models never mention devices.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -114,43 +114,77 @@ def infer_shardings(
     rules: Sequence[tuple[str, Any]],
     *,
     fsdp_min_size: int = RUN_DEFAULTS["fsdp_min_size"],
+    logical_axes: Mapping[str, tuple[str | None, ...]] | None = None,
+    logical_rules: Sequence[tuple[str, Any]] = (),
 ) -> Any:
-    """NamedShardings for every leaf of `abstract_tree` from regex rules over its paths.
+    """NamedShardings for every leaf of `abstract_tree`.
 
-    Each rule is `(regex, spec)`; the first regex that `re.search`-matches a leaf's path wins. A spec
-    is "replicate", "fsdp" (shard the largest divisible dimension over the `fsdp` axis), or a tuple of
-    mesh axis names / None for the trailing dimensions (leading ones, e.g. the layer axis of
-    scanned blocks, are not split). Leaves matched by no rule are replicated. Paths of optimizer
-    state mirror the parameter paths (e.g. `opt_state/0/mu/img/...`), so one rule covers both.
+    Each leaf takes the first of `rules` (`(regex, spec)` pairs) whose regex `re.search`-matches
+    its path; leaves matched by none are replicated. A spec is
+      * a tuple of mesh axis names / None for the trailing dimensions (leading ones, e.g. the
+        layer axis of scanned blocks, are not split): that spec, as written;
+      * "replicate": not split;
+      * "fsdp": split as the logical axis names its module gave it say (`logical_axes`, {parameter
+        path: one name or None per dimension}, mapped to mesh axes by `logical_rules`, `(logical
+        name, mesh axis or None)` pairs: MaxText's pattern), where they map to a mesh axis;
+        otherwise its largest dimension divisible by the `fsdp` axis. Arrays with fewer than
+        `fsdp_min_size` elements are not split over `fsdp` either way.
+    Paths of optimizer state end with their parameter's path (e.g. `opt_state/0/mu/img/...`), so
+    one rule, and one parameter's names, cover both.
     """
     compiled = [(re.compile(rx), spec) for rx, spec in rules]
+    to_mesh = {str(name): axis for name, axis in logical_rules}
+    names_of = dict(logical_axes or {})
+
+    def logical_spec(name: str, shape: tuple[int, ...]) -> tuple | None:
+        parts = name.split("/")
+        for i in range(len(parts)):
+            names = names_of.get("/".join(parts[i:]))
+            if names is not None:
+                break
+        else:
+            return None
+        if len(names) != len(shape):
+            return None  # e.g. a factored optimizer statistic of the parameter
+        spec = [to_mesh.get(n) if n is not None else None for n in names]
+        if int(np.prod(shape, dtype=np.int64)) < fsdp_min_size:
+            spec = [None if ax == "fsdp" else ax for ax in spec]
+        spec = [ax if ax is None or mesh.shape.get(ax, 1) > 1 else None for ax in spec]
+        return tuple(spec) if any(ax is not None for ax in spec) else None
+
+    def checked(rule: str, name: str, shape: tuple[int, ...], spec: tuple) -> NamedSharding:
+        for dim, ax in zip(shape, spec):
+            axes = () if ax is None else (ax if isinstance(ax, tuple) else (ax,))
+            size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+            if dim % size:
+                raise ValueError(
+                    f"config key `{rule}` shards `{name}` of shape {shape} with {spec}, but "
+                    f"{dim} is not divisible by {size}"
+                )
+        return NamedSharding(mesh, P(*spec))
 
     def leaf_sharding(path, leaf):
         name = path_str(path)
         shape = tuple(getattr(leaf, "shape", ()))
         for rx, spec in compiled:
-            if rx.search(name):
-                if spec == "replicate":
-                    return NamedSharding(mesh, P())
-                if spec == "fsdp":
-                    return NamedSharding(mesh, _fsdp_spec(shape, mesh, "fsdp", fsdp_min_size))
-                spec = tuple(spec)
-                if len(spec) > len(shape):
-                    raise ValueError(
-                        f"config key `sharding_rules`: rule {rx.pattern!r} gives spec {spec} for "
-                        f"`{name}` of shape {shape} (more entries than dimensions)"
-                    )
-                # Specs name the trailing dimensions: stacked (scanned) layers stay unsplit.
-                spec = (None,) * (len(shape) - len(spec)) + spec
-                for dim, ax in zip(shape, spec):
-                    axes = () if ax is None else (ax if isinstance(ax, tuple) else (ax,))
-                    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-                    if dim % size:
-                        raise ValueError(
-                            f"config key `sharding_rules`: rule {rx.pattern!r} shards `{name}` of shape "
-                            f"{shape} with {spec}, but {dim} is not divisible by {size}"
-                        )
-                return NamedSharding(mesh, P(*spec))
+            if not rx.search(name):
+                continue
+            if spec == "replicate":
+                return NamedSharding(mesh, P())
+            if spec == "fsdp":
+                named = logical_spec(name, shape)
+                if named is not None:
+                    return checked("logical_axis_rules", name, shape, named)
+                return NamedSharding(mesh, _fsdp_spec(shape, mesh, "fsdp", fsdp_min_size))
+            spec = tuple(spec)
+            if len(spec) > len(shape):
+                raise ValueError(
+                    f"config key `sharding_rules`: rule {rx.pattern!r} gives spec {spec} for "
+                    f"`{name}` of shape {shape} (more entries than dimensions)"
+                )
+            # Specs name the trailing dimensions: stacked (scanned) layers stay unsplit.
+            spec = (None,) * (len(shape) - len(spec)) + spec
+            return checked(f"sharding_rules` rule `{rx.pattern}", name, shape, spec)
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)

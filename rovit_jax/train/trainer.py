@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from rovit_jax.data.stream import Batches
 from rovit_jax.models import layers
+from rovit_jax.models.logical_axes import param_logical_axes
 from rovit_jax.run_config import run_setting
 from rovit_jax.train import guards
 from rovit_jax.train import mesh as mesh_lib
@@ -36,6 +37,10 @@ class Task(Protocol):
 
     def init_params(self, rng: jax.Array) -> Any:
         """Fresh parameters (a pure function, traced under eval_shape and jit)."""
+
+    def init_model_params(self, rng: jax.Array) -> Any:
+        """The model's own initialisation, before `init_params` loads any pretrained values:
+        only traced, for the logical axis names its modules give (models.logical_axes)."""
 
     def loss_fn(
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
@@ -66,11 +71,18 @@ class Trainer:
         # frozen detection backbone's) is never computed, not merely discarded by the optimizer.
         frozen = list(config.optim.get("frozen", ()))
         self.frozen_mask = regex_mask(self.abstract_state["params"], frozen) if frozen else None
+        # The modules' logical axis names of every parameter (traced, not computed).
+        logical_axes = {
+            mesh_lib.path_str(path): names
+            for path, names in param_logical_axes(self.task.init_model_params, init_rng).items()
+        }
         self.state_shardings = mesh_lib.infer_shardings(
             self.abstract_state,
             mesh,
             [tuple(r) for r in config.sharding_rules],
             fsdp_min_size=int(run_setting(config, "fsdp_min_size")),
+            logical_axes=logical_axes,
+            logical_rules=[tuple(r) for r in run_setting(config, "logical_axis_rules")],
         )
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         self.replicated = mesh_lib.replicated(mesh)
