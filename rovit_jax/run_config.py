@@ -25,8 +25,9 @@ RUN_DEFAULTS: dict[str, Any] = {
     "mesh": (("data", -1), ("fsdp", 1)),
     "sharding_rules": ((".*", "fsdp"),),
     # Logical axis names (declared by the modules: rovit_jax.models.logical_axes) -> mesh axes,
-    # for parameters whose sharding rule is "fsdp". The `fsdp` layout's table.
-    "logical_axis_rules": (("embed", "fsdp"),),
+    # for parameters whose sharding rule is "fsdp" (empty: each splits its largest divisible
+    # dimension, the `fsdp` layout; `fsdp_tp` maps embed/heads/mlp).
+    "logical_axis_rules": (),
     "fsdp_min_size": 2**14,  # arrays with fewer elements stay replicated under "fsdp" rules
     "compute_dtype": "float32",  # or "bfloat16" (parameters and optimizer state stay float32)
     "remat": "none",  # "none" | "full" | "dots": rematerialise each transformer block

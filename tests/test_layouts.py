@@ -107,15 +107,10 @@ def test_layout_matches_single_device(name, single_device_run):
         assert all(s == P() for s in specs.values())
         assert dict(mesh.shape) == {"data": 8, "fsdp": 1}
     elif name == "fsdp":
-        # [64, 256] kernel: split on the width the module names "embed", not the larger dim.
-        assert specs[mlp_in] == P("fsdp", None)
-        assert specs[query] == P("fsdp", None, None)
-        assert specs["params/img_proj/kernel"] == P("fsdp", None)  # [D, embed_dim]
-        # Unnamed parameters (layer norms) fall back to their largest divisible dimension.
-        assert specs["params/txt/Transformer/encoder_norm/scale"] == P("fsdp")
+        assert specs[mlp_in] == P(None, "fsdp")  # [64, 256]: the larger dimension
         # Adam's moments follow their parameters.
         moments = [p for p in specs if p.startswith("opt_state") and p.endswith(mlp_in[7:])]
-        assert len(moments) == 2 and all(specs[p] == P("fsdp", None) for p in moments), moments
+        assert len(moments) == 2 and all(specs[p] == P(None, "fsdp") for p in moments), moments
     else:
         assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "model": 2}
         # Megatron: heads and the MLP width over `model`, the model width over `fsdp`.
@@ -128,6 +123,8 @@ def test_layout_matches_single_device(name, single_device_run):
         assert specs[block + "MultiHeadDotProductAttention_0/out/kernel"] == P(
             "model", None, "fsdp"
         )
+        # Unnamed parameters (layer norms) fall back to their largest divisible dimension.
+        assert specs["params/txt/Transformer/encoder_norm/scale"] == P("fsdp")
     # Whatever the layout, each device holds the right share of the parameters.
     leaf = jax.tree.leaves(state["params"]["img"]["Transformer"]["encoderblock_0"])[0]
     assert sum(s.data.size for s in leaf.addressable_shards) == leaf.size * (

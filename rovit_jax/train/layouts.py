@@ -7,8 +7,9 @@ edit any of them):
   data     pure data parallelism: the batch is split over every device, parameters and optimizer
            state are replicated.
   fsdp     ZeRO-3 style: the batch AND every large parameter / optimizer array are split over all
-           devices (parameters are all-gathered per layer inside the step): the model width
-           ("embed") where a module names it, else the largest divisible dimension.
+           devices (parameters are all-gathered per layer inside the step), each on its largest
+           divisible dimension (an empty logical table: splitting the model width instead left
+           remat's temporary-memory saving at nothing in the memory plan of tests/test_plan.py).
   fsdp_tp  FSDP over `devices / model` devices times Megatron-style tensor parallelism over
            `model` devices for the widest layers: attention heads and the MLP hidden dimension
            are split over the `model` axis (column-parallel in, row-parallel out), so each block
@@ -27,7 +28,7 @@ LAYOUTS = ("data", "fsdp", "fsdp_tp")
 # Logical axis -> mesh axis, per layout. Names a table leaves out stay unsplit.
 LOGICAL_AXIS_RULES: dict[str, tuple[tuple[str, Any], ...]] = {
     "data": (),
-    "fsdp": (("embed", "fsdp"),),
+    "fsdp": (),
     # Megatron: [D, heads, head_dim] in and [heads, head_dim, D] out of attention, [D, M] then
     # [M, D] in the MLP: heads and M over `model`, D over `fsdp`.
     "fsdp_tp": (("embed", "fsdp"), ("heads", "model"), ("mlp", "model")),
