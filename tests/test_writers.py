@@ -4,6 +4,12 @@ import logging
 
 from tensorboard.backend.event_processing import event_accumulator
 
+from rovit_jax.data.detection_example import (
+    BAD_BOX_KINDS,
+    DETECTION_SKIP_REASONS,
+    DROP_REASONS,
+)
+from rovit_jax.data.image_text import PRETRAIN_SKIP_REASONS
 from rovit_jax.train.writers import create_writer
 
 SCALARS = {
@@ -37,6 +43,25 @@ def test_log_line_drops_zero_counters_and_tensorboard_keeps_them(tmp_path, caplo
     acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     acc.Reload()
     assert set(acc.Tags()["tensors"]) == set(SCALARS)
+
+
+def test_every_counter_the_batchers_keep_is_left_out_of_the_log_when_zero(tmp_path, caplog):
+    # The groups and reasons the two training batchers tally (data/detection_example.py
+    # and data/image_text.py), written by the loop as `input/<group>/<reason>`.
+    groups = {
+        "skipped": DETECTION_SKIP_REASONS + PRETRAIN_SKIP_REASONS,
+        "dropped": DROP_REASONS,
+        "bad_box": BAD_BOX_KINDS,
+    }
+    zeros = {f"input/{g}/{r}": 0 for g, reasons in groups.items() for r in reasons}
+    writer = create_writer(str(tmp_path), just_logging=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="absl"):
+        writer.write_scalars(5, {"train/loss": 0.5, **zeros})
+        writer.flush()
+    writer.close()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[5]")]
+    assert line == "[5] train/loss=0.5", line
 
 
 def test_non_chief_hosts_only_log(tmp_path, caplog):

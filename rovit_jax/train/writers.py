@@ -15,8 +15,9 @@ from clu import metric_writers
 __all__ = ["INPUT_COUNTER_PREFIXES", "create_writer"]
 
 # Per-reason input counters, as the loop writes the batchers' `counts()`: substituted examples
-# ("skipped/<reason>") and, for detection, instances dropped from examples ("dropped/<reason>").
-INPUT_COUNTER_PREFIXES = ("input/skipped/", "input/dropped/")
+# ("skipped/<reason>") and, for detection, instances dropped from examples ("dropped/<reason>")
+# and how dropped boxes were bad ("bad_box/<kind>").
+INPUT_COUNTER_PREFIXES = ("input/skipped/", "input/dropped/", "input/bad_box/")
 
 
 class _LoggingWriterWithoutZeroCounters(metric_writers.LoggingWriter):
