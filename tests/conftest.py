@@ -131,6 +131,12 @@ SLOWEST_FILES_FIRST = (
 )
 
 
+def pytest_configure(config):
+    # xdist otherwise reorders the files by their number of tests, which would undo the order.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
