@@ -19,7 +19,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-__all__ = ["EMBED", "HEADS", "KV", "MLP", "VOCAB", "LAYERS", "LOGICAL_AXES", "named"]
+__all__ = [
+    "EMBED",
+    "HEADS",
+    "KV",
+    "MLP",
+    "VOCAB",
+    "LAYERS",
+    "LOGICAL_AXES",
+    "named",
+    "param_logical_axes",
+]
 
 EMBED = "embed"  # the model width (residual stream) of a tower
 HEADS = "heads"  # attention heads

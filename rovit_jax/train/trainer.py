@@ -71,18 +71,22 @@ class Trainer:
         # frozen detection backbone's) is never computed, not merely discarded by the optimizer.
         frozen = list(config.optim.get("frozen", ()))
         self.frozen_mask = regex_mask(self.abstract_state["params"], frozen) if frozen else None
-        # The modules' logical axis names of every parameter (traced, not computed).
-        logical_axes = {
-            mesh_lib.path_str(path): names
-            for path, names in param_logical_axes(self.task.init_model_params, init_rng).items()
-        }
+        # The modules' logical axis names of every parameter (traced, not computed): a second
+        # trace of the model's init, so only where a table will read them.
+        logical_rules = [tuple(r) for r in run_setting(config, "logical_axis_rules")]
+        logical_axes = {}
+        if logical_rules:
+            logical_axes = {
+                mesh_lib.path_str(path): names
+                for path, names in param_logical_axes(self.task.init_model_params, init_rng).items()
+            }
         self.state_shardings = mesh_lib.infer_shardings(
             self.abstract_state,
             mesh,
             [tuple(r) for r in config.sharding_rules],
             fsdp_min_size=int(run_setting(config, "fsdp_min_size")),
             logical_axes=logical_axes,
-            logical_rules=[tuple(r) for r in run_setting(config, "logical_axis_rules")],
+            logical_rules=logical_rules,
         )
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         self.replicated = mesh_lib.replicated(mesh)
