@@ -10,8 +10,6 @@ Each numpy reference transcribes the authors' released F-VLM / DITO code (google
                     in every block but the last).
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -46,10 +44,12 @@ def _authors_ensemble(class_logits, pretrained_logits, base_indicator, w_base, w
     return ensembled / ensembled.sum(-1, keepdims=True)
 
 
-def _cfg(**kw):
-    """The default detection config's RCNNConfig at a 64 px canvas, with `kw` replaced."""
-    base = dict(image_size=64, min_level=3, max_level=4)
-    return dataclasses.replace(rcnn_config(detect_defaults()), **{**base, **kw})
+def _cfg(fusion: str = "authors"):
+    """The default detection config's RCNNConfig at a 64 px canvas, with `infer.fusion`."""
+    c = detect_defaults()
+    c.det.update(image_size=64, min_level=3, max_level=4)
+    c.infer.fusion = fusion
+    return rcnn_config(c)
 
 
 def test_authors_fusion_matches_numpy_transcription():
@@ -146,7 +146,11 @@ def test_background_weighted_cross_entropy_matches_numpy():
 def test_config_fields_defaults_validation_and_older_runs():
     config = _config()
     cfg = rcnn_config(config)
-    assert (cfg.background_weight, cfg.fusion, cfg.vlm_pool_boxes) == (0.9, "authors", "proposals")
+    assert (cfg.roi.background_weight, cfg.infer.fusion, cfg.infer.vlm_pool_boxes) == (
+        0.9,
+        "authors",
+        "proposals",
+    )
     assert config.head.background == "text" and config.infer.vlm_window_attention is True
     # A run config written before these fields existed keeps the behaviour it was run with.
     old = ml_collections.ConfigDict(config.to_dict())
@@ -155,7 +159,7 @@ def test_config_fields_defaults_validation_and_older_runs():
         del old.infer[key]
     validate_config(old, check_files=False)
     cfg = rcnn_config(old)
-    old_values = (cfg.background_weight, cfg.fusion, cfg.vlm_pool_boxes)
+    old_values = (cfg.roi.background_weight, cfg.infer.fusion, cfg.infer.vlm_pool_boxes)
     assert old_values == (1.0, "classes_only", "refined")
     for key, value, needle in (
         ("infer.fusion", "geometric", "infer.fusion"),

@@ -82,11 +82,13 @@ def test_box_loss_weight_scales_only_the_box_term(data_dir):
     emb, valid = jnp.asarray(vocab["embeddings"]), jnp.asarray(vocab["valid"])
     # The library default (the authors', and older runs') is 1; the shapes config sets its own.
     assert detect_defaults().roi.box_loss_weight == 1.0
-    assert task.rcnn.box_loss_weight == config.roi.box_loss_weight
+    assert task.rcnn.roi.box_loss_weight == config.roi.box_loss_weight
 
     @functools.partial(jax.jit, static_argnums=0)  # RCNNConfig is static (hashed)
     def loss(weight):
-        cfg = dataclasses.replace(task.rcnn, box_loss_weight=weight)
+        cfg = dataclasses.replace(
+            task.rcnn, roi=dataclasses.replace(task.rcnn.roi, box_loss_weight=weight)
+        )
         return rcnn.detector_loss(task.model, params, batch, emb, valid, jax.random.key(1), cfg)
 
     (t1, m1), (t4, m4) = loss(1.0), loss(4.0)

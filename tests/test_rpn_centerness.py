@@ -7,7 +7,6 @@ anchors / 256), `RpnBoxIoULoss` (8 * (1 - IoU) of decoded boxes on every matched
 `decode_boxes_lrtb` and `multilevel_propose_rois` (per-level top-k, per-level NMS, overall top-k).
 """
 
-import dataclasses
 import os
 
 import jax
@@ -18,6 +17,7 @@ import pytest
 from rovit_jax.config_files import load_config
 from rovit_jax.detect_config import detect_defaults
 from rovit_jax.detection import rcnn
+from rovit_jax.detection.settings import CENTERNESS_LOSSES
 from rovit_jax.ops.matching import sample_balanced
 from rovit_jax.tasks.detect import rcnn_config
 from rovit_jax.train.optim import make_optimizer
@@ -25,10 +25,20 @@ from rovit_jax.train.optim import make_optimizer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cfg(**kw):
-    """The default detection config's RCNNConfig at a small canvas, with `kw` replaced."""
-    base = dict(image_size=128, min_level=3, max_level=5, anchor_size=3.0, aspect_ratios=(1.0,))
-    return dataclasses.replace(rcnn_config(detect_defaults()), **{**base, **kw})
+def _cfg(**overrides):
+    """The default detection config's RCNNConfig at a small canvas, with dotted `overrides`."""
+    c = detect_defaults()
+    base = {
+        "det.image_size": 128,
+        "det.min_level": 3,
+        "det.max_level": 5,
+        "rpn.anchor_size": 3.0,
+        "rpn.aspect_ratios": (1.0,),
+    }
+    for key, value in {**base, **overrides}.items():
+        block, leaf = key.split(".")
+        c[block][leaf] = value
+    return rcnn_config(c)
 
 
 def _random_gt(rng, s, m, n_valid):
@@ -150,10 +160,12 @@ def test_matcher_equals_the_authors_argmax_matcher(seed):
 @pytest.mark.parametrize("seed,box_fg", [(0, 0.7), (1, 0.7), (2, 0.3), (3, 0.3)])
 def test_centerness_losses_equal_the_authors_labeler_and_losses(seed, box_fg):
     cfg = _cfg(
-        centerness_batch_per_image=64,
-        centerness_positive_fraction=63 / 64,
-        rpn_fg_iou=box_fg,
-        rpn_bg_iou=0.3,
+        **{
+            "rpn.centerness_batch_per_image": 64,
+            "rpn.centerness_positive_fraction": 63 / 64,
+            "rpn.fg_iou": box_fg,
+            "rpn.bg_iou": 0.3,
+        }
     )
     anchors = np.asarray(rcnn.anchors(cfg)[0])
     n = anchors.shape[0]
@@ -203,7 +215,7 @@ def test_centerness_losses_equal_the_authors_labeler_and_losses(seed, box_fg):
     pred = np.clip(_decode_lrtb(box, anchors), 0, cfg.image_size)
     overlap, iou_ok = _aligned_iou(pred, targets)
     box_mask = (targets.max(-1) != 0) & iou_ok
-    want_box = 8.0 * np.sum((1 - overlap) * box_mask) / cfg.rpn_batch_per_image
+    want_box = 8.0 * np.sum((1 - overlap) * box_mask) / cfg.rpn.batch_per_image
     assert box_mask.sum() >= 4
     np.testing.assert_allclose(box_loss, want_box, rtol=1e-5)
     # The threshold reaches the loss: at 0.3 more anchors are trained than at 0.7.
@@ -219,8 +231,8 @@ def test_positives_mode_ignores_background_and_all_sampled_does_not():
     iou = _iou_matrix(np.asarray(anchors), gt[valid]).max(1)
     box = jnp.full((n, 4), 0.5)
     losses = {}
-    for mode in rcnn.CENTERNESS_LOSSES:
-        c = _cfg(centerness_loss=mode)
+    for mode in CENTERNESS_LOSSES:
+        c = _cfg(**{"rpn.centerness_loss": mode})
         for name, bg_logit in (("low", -10.0), ("high", 10.0)):
             obj = jnp.where(jnp.asarray(iou) < 0.05, bg_logit, 0.0)
             losses[mode, name] = float(
@@ -236,9 +248,9 @@ def test_positives_mode_ignores_background_and_all_sampled_does_not():
 def test_linear_and_log_box_codings():
     anchors = jnp.asarray([[10.0, 20.0, 50.0, 40.0]])  # h 40, w 20, centre (30, 30)
     out = jnp.asarray([[0.5, 0.25, 1.0, 0.5]])  # l, t, r, b
-    lin = rcnn.decode_rpn_boxes(out, anchors, _cfg(rpn_box_coding="linear"))
+    lin = rcnn.decode_rpn_boxes(out, anchors, _cfg(**{"rpn.box_coding": "linear"}))
     np.testing.assert_allclose(lin, [[20.0, 20.0, 50.0, 50.0]])
-    log = rcnn.decode_rpn_boxes(jnp.zeros((1, 4)), anchors, _cfg(rpn_box_coding="log"))
+    log = rcnn.decode_rpn_boxes(jnp.zeros((1, 4)), anchors, _cfg(**{"rpn.box_coding": "log"}))
     np.testing.assert_allclose(log, anchors)  # zero outputs reproduce the anchor
 
 
@@ -278,7 +290,7 @@ def _np_proposals(obj, box, anchors, spans, cfg, pre, post, thr, per_level):
 
 @pytest.mark.parametrize("thr,per_level", [(1.0, True), (0.3, True), (0.5, False), (1.0, False)])
 def test_proposals_equal_the_authors_multilevel_propose_rois(thr, per_level):
-    cfg = _cfg(rpn_per_level_nms=per_level)
+    cfg = _cfg(**{"rpn.per_level_nms": per_level})
     anchor_np, _, spans = rcnn.anchors(cfg)
     n = anchor_np.shape[0]  # 16*16 + 8*8 + 4*4 = 336
     rng = np.random.default_rng(11)
@@ -309,14 +321,14 @@ def test_proposals_equal_the_authors_multilevel_propose_rois(thr, per_level):
 
 def test_test_time_proposals_default_to_no_suppression_and_training_keeps_its_nms():
     cfg = _cfg()
-    assert cfg.test_proposal_nms_iou == 1.0 and cfg.rpn_nms_iou == 0.7 and cfg.rpn_per_level_nms
+    assert cfg.infer.proposal_nms_iou == 1.0 and cfg.rpn.nms_iou == 0.7 and cfg.rpn.per_level_nms
     n = rcnn.anchors(cfg)[0].shape[0]
     rng = np.random.default_rng(3)
     obj = jnp.asarray(rng.normal(0, 3, (1, n)), jnp.float32)
     box = jnp.asarray(rng.uniform(0.3, 0.9, (1, n, 4)), jnp.float32)
     kw = dict(pre_nms_top_k=200, post_nms_top_k=300)
     test = rcnn._batched_proposals(obj, box, cfg, **kw)
-    train = rcnn._batched_proposals(obj, box, cfg, nms_iou=cfg.rpn_nms_iou, **kw)
+    train = rcnn._batched_proposals(obj, box, cfg, nms_iou=cfg.rpn.nms_iou, **kw)
     assert int(test[2].sum()) == 200 + 64 + 16  # nothing suppressed
     assert int(train[2].sum()) < int(test[2].sum())
 
@@ -371,10 +383,10 @@ def test_run_configs_without_the_new_fields_keep_their_behaviour():
 
     c = detect_defaults()
     new = detect.rcnn_config(c)
-    modes = lambda r: (r.centerness_loss, r.rpn_box_loss, r.rpn_box_coding)  # noqa: E731
+    modes = lambda r: (r.rpn.centerness_loss, r.rpn.box_loss, r.rpn.box_coding)  # noqa: E731
     assert modes(new) == ("all_sampled", "iou", "linear")
-    assert new.rpn_per_level_nms and new.test_proposal_nms_iou == 1.0
-    assert new.rpn_box_loss_weight == 8.0 and c.det.max_instances == 300
+    assert new.rpn.per_level_nms and new.infer.proposal_nms_iou == 1.0
+    assert new.rpn.box_loss_weight == 8.0 and c.det.max_instances == 300
     for key in [k for k in detect.PRE_AUTHORS_DEFAULTS if k.startswith("rpn.")] + [
         "infer.proposal_nms_iou"
     ]:
@@ -383,5 +395,5 @@ def test_run_configs_without_the_new_fields_keep_their_behaviour():
     detect.validate_config(c, check_files=False)
     old = detect.rcnn_config(c)
     assert modes(old) == ("positives", "giou", "log")
-    assert not old.rpn_per_level_nms and old.test_proposal_nms_iou == c.rpn.nms_iou
-    assert old.rpn_box_loss_weight == 1.0
+    assert not old.rpn.per_level_nms and old.infer.proposal_nms_iou == c.rpn.nms_iou
+    assert old.rpn.box_loss_weight == 1.0

@@ -16,9 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from rovit_jax.detection.score_fusion import (
-    FUSION_MODES,
     fuse_scores,
     fuse_scores_with_background,
+)
+from rovit_jax.detection.settings import (
+    InferSettings,
+    RoISettings,
+    RPNSettings,
 )
 from rovit_jax.ops import boxes as box_ops
 from rovit_jax.ops.anchors import anchor_grid
@@ -26,86 +30,24 @@ from rovit_jax.ops.matching import match_boxes, sample_balanced
 from rovit_jax.ops.nms import nms, per_class_nms
 from rovit_jax.ops.roi_align import batched_roi_align, multilevel_roi_align
 
-OBJECTNESS_MODES = ("binary", "centerness")
-# Centerness RPN (rpn.objectness = "centerness") options; the first of each is the authors' (the
-# F-VLM / DITO code, google-research fvlm/, which RO-ViT's detector follows), see rpn_loss_single.
-CENTERNESS_LOSSES = ("all_sampled", "positives")
-RPN_BOX_LOSSES = ("iou", "giou")
-RPN_BOX_CODINGS = ("linear", "log")
-# Boxes the frozen VLM pools region features from: the RPN proposals (the authors' code) or the
-# detector's refined boxes.
-VLM_POOL_BOXES = ("proposals", "refined")
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class RCNNConfig:
-    """Static settings of targets, sampling and inference.
+    """Static settings of targets, sampling and inference: the pyramid's geometry and the typed
+    `rpn`, `roi` and `infer` sections (detection.settings, where their defaults and checks live).
 
-    Built from a detection config by `tasks.detect.rcnn_config`; the defaults live in one place,
-    `detect_config.detect_defaults()` (fields named there `rpn.*`, `roi.*`, `infer.*`).
+    Built from a detection config by `tasks.detect.rcnn_config`; hashable, so jitted functions
+    take it as a static argument.
     """
 
     image_size: int
     min_level: int
     max_level: int
-    anchor_size: float
-    aspect_ratios: tuple[float, ...]
-    objectness: str
-    rpn_fg_iou: float
-    rpn_bg_iou: float
-    rpn_batch_per_image: int
-    rpn_positive_fraction: float
-    rpn_pre_nms_top_k: int
-    rpn_nms_iou: float
-    rpn_post_nms_top_k: int
-    # Proposal NMS within each pyramid level (True, the authors') or once over all levels.
-    rpn_per_level_nms: bool
-    # Centerness RPN: objectness targets and sampling, box loss and box coding (rpn_loss_single).
-    centerness_loss: str
-    centerness_fg_iou: float
-    centerness_bg_iou: float
-    centerness_batch_per_image: int
-    centerness_positive_fraction: float
-    rpn_box_loss: str
-    rpn_box_loss_weight: float
-    rpn_box_coding: str
-    roi_batch_per_image: int
-    roi_positive_fraction: float
-    roi_fg_iou: float
-    roi_pool_size: int
-    mask_pool_size: int
-    mask_loss_weight: float
-    box_loss_weight: float
-    # Weight of background RoIs' classification cross-entropy (the authors' 0.9); the loss is
-    # still divided by the number of RoIs, not by the sum of weights.
-    background_weight: float
-    # Inference.
-    test_pre_nms_top_k: int
-    test_post_nms_top_k: int
-    test_proposal_nms_iou: float  # >= 1: no suppression, proposals by objectness alone
-    detection_nms_iou: float
-    max_detections: int
-    score_threshold: float
-    vlm_box_scale: float
-    vlm_temperature: float | None  # None: the pretrained model's learned temperature
-    w_base: float
-    w_novel: float
-    objectness_exponent: float
-    fusion: str  # see detection.score_fusion
-    vlm_pool_boxes: str
-
-    def __post_init__(self):
-        for key, value, choices in (
-            ("rpn.objectness", self.objectness, OBJECTNESS_MODES),
-            ("infer.fusion", self.fusion, FUSION_MODES),
-            ("infer.vlm_pool_boxes", self.vlm_pool_boxes, VLM_POOL_BOXES),
-            ("rpn.centerness_loss", self.centerness_loss, CENTERNESS_LOSSES),
-            ("rpn.box_loss", self.rpn_box_loss, RPN_BOX_LOSSES),
-            ("rpn.box_coding", self.rpn_box_coding, RPN_BOX_CODINGS),
-        ):
-            if value not in choices:
-                raise ValueError(f"config key `{key}` = {value!r}: choose one of {choices}")
+    rpn: RPNSettings
+    roi: RoISettings
+    infer: InferSettings
 
 
 @functools.lru_cache(maxsize=16)
@@ -119,8 +61,8 @@ def anchors(cfg: RCNNConfig) -> tuple[np.ndarray, np.ndarray, list[tuple[int, in
             (cfg.image_size, cfg.image_size),
             min_level=cfg.min_level,
             max_level=cfg.max_level,
-            aspect_ratios=cfg.aspect_ratios,
-            anchor_size=cfg.anchor_size,
+            aspect_ratios=cfg.rpn.aspect_ratios,
+            anchor_size=cfg.rpn.anchor_size,
         )
     flat, strides, spans, start = [], [], [], 0
     for level in range(cfg.min_level, cfg.max_level + 1):
@@ -146,19 +88,19 @@ def decode_rpn_boxes(box: jax.Array, anchor_boxes: jax.Array, cfg: RCNNConfig) -
     """RPN box outputs [..., N, 4] -> pixel boxes [..., N, 4].
 
     binary: Faster R-CNN deltas. centerness: (l, t, r, b) distances from the anchor centre,
-    by `cfg.rpn_box_coding`:
+    by `cfg.rpn.box_coding`:
       linear (the authors' LTRB coder, `decode_boxes_lrtb`): the raw outputs in units of the
         anchor's width (l, r) and height (t, b), linear in the anchor size; 0 is a point box.
       log: log-multiples of the anchor's half sizes, so a zero output reproduces the anchor.
     The channel order is (l, t, r, b) (the authors' is (l, r, t, b): only the layout differs).
     """
-    if cfg.objectness == "binary":
+    if cfg.rpn.objectness == "binary":
         return box_ops.decode_deltas(box, anchor_boxes, weights=(1.0, 1.0, 1.0, 1.0))
     cy = (anchor_boxes[..., 0] + anchor_boxes[..., 2]) / 2
     cx = (anchor_boxes[..., 1] + anchor_boxes[..., 3]) / 2
     h = anchor_boxes[..., 2] - anchor_boxes[..., 0]
     w = anchor_boxes[..., 3] - anchor_boxes[..., 1]
-    if cfg.rpn_box_coding == "linear":
+    if cfg.rpn.box_coding == "linear":
         d = box
     else:
         d = 0.5 * jnp.exp(jnp.clip(box, -8.0, math.log(1000.0 / 16)))
@@ -224,7 +166,7 @@ def rpn_loss_single(
     binary: BCE of sampled anchors (rpn.fg_iou / bg_iou, batch_per_image, positive_fraction)
     and smooth-L1 deltas on the sampled positives, both divided by batch_per_image.
 
-    centerness, `cfg.centerness_loss`:
+    centerness, `cfg.rpn.centerness_loss`:
       all_sampled (the authors' `RpnAnchorCenternessLabeler` + `RpnCenterLoss` +
         `RpnBoxIoULoss`): objectness targets from a second matching at centerness_fg_iou /
         centerness_bg_iou (0.3 / 0.1): positives get the centerness of the anchor centre in
@@ -242,16 +184,16 @@ def rpn_loss_single(
     """
     iou = box_ops.box_iou(anchor_boxes, gt_boxes)
     iou = jnp.where(gt_valid[None, :], iou, -1.0)
-    if cfg.objectness == "centerness" and cfg.centerness_loss == "all_sampled":
+    if cfg.rpn.objectness == "centerness" and cfg.rpn.centerness_loss == "all_sampled":
         # Objectness: centerness targets on a balanced sample of the 0.3 / 0.1 matching.
         c_matched, c_labels = _argmax_match(
-            iou, gt_valid, cfg.centerness_fg_iou, cfg.centerness_bg_iou
+            iou, gt_valid, cfg.rpn.centerness_fg_iou, cfg.rpn.centerness_bg_iou
         )
         idx, valid = sample_balanced(
             rng,
             c_labels,
-            num_samples=cfg.centerness_batch_per_image,
-            positive_fraction=cfg.centerness_positive_fraction,
+            num_samples=cfg.rpn.centerness_batch_per_image,
+            positive_fraction=cfg.rpn.centerness_positive_fraction,
         )
         idx = jnp.maximum(idx, 0)
         target_q = jnp.where(
@@ -261,36 +203,36 @@ def rpn_loss_single(
         )
         quality = jax.nn.sigmoid(obj[idx])
         l1 = jnp.where(valid, jnp.abs(quality - target_q), 0.0)
-        obj_loss = jnp.sum(l1) / float(cfg.centerness_batch_per_image)
+        obj_loss = jnp.sum(l1) / float(cfg.rpn.centerness_batch_per_image)
         # Box: every anchor matched at rpn.fg_iou / bg_iou, unsampled.
-        b_matched, b_labels = _argmax_match(iou, gt_valid, cfg.rpn_fg_iou, cfg.rpn_bg_iou)
+        b_matched, b_labels = _argmax_match(iou, gt_valid, cfg.rpn.fg_iou, cfg.rpn.bg_iou)
         pred = box_ops.clip_boxes(
             decode_rpn_boxes(box, anchor_boxes, cfg), cfg.image_size, cfg.image_size
         )
-        overlap = box_ops.paired_iou if cfg.rpn_box_loss == "iou" else box_ops.paired_giou
+        overlap = box_ops.paired_iou if cfg.rpn.box_loss == "iou" else box_ops.paired_giou
         per_anchor = 1.0 - overlap(pred, gt_boxes[b_matched])
         box_loss = (
-            cfg.rpn_box_loss_weight
+            cfg.rpn.box_loss_weight
             * jnp.sum(jnp.where(b_labels == 1, per_anchor, 0.0))
-            / float(cfg.rpn_batch_per_image)
+            / float(cfg.rpn.batch_per_image)
         )
         return obj_loss, box_loss
 
     matched, labels = match_boxes(
-        iou, gt_valid, fg_threshold=cfg.rpn_fg_iou, bg_threshold=cfg.rpn_bg_iou
+        iou, gt_valid, fg_threshold=cfg.rpn.fg_iou, bg_threshold=cfg.rpn.bg_iou
     )
     idx, valid = sample_balanced(
         rng,
         labels,
-        num_samples=cfg.rpn_batch_per_image,
-        positive_fraction=cfg.rpn_positive_fraction,
+        num_samples=cfg.rpn.batch_per_image,
+        positive_fraction=cfg.rpn.positive_fraction,
     )
     lab = jnp.where(valid, labels[idx], -1)
     pos = lab == 1
-    norm = float(cfg.rpn_batch_per_image)
+    norm = float(cfg.rpn.batch_per_image)
     target_box = gt_boxes[matched[idx]]
     a = anchor_boxes[idx]
-    if cfg.objectness == "binary":
+    if cfg.rpn.objectness == "binary":
         logits = obj[idx]
         bce = jnp.maximum(logits, 0) - logits * pos + jnp.log1p(jnp.exp(-jnp.abs(logits)))
         obj_loss = jnp.sum(jnp.where(lab >= 0, bce, 0.0)) / norm
@@ -303,9 +245,9 @@ def rpn_loss_single(
         num_pos = jnp.maximum(jnp.sum(pos), 1.0)
         obj_loss = jnp.sum(jnp.where(pos, jnp.abs(quality - target_q), 0.0)) / num_pos
         pred = decode_rpn_boxes(box[idx], a, cfg)
-        overlap = box_ops.paired_iou if cfg.rpn_box_loss == "iou" else box_ops.paired_giou
+        overlap = box_ops.paired_iou if cfg.rpn.box_loss == "iou" else box_ops.paired_giou
         box_loss = (
-            cfg.rpn_box_loss_weight
+            cfg.rpn.box_loss_weight
             * jnp.sum(jnp.where(pos, 1.0 - overlap(pred, target_box), 0.0))
             / num_pos
         )
@@ -330,12 +272,12 @@ def _batched_proposals(
 ):
     """`proposals_single` over the batch: -> boxes [B, P, 4], objectness [B, P], valid [B, P].
 
-    nms_iou: the proposal NMS threshold; None = the test-time `cfg.test_proposal_nms_iou`
-    (training passes `cfg.rpn_nms_iou`).
+    nms_iou: the proposal NMS threshold; None = the test-time `cfg.infer.proposal_nms_iou`
+    (training passes `cfg.rpn.nms_iou`).
     """
     anchor_np, _, spans = anchors(cfg)
     anchor_boxes = jnp.asarray(anchor_np)
-    iou = cfg.test_proposal_nms_iou if nms_iou is None else nms_iou
+    iou = cfg.infer.proposal_nms_iou if nms_iou is None else nms_iou
     return jax.vmap(
         lambda o, bx: proposals_single(
             o,
@@ -393,7 +335,7 @@ def proposals_single(
     """One image's proposals: -> boxes [P, 4], objectness [P], valid [P] (P = post_nms_top_k).
 
     Per level: objectness sigmoid(obj), its top pre_nms_top_k anchors, decoded and clipped to
-    the image (boxes with a side under 1 px are dropped). Then, with `cfg.rpn_per_level_nms`
+    the image (boxes with a side under 1 px are dropped). Then, with `cfg.rpn.per_level_nms`
     (the authors' `multilevel_propose_rois`), NMS at `nms_iou` inside each level keeping at
     most post_nms_top_k per level, and the overall top post_nms_top_k by objectness;
     otherwise one NMS over all levels' candidates together. nms_iou >= 1 suppresses nothing
@@ -409,7 +351,7 @@ def proposals_single(
         ok = box_ops.valid_box_mask(b) & (jnp.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) >= 1.0)
         level_boxes.append(b)
         level_scores.append(jnp.where(ok, s, -jnp.inf))
-    if cfg.rpn_per_level_nms:
+    if cfg.rpn.per_level_nms:
         kept = [
             _suppressed(b, s, nms_iou, min(post_nms_top_k, b.shape[0]))
             for b, s in zip(level_boxes, level_scores)
@@ -448,16 +390,16 @@ def sample_rois_single(
     matched, labels = match_boxes(
         iou,
         gt_valid,
-        fg_threshold=cfg.roi_fg_iou,
-        bg_threshold=cfg.roi_fg_iou,
+        fg_threshold=cfg.roi.fg_iou,
+        bg_threshold=cfg.roi.fg_iou,
         allow_low_quality=False,
     )
     labels = jnp.where(cands_valid, labels, -1)
     idx, valid = sample_balanced(
         rng,
         labels,
-        num_samples=cfg.roi_batch_per_image,
-        positive_fraction=cfg.roi_positive_fraction,
+        num_samples=cfg.roi.batch_per_image,
+        positive_fraction=cfg.roi.positive_fraction,
     )
     lab = jnp.where(valid, labels[idx], -1)
     fg = lab == 1
@@ -509,20 +451,20 @@ def detector_loss(
         jax.lax.stop_gradient(obj),
         jax.lax.stop_gradient(box),
         cfg,
-        pre_nms_top_k=cfg.rpn_pre_nms_top_k,
-        post_nms_top_k=cfg.rpn_post_nms_top_k,
-        nms_iou=cfg.rpn_nms_iou,
+        pre_nms_top_k=cfg.rpn.pre_nms_top_k,
+        post_nms_top_k=cfg.rpn.post_nms_top_k,
+        nms_iou=cfg.rpn.nms_iou,
     )
     samples = jax.vmap(lambda k, p, pv, g, c, v: sample_rois_single(k, p, pv, g, c, v, cfg))(
         jax.random.split(k_roi, b), props, props_valid, gt_boxes, gt_classes, gt_valid
     )
     rois = jax.lax.stop_gradient(samples["rois"])
-    roi_feats = _pool(feats, rois, cfg.roi_pool_size, cfg)
+    roi_feats = _pool(feats, rois, cfg.roi.pool_size, cfg)
     deltas, emb = apply(model.box_outputs, roi_feats)
     logits = apply(model.class_logits, emb, text_embeddings, text_valid)
     valid = samples["valid"]
     fg = samples["fg"]
-    ce = classification_loss_terms(logits, samples["classes"], cfg.background_weight)
+    ce = classification_loss_terms(logits, samples["classes"], cfg.roi.background_weight)
     num_valid = jnp.maximum(jnp.sum(valid), 1.0)
     cls_loss = jnp.sum(jnp.where(valid, ce, 0.0)) / num_valid
     l1 = jnp.sum(jnp.abs(deltas - samples["box_targets"]), -1)
@@ -536,8 +478,8 @@ def detector_loss(
         jnp.mean(rpn_obj_loss)
         + jnp.mean(rpn_box_loss)
         + cls_loss
-        + cfg.box_loss_weight * box_loss
-        + cfg.mask_loss_weight * mask_loss
+        + cfg.roi.box_loss_weight * box_loss
+        + cfg.roi.mask_loss_weight * mask_loss
     )
     acc = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == samples["classes"], 0)) / num_valid
     metrics = dict(
@@ -571,7 +513,7 @@ def classification_loss_terms(
 
 def _mask_loss(model, params, feats, samples, batch, cfg: RCNNConfig) -> jax.Array:
     """BCE of 28x28 class-agnostic masks on the foreground RoIs (fixed count per image)."""
-    num_fg = max(1, int(round(cfg.roi_batch_per_image * cfg.roi_positive_fraction)))
+    num_fg = max(1, int(round(cfg.roi.batch_per_image * cfg.roi.positive_fraction)))
     order = jnp.argsort(~samples["fg"], axis=1, stable=True)[:, :num_fg]  # fg first
     take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1)
     rois = jax.lax.stop_gradient(take(samples["rois"]))
@@ -580,7 +522,7 @@ def _mask_loss(model, params, feats, samples, batch, cfg: RCNNConfig) -> jax.Arr
     gt_masks = batch["masks"].astype(jnp.float32)  # [B, M, Hm, Wm]
     b, _, hm, wm = gt_masks.shape
     inst = jnp.take_along_axis(gt_masks, gi[:, :, None, None], 1)  # [B, F, Hm, Wm]
-    out = 2 * cfg.mask_pool_size
+    out = 2 * cfg.roi.mask_pool_size
     # Gathers, not the matmul form: the same values but summed in another order, which could
     # move a sample lying within float rounding of 0.5 across the threshold (and this RoIAlign
     # has one channel and no backward pass, so the choice costs nothing).
@@ -593,7 +535,7 @@ def _mask_loss(model, params, feats, samples, batch, cfg: RCNNConfig) -> jax.Arr
         method="gather",
     ).reshape(b, num_fg, out, out)
     targets = (targets >= 0.5).astype(jnp.float32)
-    roi_feats = _pool(feats, rois, cfg.mask_pool_size, cfg)
+    roi_feats = _pool(feats, rois, cfg.roi.mask_pool_size, cfg)
     logits = model.apply({"params": params}, roi_feats, method=model.mask_outputs)
     bce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     per_roi = jnp.mean(bce, axis=(-1, -2))
@@ -612,8 +554,8 @@ def _region_scores(
 ) -> dict[str, Any]:
     """Backbone, proposals, box refinement and the class scores of both scorers.
 
-    The VLM pools its region features from the proposals (`cfg.vlm_pool_boxes`="proposals", as
-    the authors' code) or from the refined boxes, shrunk by `cfg.vlm_box_scale`; its classifier
+    The VLM pools its region features from the proposals (`cfg.infer.vlm_pool_boxes`="proposals", as
+    the authors' code) or from the refined boxes, shrunk by `cfg.infer.vlm_box_scale`; its classifier
     is [the detector's background row, text_embeddings], the background row shared with the
     detector's classifier as in the authors' code.
 
@@ -629,10 +571,10 @@ def _region_scores(
         obj,
         box,
         cfg,
-        pre_nms_top_k=cfg.test_pre_nms_top_k,
-        post_nms_top_k=cfg.test_post_nms_top_k,
+        pre_nms_top_k=cfg.infer.pre_nms_top_k,
+        post_nms_top_k=cfg.infer.post_nms_top_k,
     )
-    roi_feats = _pool(feats, props, cfg.roi_pool_size, cfg)
+    roi_feats = _pool(feats, props, cfg.roi.pool_size, cfg)
     deltas, emb = apply(model.box_outputs, roi_feats)
     boxes = box_ops.decode_deltas(deltas, props, weights=BOX_WEIGHTS)
     boxes = box_ops.clip_boxes(boxes, cfg.image_size, cfg.image_size)
@@ -640,16 +582,16 @@ def _region_scores(
     det_probs = jax.nn.softmax(logits, -1)
     vlm_logits = None
     if vlm_region_embeddings_fn is not None:
-        pool_boxes = props if cfg.vlm_pool_boxes == "proposals" else boxes
+        pool_boxes = props if cfg.infer.vlm_pool_boxes == "proposals" else boxes
         region = vlm_region_embeddings_fn(
-            images, box_ops.shrink_boxes(pool_boxes, cfg.vlm_box_scale)
+            images, box_ops.shrink_boxes(pool_boxes, cfg.infer.vlm_box_scale)
         )
-        if cfg.vlm_temperature is None:
+        if cfg.infer.vlm_temperature is None:
             if vlm_logit_scale is None:
                 raise ValueError("vlm_temperature=None needs the pretrained vlm_logit_scale")
             scale = vlm_logit_scale
         else:
-            scale = 1.0 / cfg.vlm_temperature
+            scale = 1.0 / cfg.infer.vlm_temperature
         background = apply(model.background_embedding)
         classifier = jnp.concatenate(
             [background[None], text_embeddings.astype(jnp.float32)], axis=0
@@ -675,18 +617,18 @@ def fused_class_scores(
     is_novel: jax.Array,
     cfg: RCNNConfig,
 ) -> jax.Array:
-    """[..., K] class scores by `cfg.fusion` (see detection.score_fusion).
+    """[..., K] class scores by `cfg.infer.fusion` (see detection.score_fusion).
 
     det_probs [..., 1 + K] detector softmax, vlm_logits [..., 1 + K] or None (detector only),
     both with background in column 0; objectness [...].
     """
     kw = dict(
         is_novel=is_novel,
-        w_base=cfg.w_base,
-        w_novel=cfg.w_novel,
-        objectness_exponent=cfg.objectness_exponent,
+        w_base=cfg.infer.w_base,
+        w_novel=cfg.infer.w_novel,
+        objectness_exponent=cfg.infer.objectness_exponent,
     )
-    if cfg.fusion == "authors":
+    if cfg.infer.fusion == "authors":
         vlm_probs = None if vlm_logits is None else jax.nn.softmax(vlm_logits, -1)
         return fuse_scores_with_background(det_probs, vlm_probs, objectness, valid=text_valid, **kw)
     # "classes_only": the VLM softmax over the classes alone, no background, no renormalisation.
@@ -713,14 +655,14 @@ def _final_detections(
         lambda bx, s: per_class_nms(
             bx,
             s,
-            iou_threshold=cfg.detection_nms_iou,
-            max_output=cfg.max_detections,
-            score_threshold=cfg.score_threshold,
+            iou_threshold=cfg.infer.nms_iou,
+            max_output=cfg.infer.max_detections,
+            score_threshold=cfg.infer.score_threshold,
         )
     )(scored["boxes"], scores)
     out = dict(boxes=out_boxes, scores=out_scores, classes=out_classes, valid=out_valid)
     if with_masks:
-        mask_feats = _pool(scored["feats"], out_boxes, cfg.mask_pool_size, cfg)
+        mask_feats = _pool(scored["feats"], out_boxes, cfg.roi.mask_pool_size, cfg)
         out["masks"] = jax.nn.sigmoid(
             model.apply({"params": params}, mask_feats, method=model.mask_outputs)
         )
@@ -748,7 +690,7 @@ def detect(
       vlm_region_embeddings_fn: optional `(images, boxes [B, P, 4]) -> [B, P, E]` unit-norm
         region embeddings from the frozen pretrained backbone; enables VLM score fusion.
       vlm_logit_scale: the pretrained model's learned logit scale, used when
-        `cfg.vlm_temperature` is None.
+        `cfg.infer.vlm_temperature` is None.
       with_masks: also run the mask head on the detections.
 
     Returns dict: boxes [B, D, 4] pixels, scores [B, D], classes [B, D] (vocabulary index),

@@ -15,13 +15,17 @@ from jax.sharding import Mesh
 
 from rovit_jax.data import sources
 from rovit_jax.detection import rcnn
-from rovit_jax.detection.score_fusion import FUSION_MODES
+from rovit_jax.detection.settings import (
+    OLDER_DEFAULTS,
+    detection_settings,
+    resolve_detection_sections,
+)
 from rovit_jax.detection.text_classifier import (
     PROMPT_ENSEMBLES,
     background_text_embedding,
     build_text_classifier,
 )
-from rovit_jax.models.detector import BACKGROUND_MODES, OpenVocabDetector
+from rovit_jax.models.detector import OpenVocabDetector
 from rovit_jax.models.frozen_vlm import FrozenRegionEmbedder, load_pretrained_backbone
 from rovit_jax.models.layers import COMPUTE_DTYPES, REMAT_POLICIES, tower_options
 from rovit_jax.models.vit import vit_variant
@@ -34,37 +38,10 @@ from rovit_jax.runs import (
 )
 
 # Values of the fields that follow the authors' detection pipeline for a run config written
-# before they existed (the behaviour that run was trained and evaluated with); new configs get the
-# authors' values from detect_config.detect_defaults. infer.proposal_nms_iou is not listed: such
-# runs used their rpn.nms_iou at test time too.
-PRE_AUTHORS_DEFAULTS = {
-    "head.background": "learned",
-    "roi.background_weight": 1.0,
-    "roi.box_loss_weight": 1.0,
-    "infer.fusion": "classes_only",
-    "infer.vlm_pool_boxes": "refined",
-    "infer.vlm_window_attention": False,
-    "infer.vlm_window_size": None,
-    "infer.vlm_global_blocks": (-1,),
-    "rpn.per_level_nms": False,
-    "rpn.centerness_loss": "positives",
-    "rpn.centerness_fg_iou": 0.3,
-    "rpn.centerness_bg_iou": 0.1,
-    "rpn.centerness_batch_per_image": 256,
-    "rpn.centerness_positive_fraction": 255 / 256,
-    "rpn.box_loss": "giou",
-    "rpn.box_loss_weight": 1.0,
-    "rpn.box_coding": "log",
-}
-
-
-def _get(config: ml_collections.ConfigDict, key: str) -> Any:
-    """A field of PRE_AUTHORS_DEFAULTS (or infer.proposal_nms_iou), defaulted for older runs."""
-    from rovit_jax import config_check as cc
-
-    if key == "infer.proposal_nms_iou":
-        return cc.config_get(config, key, cc.config_get(config, "rpn.nms_iou"))
-    return cc.config_get(config, key, PRE_AUTHORS_DEFAULTS[key])
+# before they existed (the behaviour that run was trained and evaluated with): the `older` values
+# of detection.settings. infer.proposal_nms_iou is not listed: such runs used their rpn.nms_iou at
+# test time too.
+PRE_AUTHORS_DEFAULTS = OLDER_DEFAULTS
 
 
 def _check(cond: bool, key: str, value: Any, why: str) -> None:
@@ -132,115 +109,21 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     cc.check_int_list(p, config, "det.global_blocks", min_value=0)
     cc.check_int(p, config, "det.fpn_channels", min_value=1)
 
-    # Proposals, RoI heads and inference.
-    cc.check_choice(
-        p,
-        config,
-        "rpn.objectness",
-        rcnn.OBJECTNESS_MODES,
-        why=f"choose one of {rcnn.OBJECTNESS_MODES}",
-    )
-    cc.check_number(p, config, "rpn.anchor_size", min_value=0.0, min_exclusive=True)
-    ratios = cc.config_get(config, "rpn.aspect_ratios")
-    if (
-        isinstance(ratios, (str, bytes))
-        or not isinstance(ratios, (list, tuple))
-        or not ratios
-        or not all(
-            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < float("inf")
-            for r in ratios
-        )
-    ):
-        p.add("rpn.aspect_ratios", ratios, "must be a non-empty list of positive finite numbers")
-    fg = cc.check_number(p, config, "rpn.fg_iou", min_value=0.0, max_value=1.0)
-    bg = cc.check_number(p, config, "rpn.bg_iou", min_value=0.0, max_value=1.0)
-    if fg is not None and bg is not None:
-        p.check(bg <= fg, "rpn.bg_iou", bg, f"must be <= rpn.fg_iou = {fg}")
-    for block in ("rpn", "roi"):
-        cc.check_int(p, config, f"{block}.batch_per_image", min_value=1)
-        cc.check_number(
-            p,
-            config,
-            f"{block}.positive_fraction",
-            min_value=0.0,
-            max_value=1.0,
-            min_exclusive=True,
-        )
-    for key in ("rpn.pre_nms_top_k", "rpn.post_nms_top_k", "infer.pre_nms_top_k"):
-        cc.check_int(p, config, key, min_value=1)
-    for key in ("infer.post_nms_top_k", "infer.max_detections", "roi.pool_size"):
-        cc.check_int(p, config, key, min_value=1)
-    cc.check_int(p, config, "roi.mask_pool_size", min_value=1)
-    for key in ("rpn.nms_iou", "infer.nms_iou"):
-        cc.check_number(p, config, key, min_value=0.0, max_value=1.0, min_exclusive=True)
-    _validate_rpn_fields(p, config)
-    cc.check_number(p, config, "roi.fg_iou", min_value=0.0, max_value=1.0)
-    cc.check_number(p, config, "roi.mask_loss_weight", min_value=0.0)
-    cc.check_number(p, config, "roi.box_loss_weight", min_value=0.0, default=1.0)
-    cc.check_number(
-        p,
-        config,
-        "roi.background_weight",
-        min_value=0.0,
-        default=PRE_AUTHORS_DEFAULTS["roi.background_weight"],
-    )
-    cc.check_choice(
-        p,
-        config,
-        "head.background",
-        BACKGROUND_MODES,
-        why=f"choose one of {BACKGROUND_MODES}",
-        default=PRE_AUTHORS_DEFAULTS["head.background"],
-    )
-    for key in ("head.conv_dim", "head.fc_dim", "head.mask_conv_dim"):
-        cc.check_int(p, config, key, min_value=1)
-    for key in ("head.num_convs", "head.mask_num_convs"):
-        cc.check_int(p, config, key, min_value=0)
-    cc.check_number(p, config, "head.base_temperature", min_value=0.0, min_exclusive=True)
-    cc.check_number(p, config, "infer.score_threshold")
-    cc.check_number(p, config, "infer.vlm_box_scale", min_value=0.0, min_exclusive=True)
-    cc.check_number(
-        p, config, "infer.vlm_temperature", min_value=0.0, min_exclusive=True, allow_none=True
-    )
-    for key in ("w_base", "w_novel"):
-        cc.check_number(p, config, f"infer.{key}", min_value=0.0, max_value=1.0)
-    cc.check_number(p, config, "infer.objectness_exponent", min_value=0.0)
-    cc.check_choice(
-        p,
-        config,
-        "infer.fusion",
-        FUSION_MODES,
-        why=f"choose one of {FUSION_MODES}",
-        default=PRE_AUTHORS_DEFAULTS["infer.fusion"],
-    )
-    cc.check_choice(
-        p,
-        config,
-        "infer.vlm_pool_boxes",
-        rcnn.VLM_POOL_BOXES,
-        why=f"choose one of {rcnn.VLM_POOL_BOXES}",
-        default=PRE_AUTHORS_DEFAULTS["infer.vlm_pool_boxes"],
-    )
-    windowed = cc.check_bool(
-        p,
-        config,
-        "infer.vlm_window_attention",
-        default=PRE_AUTHORS_DEFAULTS["infer.vlm_window_attention"],
-    )
-    vlm_window = cc.config_get(config, "infer.vlm_window_size", None)
-    if vlm_window is not None:
-        cc.check_int(p, config, "infer.vlm_window_size", min_value=1)
-    cc.check_int_list(
-        p,
-        config,
-        "infer.vlm_global_blocks",
-        default=PRE_AUTHORS_DEFAULTS["infer.vlm_global_blocks"],
-    )
+    # Proposals, RoI heads and inference: the typed sections check their own fields.
+    sections = resolve_detection_sections(config, p)
+    _check_grad_scales(p, config)
     window = cc.config_get(config, "det.window_size", None)
-    if windowed and vlm_window is None and type(window) is int and window == 0:
+    infer = sections["infer"]
+    if (
+        infer is not None
+        and infer.vlm_window_attention
+        and infer.vlm_window_size is None
+        and type(window) is int
+        and window == 0
+    ):
         p.add(
             "infer.vlm_window_attention",
-            windowed,
+            True,
             "uses the detector's window (det.window_size), which is 0 (global attention): set "
             "det.window_size > 0, infer.vlm_window_size or infer.vlm_window_attention=False",
         )
@@ -276,54 +159,12 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     p.raise_if_any()
 
 
-def _validate_rpn_fields(p: Any, config: ml_collections.ConfigDict) -> None:
-    """The region-proposal fields of the authors' behaviour and optim.grad_scales."""
+def _check_grad_scales(p: Any, config: ml_collections.ConfigDict) -> None:
+    """optim.grad_scales: (regex, factor >= 0) pairs."""
     import re
 
     from rovit_jax import config_check as cc
 
-    d = PRE_AUTHORS_DEFAULTS
-    cc.check_bool(p, config, "rpn.per_level_nms", default=d["rpn.per_level_nms"])
-    for key, choices in (
-        ("rpn.centerness_loss", rcnn.CENTERNESS_LOSSES),
-        ("rpn.box_loss", rcnn.RPN_BOX_LOSSES),
-        ("rpn.box_coding", rcnn.RPN_BOX_CODINGS),
-    ):
-        cc.check_choice(p, config, key, choices, why=f"choose one of {choices}", default=d[key])
-    fg, bg = (
-        cc.check_number(p, config, key, min_value=0.0, max_value=1.0, default=d[key])
-        for key in ("rpn.centerness_fg_iou", "rpn.centerness_bg_iou")
-    )
-    if fg is not None and bg is not None:
-        p.check(bg <= fg, "rpn.centerness_bg_iou", bg, f"must be <= rpn.centerness_fg_iou = {fg}")
-    cc.check_int(
-        p,
-        config,
-        "rpn.centerness_batch_per_image",
-        min_value=1,
-        default=d["rpn.centerness_batch_per_image"],
-    )
-    cc.check_number(
-        p,
-        config,
-        "rpn.centerness_positive_fraction",
-        min_value=0.0,
-        max_value=1.0,
-        min_exclusive=True,
-        default=d["rpn.centerness_positive_fraction"],
-    )
-    cc.check_number(
-        p, config, "rpn.box_loss_weight", min_value=0.0, default=d["rpn.box_loss_weight"]
-    )
-    cc.check_number(
-        p,
-        config,
-        "infer.proposal_nms_iou",
-        min_value=0.0,
-        max_value=1.0,
-        min_exclusive=True,
-        default=cc.config_get(config, "rpn.nms_iou", 0.7),
-    )
     scales = cc.config_get(config, "optim.grad_scales", ())
     if isinstance(scales, (str, bytes)) or not isinstance(scales, (list, tuple)):
         p.add("optim.grad_scales", scales, "must be a list of (regex, factor) pairs")
@@ -389,52 +230,19 @@ def _check_detection_data(p: Any, config: ml_collections.ConfigDict) -> None:
         )
 
 
-def rcnn_config(config: ml_collections.ConfigDict) -> rcnn.RCNNConfig:
-    r, roi, inf = config.rpn, config.roi, config.infer
+def rcnn_config(
+    config: ml_collections.ConfigDict, sections: dict[str, Any] | None = None
+) -> rcnn.RCNNConfig:
+    """The settings `rcnn` reads: `sections` (`detection_settings(config)` when not given) and
+    the pyramid's geometry. ConfigError on a problem."""
+    sections = detection_settings(config) if sections is None else sections
     return rcnn.RCNNConfig(
         image_size=int(config.det.image_size),
         min_level=int(config.det.min_level),
         max_level=int(config.det.max_level),
-        anchor_size=float(r.anchor_size),
-        aspect_ratios=tuple(float(a) for a in r.aspect_ratios),
-        objectness=r.objectness,
-        rpn_fg_iou=r.fg_iou,
-        rpn_bg_iou=r.bg_iou,
-        rpn_batch_per_image=int(r.batch_per_image),
-        rpn_positive_fraction=r.positive_fraction,
-        rpn_pre_nms_top_k=int(r.pre_nms_top_k),
-        rpn_nms_iou=r.nms_iou,
-        rpn_post_nms_top_k=int(r.post_nms_top_k),
-        rpn_per_level_nms=bool(_get(config, "rpn.per_level_nms")),
-        centerness_loss=str(_get(config, "rpn.centerness_loss")),
-        centerness_fg_iou=float(_get(config, "rpn.centerness_fg_iou")),
-        centerness_bg_iou=float(_get(config, "rpn.centerness_bg_iou")),
-        centerness_batch_per_image=int(_get(config, "rpn.centerness_batch_per_image")),
-        centerness_positive_fraction=float(_get(config, "rpn.centerness_positive_fraction")),
-        rpn_box_loss=str(_get(config, "rpn.box_loss")),
-        rpn_box_loss_weight=float(_get(config, "rpn.box_loss_weight")),
-        rpn_box_coding=str(_get(config, "rpn.box_coding")),
-        test_proposal_nms_iou=float(_get(config, "infer.proposal_nms_iou")),
-        roi_batch_per_image=int(roi.batch_per_image),
-        roi_positive_fraction=roi.positive_fraction,
-        roi_fg_iou=roi.fg_iou,
-        roi_pool_size=int(roi.pool_size),
-        mask_pool_size=int(roi.mask_pool_size),
-        mask_loss_weight=float(roi.mask_loss_weight),
-        box_loss_weight=float(_get(config, "roi.box_loss_weight")),
-        background_weight=float(_get(config, "roi.background_weight")),
-        test_pre_nms_top_k=int(inf.pre_nms_top_k),
-        test_post_nms_top_k=int(inf.post_nms_top_k),
-        detection_nms_iou=inf.nms_iou,
-        max_detections=int(inf.max_detections),
-        score_threshold=inf.score_threshold,
-        vlm_box_scale=inf.vlm_box_scale,
-        vlm_temperature=inf.vlm_temperature,
-        w_base=inf.w_base,
-        w_novel=inf.w_novel,
-        objectness_exponent=inf.objectness_exponent,
-        fusion=str(_get(config, "infer.fusion")),
-        vlm_pool_boxes=str(_get(config, "infer.vlm_pool_boxes")),
+        rpn=sections["rpn"],
+        roi=sections["roi"],
+        infer=sections["infer"],
     )
 
 
@@ -460,7 +268,9 @@ class DetectTask:
         validate_config(config, check_files=check_files)
         self.config = config
         self.workdir = workdir
-        self.rcnn = rcnn_config(config)
+        # The typed rpn / roi / head / infer sections, resolved once (validated above).
+        self.settings = detection_settings(config)
+        self.rcnn = rcnn_config(config, self.settings)
         self._mesh: Mesh | None = None
         self._predict_fns: dict[bool, Any] = {}  # with_masks -> jitted predict
         # Given values take the place of the cached properties of the same names.
@@ -557,25 +367,26 @@ class DetectTask:
             remat_policy=self.config.remat,
         )
         _ = self.frozen_vlm  # checks infer.vlm_global_blocks against the tower before compiling
+        head = self.settings["head"]
         return OpenVocabDetector(
             backbone=backbone,
             min_level=int(self.config.det.min_level),
             max_level=int(self.config.det.max_level),
             fpn_channels=int(self.config.det.fpn_channels),
-            num_anchors=len(self.config.rpn.aspect_ratios),
+            num_anchors=len(self.rcnn.rpn.aspect_ratios),
             rpn_box_bias_init=(
                 0.5
-                if self.rcnn.objectness == "centerness" and self.rcnn.rpn_box_coding == "linear"
+                if self.rcnn.rpn.objectness == "centerness" and self.rcnn.rpn.box_coding == "linear"
                 else 0.0
             ),
             embed_dim=int(pcfg.model.embed_dim),
-            head_conv_dim=int(self.config.head.conv_dim),
-            head_num_convs=int(self.config.head.num_convs),
-            head_fc_dim=int(self.config.head.fc_dim),
-            mask_conv_dim=int(self.config.head.mask_conv_dim),
-            mask_num_convs=int(self.config.head.mask_num_convs),
-            base_temperature=float(self.config.head.base_temperature),
-            background=str(_get(self.config, "head.background")),
+            head_conv_dim=head.conv_dim,
+            head_num_convs=head.num_convs,
+            head_fc_dim=head.fc_dim,
+            mask_conv_dim=head.mask_conv_dim,
+            mask_num_convs=head.mask_num_convs,
+            base_temperature=head.base_temperature,
+            background=head.background,
             dtype=COMPUTE_DTYPES[self.config.compute_dtype],
         )
 
@@ -738,7 +549,7 @@ class DetectTask:
 
     @property
     def _text_background(self) -> bool:
-        return _get(self.config, "head.background") == "text"
+        return self.settings["head"].background == "text"
 
     @cached_property
     def finetuned(self) -> Any | None:
@@ -800,13 +611,14 @@ class DetectTask:
         """The frozen pretrained image tower that embeds regions for VLM score fusion, with
         `infer.vlm_window_attention` / `vlm_global_blocks` and `infer.vlm_window_size` (default:
         the detector's `det.window_size`)."""
-        window = _get(self.config, "infer.vlm_window_size")
+        infer = self.settings["infer"]
+        window = infer.vlm_window_size
         return FrozenRegionEmbedder.build(
             self.two_tower,
-            window_attention=bool(_get(self.config, "infer.vlm_window_attention")),
+            window_attention=infer.vlm_window_attention,
             window_size=int(self.config.det.window_size if window is None else window),
-            global_blocks=_get(self.config, "infer.vlm_global_blocks"),
-            pool_size=self.rcnn.roi_pool_size,
+            global_blocks=infer.vlm_global_blocks,
+            pool_size=self.rcnn.roi.pool_size,
         )
 
     def predict_fn(self, trainer, *, with_masks: bool):

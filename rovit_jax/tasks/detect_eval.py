@@ -120,7 +120,16 @@ def evaluate(task, trainer, params) -> dict[str, float]:
         iou_types = ("bbox", "segm") if data.with_masks else ("bbox",)
         for iou_type in iou_types:
             metrics.update(
-                _metrics(variant, iou_type, gt, found, data.protocol, base_ids, novel_ids, config)
+                _metrics(
+                    variant,
+                    iou_type,
+                    gt,
+                    found,
+                    data.protocol,
+                    base_ids,
+                    novel_ids,
+                    task.rcnn.infer.max_detections,
+                )
             )
         if jax.process_index() == 0 and task.workdir:
             det_eval.write_results(
@@ -141,10 +150,9 @@ def _metrics(
     protocol: str,
     base_ids: set[int],
     novel_ids: set[int],
-    config,
+    max_dets: int,
 ) -> dict[str, float]:
     """`{variant}/{iou_type}/{name}` metrics; AP_base (and AP_novel, AP50_novel for COCO)."""
-    max_dets = int(config.infer.max_detections)
     names = det_eval.LVIS_METRICS if protocol == "lvis" else det_eval.COCO_METRICS
 
     def run(g, d) -> dict[str, float]:

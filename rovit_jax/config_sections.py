@@ -1,0 +1,212 @@
+"""Typed config sections: one frozen dataclass per section holds its fields' defaults, allowed
+values and checks.
+
+A section class names its ConfigDict section in `SECTION` and declares each field with
+`setting(default, ...)`:
+
+  @dataclasses.dataclass(frozen=True)
+  class RoISettings(Section):
+      SECTION: ClassVar[str] = "roi"
+      fg_iou: float = setting(0.5, min_value=0.0, max_value=1.0)
+      background_weight: float = setting(0.9, min_value=0.0, older=1.0)
+
+From that one definition come:
+  * `section_defaults(cls)`: the ConfigDict section a `*_defaults()` function puts in a config
+    (fields typed `X | None` become FieldReferences of X, so the command line can set them);
+  * `resolve_section(cls, config, problems)`: the typed value of `config.<SECTION>`, read once at
+    start. Each field is checked by its annotation (int, float, bool, str, tuple[int, ...],
+    tuple[float, ...], optionally `| None`), its `choices` and its bounds, then the section's
+    `ORDERED` pairs; every problem is added to `problems` with its dotted key, so validation
+    still reports all of them at once;
+  * `older_defaults(cls)`: `older` values, those a run config written before a field existed was
+    trained and evaluated with. A field without one is required in every config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import ml_collections
+
+from rovit_jax import config_check as cc
+
+__all__ = [
+    "Section",
+    "older_defaults",
+    "resolve_section",
+    "section_defaults",
+    "setting",
+]
+
+_NO_OLDER = object()
+
+
+def setting(
+    default: Any,
+    *,
+    choices: Sequence[Any] = (),
+    min_value: float | None = None,
+    max_value: float | None = None,
+    min_exclusive: bool = False,
+    max_exclusive: bool = False,
+    nonempty: bool = False,
+    older: Any = _NO_OLDER,
+    older_from: str | None = None,
+) -> Any:
+    """A section field: its default, allowed values, bounds and the value older run configs
+    that lack it were run with (`older`, or the value of the key `older_from`).
+
+    Bounds apply to a number or to each element of a tuple; `nonempty` to tuples.
+    """
+    meta = dict(
+        choices=tuple(choices),
+        min_value=min_value,
+        max_value=max_value,
+        min_exclusive=min_exclusive,
+        max_exclusive=max_exclusive,
+        nonempty=nonempty,
+        older=older,
+        older_from=older_from,
+    )
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class Section:
+    """Base of typed sections: `SECTION` names the ConfigDict section; `ORDERED` lists field
+    pairs (low, high) that must satisfy low <= high (checked where both fields are valid)."""
+
+    SECTION: ClassVar[str] = ""
+    ORDERED: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """{field: (base type, optional)} from the class's annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if name == "SECTION":
+            continue
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+        if optional:
+            (hint,) = [a for a in args if a is not type(None)]
+        out[name] = (hint, optional)
+    return out
+
+
+def section_defaults(cls: type[Section]) -> ml_collections.ConfigDict:
+    """The ConfigDict section of `cls`'s defaults."""
+    d = ml_collections.ConfigDict()
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        base, optional = types_[f.name]
+        if optional:
+            field_type = typing.get_origin(base) or base
+            d[f.name] = ml_collections.FieldReference(f.default, field_type=field_type)
+        else:
+            d[f.name] = f.default
+    return d
+
+
+def older_defaults(cls: type[Section]) -> dict[str, Any]:
+    """{dotted key: value} of the fields that older run configs may lack (`older=`)."""
+    return {
+        f"{cls.SECTION}.{f.name}": f.metadata["older"]
+        for f in dataclasses.fields(cls)
+        if f.metadata["older"] is not _NO_OLDER
+    }
+
+
+def _element_ok(value: Any, base: type, m: dict) -> bool:
+    if base is int:
+        ok = cc._is_int(value)
+    elif base is float:
+        ok = cc._is_number(value) and math.isfinite(float(value))
+    else:
+        return False
+    return ok and cc._in_range(
+        float(value), m["min_value"], m["max_value"], m["min_exclusive"], m["max_exclusive"]
+    )
+
+
+def _need(base: type, optional: bool, m: dict) -> str:
+    bounds = cc._range_text(m["min_value"], m["max_value"], m["min_exclusive"], m["max_exclusive"])
+    bounds = f" {bounds}" if bounds else ""
+    if typing.get_origin(base) is tuple:
+        (elem,) = {a for a in typing.get_args(base) if a is not Ellipsis}
+        noun = "integers" if elem is int else "finite numbers"
+        text = "a " + ("non-empty " if m["nonempty"] else "") + f"list of {noun}{bounds}"
+    elif base is int:
+        text = f"an integer{bounds}"
+    elif base is float:
+        text = f"a finite number{bounds}"
+    elif base is bool:
+        text = "True or False"
+    else:
+        text = "a string"
+    return "must be " + text + (", or None" if optional else "")
+
+
+def _checked(value: Any, base: type, optional: bool, m: dict) -> tuple[bool, Any]:
+    """(ok, the value as the field's type)."""
+    if value is None:
+        return optional, None
+    if m["choices"]:
+        # Type and value, so that True does not pass for 1, nor 1.0 for "1.0".
+        return any(type(value) is type(c) and value == c for c in m["choices"]), value
+    if typing.get_origin(base) is tuple:
+        (elem,) = {a for a in typing.get_args(base) if a is not Ellipsis}
+        ok = (
+            isinstance(value, Sequence)
+            and not isinstance(value, (str, bytes))
+            and not (m["nonempty"] and len(value) == 0)
+            and all(_element_ok(v, elem, m) for v in value)
+        )
+        return ok, tuple(elem(v) for v in value) if ok else value
+    if base is bool:
+        return isinstance(value, bool), value
+    if base is str:
+        return isinstance(value, str), value
+    ok = _element_ok(value, base, m)
+    return ok, base(value) if ok else value
+
+
+def resolve_section(cls: type[Section], config: Any, problems: cc.Problems) -> Section | None:
+    """`config.<cls.SECTION>` as a checked `cls`, or None with its problems added."""
+    values: dict[str, Any] = {}
+    ok = True
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{cls.SECTION}.{f.name}"
+        m = f.metadata
+        if m["older_from"] is not None:
+            fallback = cc.config_get(config, m["older_from"])
+        elif m["older"] is not _NO_OLDER:
+            fallback = m["older"]
+        else:
+            fallback = cc.MISSING
+        value = cc.config_get(config, key, fallback)
+        if value is cc.MISSING:
+            problems.add(key, value, "the key is missing from the config")
+            ok = False
+            continue
+        base, optional = types_[f.name]
+        good, value = _checked(value, base, optional, m)
+        if not good:
+            why = f"choose one of {m['choices']}" if m["choices"] else _need(base, optional, m)
+            problems.add(key, value, why)
+            ok = False
+            continue
+        values[f.name] = value
+    for low, high in cls.ORDERED:
+        if low in values and high in values and values[low] > values[high]:
+            key = f"{cls.SECTION}.{low}"
+            problems.add(key, values[low], f"must be <= {cls.SECTION}.{high} = {values[high]}")
+            ok = False
+    return cls(**values) if ok else None
