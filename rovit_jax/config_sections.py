@@ -15,7 +15,7 @@ From that one definition come:
     (fields typed `X | None` become FieldReferences of X, so the command line can set them);
   * `resolve_section(cls, config, problems)`: the typed value of `config.<SECTION>`, read once at
     start. Each field is checked by its annotation (int, float, bool, str, tuple[int, ...],
-    tuple[float, ...], optionally `| None`), its `choices` and its bounds, then the section's
+    tuple[float, ...], a pair tuple[float, float], optionally `| None`), its `choices` and its bounds, then the section's
     `ORDERED` pairs; every problem is added to `problems` with its dotted key, so validation
     still reports all of them at once;
   * `older_defaults(cls)`: `older` values, those a run config written before a field existed was
@@ -56,13 +56,15 @@ def setting(
     min_exclusive: bool = False,
     max_exclusive: bool = False,
     nonempty: bool = False,
+    ordered: bool = False,
     older: Any = _NO_OLDER,
     older_from: str | None = None,
 ) -> Any:
     """A section field: its default, allowed values, bounds and the value older run configs
     that lack it were run with (`older`, or the value of the key `older_from`).
 
-    Bounds apply to a number or to each element of a tuple; `nonempty` to tuples.
+    Bounds apply to a number or to each element of a tuple; `nonempty` to tuples of any length
+    (`tuple[float, ...]`); `ordered` to pairs (`tuple[float, float]`): low <= high.
     """
     meta = dict(
         choices=tuple(choices),
@@ -71,6 +73,7 @@ def setting(
         min_exclusive=min_exclusive,
         max_exclusive=max_exclusive,
         nonempty=nonempty,
+        ordered=ordered,
         older=older,
         older_from=older_from,
     )
@@ -141,7 +144,11 @@ def _need(base: type, optional: bool, m: dict) -> str:
     if typing.get_origin(base) is tuple:
         (elem,) = {a for a in typing.get_args(base) if a is not Ellipsis}
         noun = "integers" if elem is int else "finite numbers"
-        text = "a " + ("non-empty " if m["nonempty"] else "") + f"list of {noun}{bounds}"
+        if Ellipsis in typing.get_args(base):
+            text = "a " + ("non-empty " if m["nonempty"] else "") + f"list of {noun}{bounds}"
+        else:
+            order = " with low <= high" if m["ordered"] else ""
+            text = f"a pair (low, high) of {noun}{bounds}{order}"
     elif base is int:
         text = f"an integer{bounds}"
     elif base is float:
@@ -162,12 +169,16 @@ def _checked(value: Any, base: type, optional: bool, m: dict) -> tuple[bool, Any
         return any(type(value) is type(c) and value == c for c in m["choices"]), value
     if typing.get_origin(base) is tuple:
         (elem,) = {a for a in typing.get_args(base) if a is not Ellipsis}
+        args = typing.get_args(base)
         ok = (
             isinstance(value, Sequence)
             and not isinstance(value, (str, bytes))
             and not (m["nonempty"] and len(value) == 0)
+            and (Ellipsis in args or len(value) == len(args))
             and all(_element_ok(v, elem, m) for v in value)
         )
+        if ok and m["ordered"]:
+            ok = value[0] <= value[1]
         return ok, tuple(elem(v) for v in value) if ok else value
     if base is bool:
         return isinstance(value, bool), value

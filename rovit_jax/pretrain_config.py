@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from rovit_jax.pretrain_settings import add_pretrain_sections
 from rovit_jax.run_config import add_run_settings
 
 # Weight decay skips biases, norms, embeddings of positions and the loss's scalars.
@@ -58,18 +59,6 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
         dict(name="", tfds_name="", annotations="", images="", split="")
     )
 
-    c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.max_len = 64  # Paper's text length (unverified).
-    c.tokenizer.vocab_size = 64000  # SentencePiece vocabulary of the sibling code (64k).
-    c.tokenizer.model_path = ""  # for data.name="tfds"; the shapes world trains its own.
-
-    c.pp = ml_collections.ConfigDict()
-    c.pp.image_size = 224  # Paper: 224 px pretraining.
-    c.pp.crop_scale = ml_collections.FieldReference(
-        None, field_type=tuple
-    )  # RRC area range, None = resize
-    c.pp.flip = False
-
     c.model = ml_collections.ConfigDict()
     # pre_norm (CLIP's ln_pre), a causal text tower, exact GELU ("gelu"; or "quick_gelu") and
     # LayerNorm eps 1e-5 are not RO-ViT's choices; they exist so that CLIP-family weights can be
@@ -86,20 +75,9 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
         None, field_type=float
     )  # None: no bias (paper); SigLIP uses -10
 
-    # Cropped positional embedding (paper: RRC boxes, scale [0.1, 1], ratio [0.5, 2], PE upsampled
-    # to the detection grid 1024/16 = 64 first).
-    c.cpe = ml_collections.ConfigDict()
-    c.cpe.enabled = True
-    c.cpe.scale = (0.1, 1.0)
-    c.cpe.ratio = (0.5, 2.0)
-    c.cpe.up_size = 64
-
-    # Contrastive loss: "focal" (paper: alpha 0.5, gamma 1.0), "sigmoid" (SigLIP), "softmax" (CLIP).
-    c.loss = ml_collections.ConfigDict()
-    c.loss.kind = "focal"
-    c.loss.alpha = 0.5
-    c.loss.gamma = 1.0
-    c.loss.chunked = "auto"  # True | False | "auto": ring-chunked when the batch is sharded
+    # loss.*, cpe.*, pp.* and tokenizer.*: defaults, allowed values and bounds are the typed
+    # sections of rovit_jax.pretrain_settings.
+    add_pretrain_sections(c)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4  # unverified

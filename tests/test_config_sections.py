@@ -19,6 +19,8 @@ from rovit_jax.config_sections import (
 )
 from rovit_jax.detect_config import detect_defaults
 from rovit_jax.detection import settings
+from rovit_jax.pretrain_config import pretrain_defaults
+from rovit_jax.pretrain_settings import PRETRAIN_SECTIONS, pretrain_settings
 from rovit_jax.tasks import detect
 
 
@@ -35,6 +37,9 @@ class _Demo(Section):
     temperature: float | None = setting(None, min_value=0.0, min_exclusive=True)
     flag: bool = setting(True, older=False)
     copy: float = setting(0.5, older_from="demo.low")
+    area: tuple[float, float] = setting(
+        (0.1, 1.0), min_value=0.0, max_value=1.0, min_exclusive=True, ordered=True
+    )
 
 
 def _config(**demo):
@@ -50,9 +55,9 @@ def _resolve(config):
 def test_defaults_round_trip_and_values_are_typed():
     got, problems = _resolve(_config())
     assert problems == {} and got == _Demo()
-    c = _config(count=5, sizes=[1, 2], temperature=2)  # lists and ints from JSON / the CLI
+    c = _config(count=5, sizes=[1, 2], temperature=2, area=[0.5, 1])  # as JSON / the CLI give
     got, _ = _resolve(c)
-    assert got.sizes == (1.0, 2.0) and type(got.sizes[0]) is float
+    assert got.sizes == (1.0, 2.0) and type(got.sizes[0]) is float and got.area == (0.5, 1.0)
     assert got.temperature == 2.0 and type(got.temperature) is float and got.count == 5
     # An optional field is a FieldReference of its type: the command line can set it.
     assert section_defaults(_Demo).get_ref("temperature").get_type() is float
@@ -81,6 +86,12 @@ def test_every_problem_is_named_with_its_key():
     # bools are not integers, 1.0 is not "1.0"
     _, problems = _resolve(_config(count=True, mode=1.0))
     assert set(problems) == {"demo.count", "demo.mode"}
+    for area in [(0.6, 0.5), (0.0, 0.5), (0.5, 1.5), (0.1, 0.2, 0.3), "0.1,0.2"]:
+        _, problems = _resolve(_config(area=area))
+        assert problems == {
+            "demo.area": "must be a pair (low, high) of finite numbers > 0.0 and <= 1.0 "
+            "with low <= high"
+        }, area
 
 
 def test_missing_fields_take_older_values_or_are_reported():
@@ -102,6 +113,14 @@ def test_detection_defaults_are_the_typed_sections():
     # The task's compat table is the sections' older values, so the two cannot drift apart.
     assert detect.PRE_AUTHORS_DEFAULTS["rpn.box_coding"] == "log"
     assert detect.PRE_AUTHORS_DEFAULTS is settings.OLDER_DEFAULTS
+
+
+def test_pretraining_defaults_are_the_typed_sections():
+    sections = pretrain_settings(pretrain_defaults())
+    for cls in PRETRAIN_SECTIONS:
+        assert sections[cls.SECTION] == cls(), cls.SECTION
+    shipped = pretrain_settings(load_config("vit_b16_224_pretrain"))
+    assert shipped["pp"].crop_scale == (0.9, 1.0) and shipped["loss"].kind == "focal"
 
 
 @pytest.mark.parametrize("spec", ["shapes_detect", "lvis_detect", "ov_coco_detect"])

@@ -20,6 +20,7 @@ from rovit_jax.models.text import TEXT_POOL_TYPES, text_variant
 from rovit_jax.models.two_tower import TwoTower
 from rovit_jax.models.vit import POOL_TYPES, vit_variant
 from rovit_jax.ops.posemb import sample_crop_boxes
+from rovit_jax.pretrain_settings import pretrain_settings, resolve_pretrain_sections
 from rovit_jax.train import mesh as mesh_lib
 
 
@@ -77,48 +78,26 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     cc.check_int(p, config, "model.embed_dim", min_value=1)
     cc.check_number(p, config, "model.temperature_init", min_value=0.0, min_exclusive=True)
     cc.check_number(p, config, "model.bias_init", allow_none=True)
-    cc.check_int(p, config, "tokenizer.max_len", min_value=1)
-    cc.check_int(p, config, "tokenizer.vocab_size", min_value=1)
 
-    size = cc.check_int(p, config, "pp.image_size", min_value=1)
-    if size is not None and patch is not None:
+    # loss, cpe, pp and tokenizer: the typed sections check their own fields.
+    sections = resolve_pretrain_sections(config, p)
+    pp, cpe = sections["pp"], sections["cpe"]
+    if pp is not None and patch is not None:
         p.check(
-            size % patch == 0,
+            pp.image_size % patch == 0,
             "pp.image_size",
-            size,
+            pp.image_size,
             f"must be divisible by the patch size {patch} of model.image.variant={variant!r}",
         )
-    area_rule = "crop area fractions must satisfy 0 < low <= high <= 1"
-    cc.check_number_pair(
-        p, config, "pp.crop_scale", allow_none=True, ordered=True, upper=1.0, why=area_rule
-    )
-    cc.check_bool(p, config, "pp.flip")
-
-    cc.check_choice(
-        p,
-        config,
-        "loss.kind",
-        contrastive.CONTRASTIVE_LOSS_KINDS,
-        why=f"unknown loss; choose one of {contrastive.CONTRASTIVE_LOSS_KINDS}",
-    )
-    cc.check_number(p, config, "loss.alpha", min_value=0.0, max_value=1.0)
-    cc.check_number(p, config, "loss.gamma", min_value=0.0)
-    cc.check_choice(p, config, "loss.chunked", (True, False, "auto"), default="auto")
-
-    cc.check_bool(p, config, "cpe.enabled")
-    cc.check_number_pair(p, config, "cpe.scale", ordered=True, upper=1.0, why=area_rule)
-    cc.check_number_pair(
-        p, config, "cpe.ratio", ordered=True, why="aspect ratios must satisfy 0 < low <= high"
-    )
-    up_size = cc.check_int(p, config, "cpe.up_size", min_value=1)
-    if up_size is not None and size is not None and patch is not None:
-        grid = size // patch
-        p.check(
-            up_size >= grid,
-            "cpe.up_size",
-            up_size,
-            f"must be >= the pretraining patch grid {grid} (pp.image_size={size} / patch {patch})",
-        )
+        if cpe is not None:
+            grid = pp.image_size // patch
+            p.check(
+                cpe.up_size >= grid,
+                "cpe.up_size",
+                cpe.up_size,
+                f"must be >= the pretraining patch grid {grid} "
+                f"(pp.image_size={pp.image_size} / patch {patch})",
+            )
     cc.check_choice(p, config, "compute_dtype", tuple(COMPUTE_DTYPES))
     cc.check_choice(p, config, "remat", REMAT_POLICIES)
     cc.check_bool(p, config, "scan_layers", default=False)
@@ -171,7 +150,9 @@ def _check_pretrain_data(p: Any, config: ml_collections.ConfigDict) -> None:
     ):
         _check_image_text_fields(p, config, "data.eval", eval_name)
 
-    model_path = cc.check_str(p, config, "tokenizer.model_path", default="")
+    model_path = cc.config_get(config, "tokenizer.model_path", "")
+    if not isinstance(model_path, str):
+        model_path = None  # its type is reported with the tokenizer section
     if model_path:
         cc.check_path(p, config, "tokenizer.model_path", kind="file", needed_for="the tokenizer")
     elif model_path is not None and name not in (None, "shapes_world"):
@@ -202,8 +183,10 @@ def _check_image_text_fields(p: Any, config: ml_collections.ConfigDict, prefix: 
 
 def build_model(config: ml_collections.ConfigDict) -> TwoTower:
     """The two-tower model described by `config.model` (and pp/cpe/dtype/remat)."""
+    settings = pretrain_settings(config)
+    tok = settings["tokenizer"]
     img = vit_variant(config.model.image.variant)
-    grid = config.pp.image_size // img["patch_size"]
+    grid = settings["pp"].image_size // img["patch_size"]
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     image = dict(
         img,
@@ -211,15 +194,15 @@ def build_model(config: ml_collections.ConfigDict) -> TwoTower:
         pool_type=config.model.image.pool_type,
         pre_norm=bool(config.model.image.get("pre_norm", False)),
         **tower_options(config.model.image),
-        cpe_up_size=int(config.cpe.up_size),
+        cpe_up_size=settings["cpe"].up_size,
         dtype=dtype,
         remat_policy=config.remat,
         scan_layers=bool(config.get("scan_layers", False)),
     )
     text = dict(
         text_variant(config.model.text.variant),
-        vocab_size=int(config.tokenizer.vocab_size),
-        max_len=int(config.tokenizer.max_len),
+        vocab_size=tok.vocab_size,
+        max_len=tok.max_len,
         pool_type=config.model.text.pool_type,
         causal=bool(config.model.text.get("causal", False)),
         **tower_options(config.model.text),
@@ -245,6 +228,8 @@ class PretrainTask:
         # check_files=False: planning only (see validate_config); the data is never read then.
         validate_config(config, check_files=check_files)
         self.config = config
+        # The typed loss / cpe / pp / tokenizer sections, resolved once (validated above).
+        self.settings = pretrain_settings(config)
         self.model = build_model(config)
         self._mesh: Mesh | None = None
 
@@ -255,15 +240,15 @@ class PretrainTask:
         return sources.image_text_data(self.config)
 
     def train_batches(self, process_index: int, process_count: int) -> image_text.PretrainBatches:
-        pp = self.config.pp
+        pp = self.settings["pp"]
         return image_text.PretrainBatches(
             self._data.train,
             self._data.tokenizer,
             global_batch=int(self.config.batch_size),
-            image_size=int(pp.image_size),
+            image_size=pp.image_size,
             seed=int(self.config.seed),
-            crop_scale=None if pp.crop_scale is None else tuple(pp.crop_scale),
-            flip=bool(pp.flip),
+            crop_scale=pp.crop_scale,
+            flip=pp.flip,
             num_workers=int(self.config.data.get("num_workers") or 1),
             process_index=process_index,
             process_count=process_count,
@@ -272,8 +257,8 @@ class PretrainTask:
     def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
         b, s, length = (
             int(self.config.batch_size),
-            int(self.config.pp.image_size),
-            int(self.config.tokenizer.max_len),
+            self.settings["pp"].image_size,
+            self.settings["tokenizer"].max_len,
         )
         return {
             "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
@@ -297,7 +282,7 @@ class PretrainTask:
         return self.model.init(rng, images, tokens)["params"]
 
     def _use_chunked(self) -> bool:
-        chunked = self.config.loss.chunked
+        chunked = self.settings["loss"].chunked
         if chunked == "auto":
             return self._mesh is not None and mesh_lib.num_batch_shards(self._mesh) > 1
         return bool(chunked)
@@ -307,18 +292,14 @@ class PretrainTask:
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         images, tokens = batch["image"], batch["text"]
         boxes = None
-        if self.config.cpe.enabled:
-            boxes = sample_crop_boxes(
-                rng,
-                images.shape[0],
-                scale=tuple(self.config.cpe.scale),
-                ratio=tuple(self.config.cpe.ratio),
-            )
+        cpe = self.settings["cpe"]
+        if cpe.enabled:
+            boxes = sample_crop_boxes(rng, images.shape[0], scale=cpe.scale, ratio=cpe.ratio)
         (zimg, ztxt), aux = self.model.apply(
             {"params": params}, images, tokens, crop_boxes=boxes, train=True
         )
         scale, bias = aux["scale"], aux["bias"]
-        loss_cfg = self.config.loss
+        loss_cfg = self.settings["loss"]
         if self._use_chunked():
             loss = contrastive.chunked_contrastive_loss(
                 zimg,
@@ -352,7 +333,7 @@ class PretrainTask:
             data.eval_images,
             data.tokenizer,
             batch_size=int(self.config.eval.batch_size),
-            image_size=int(self.config.pp.image_size),
+            image_size=self.settings["pp"].image_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         ):

@@ -1,0 +1,107 @@
+"""The pretraining config's `loss`, `cpe`, `pp` and `tokenizer` sections, typed: each field's
+default, allowed values and bounds, written once (the method's knobs; paper values as defaults).
+
+`pretrain_config.pretrain_defaults()` builds these sections from the classes and
+`tasks.pretrain` resolves them once from a config (`pretrain_settings`); cross-section checks
+(the patch size dividing `pp.image_size`, `cpe.up_size` against the patch grid) stay in
+`tasks.pretrain.validate_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from rovit_jax import config_check as cc
+from rovit_jax.config_sections import Section, resolve_section, section_defaults, setting
+from rovit_jax.losses.contrastive import CONTRASTIVE_LOSS_KINDS
+
+__all__ = [
+    "CPESettings",
+    "LossSettings",
+    "PRETRAIN_SECTIONS",
+    "PreprocessSettings",
+    "TokenizerSettings",
+    "add_pretrain_sections",
+    "pretrain_settings",
+    "resolve_pretrain_sections",
+]
+
+_AREA = dict(min_value=0.0, max_value=1.0, min_exclusive=True, ordered=True)  # 0 < lo <= hi <= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings(Section):
+    """`loss.*`: the contrastive loss."""
+
+    SECTION: ClassVar[str] = "loss"
+
+    # "focal" (the paper's focal sigmoid loss), "sigmoid" (SigLIP), "softmax" (CLIP).
+    kind: str = setting("focal", choices=CONTRASTIVE_LOSS_KINDS)
+    alpha: float = setting(0.5, min_value=0.0, max_value=1.0)  # paper / reference code
+    gamma: float = setting(1.0, min_value=0.0)  # paper / reference code
+    # Ring-chunked loss when the batch is sharded ("auto"), or forced on / off.
+    chunked: bool | str = setting("auto", choices=(True, False, "auto"), older="auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class CPESettings(Section):
+    """`cpe.*`: cropped positional embeddings (paper: RRC boxes of area scale [0.1, 1] and aspect
+    ratio [0.5, 2], the PE upsampled to the detection grid 1024/16 = 64 first)."""
+
+    SECTION: ClassVar[str] = "cpe"
+
+    enabled: bool = setting(True)
+    scale: tuple[float, float] = setting((0.1, 1.0), **_AREA)  # box area fraction
+    ratio: tuple[float, float] = setting(
+        (0.5, 2.0), min_value=0.0, min_exclusive=True, ordered=True
+    )
+    up_size: int = setting(64, min_value=1)  # grid the PE is upsampled to before cropping
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSettings(Section):
+    """`pp.*`: pretraining image preprocessing."""
+
+    SECTION: ClassVar[str] = "pp"
+
+    image_size: int = setting(224, min_value=1)  # paper: 224 px
+    # Random-resized-crop area range; None = plain resize.
+    crop_scale: tuple[float, float] | None = setting(None, **_AREA, older=None)
+    flip: bool = setting(False, older=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSettings(Section):
+    """`tokenizer.*`: text length and vocabulary."""
+
+    SECTION: ClassVar[str] = "tokenizer"
+
+    max_len: int = setting(64, min_value=1)  # paper's text length (unverified)
+    vocab_size: int = setting(64000, min_value=1)  # SentencePiece 64k of the sibling code
+    # A SentencePiece .model (needed for real data; the shapes world trains its own).
+    model_path: str = setting("", older="")
+
+
+PRETRAIN_SECTIONS = (LossSettings, CPESettings, PreprocessSettings, TokenizerSettings)
+
+
+def add_pretrain_sections(config: Any) -> Any:
+    """Puts the default `loss`, `cpe`, `pp` and `tokenizer` sections into `config` (in place)."""
+    for cls in PRETRAIN_SECTIONS:
+        config[cls.SECTION] = section_defaults(cls)
+    return config
+
+
+def resolve_pretrain_sections(config: Any, problems: cc.Problems) -> dict[str, Any]:
+    """{section: typed settings, or None where that section has problems (added to
+    `problems`)} of `config`."""
+    return {cls.SECTION: resolve_section(cls, config, problems) for cls in PRETRAIN_SECTIONS}
+
+
+def pretrain_settings(config: Any) -> dict[str, Any]:
+    """{section: typed settings} of `config`; ConfigError listing every problem otherwise."""
+    problems = cc.Problems()
+    sections = resolve_pretrain_sections(config, problems)
+    problems.raise_if_any()
+    return sections
