@@ -22,7 +22,7 @@ shapes_pretrain = load_sibling(__file__, "shapes_pretrain")
 
 def get_config(arg=None):
     a = parse_arg(
-        arg, steps=1050, batch=4, objectness="centerness", seed=0, pretrain_steps=1000, tiny=False
+        arg, steps=1390, batch=4, objectness="centerness", seed=0, pretrain_steps=1000, tiny=False
     )
     c = detect_defaults()
     c.seed = a.seed
@@ -62,13 +62,19 @@ def get_config(arg=None):
     c.rpn.post_nms_top_k = 300
     # 32 sampled RoIs per image (8 foreground at most, for the box and mask losses): a detection
     # step takes about two thirds of the time it takes at 64 (measured side by side), so 1050
-    # steps fit the time 700 took at 64, and gave more (from one pretraining, detector only: box
-    # AP base 22.3 against 19.4 at 64 RoIs x 700 steps and 21.3 at 64 x 880; README, Results).
+    # steps fit the time 700 took at 64 (4-conv heads), and gave more (from one pretraining,
+    # detector only: box AP base 22.3 against 19.4 at 64 RoIs x 700 steps and 21.3 at 64 x 880).
     c.roi.batch_per_image = 32
-    # Narrow heads: the paper's 4-conv heads at 256 channels cost ~10x the backbone on a CPU.
+    # Light heads: the paper's 4-conv heads at 256 channels cost ~10x the backbone on a CPU. The
+    # box/class head is one FC on the pooled RoI features (no convs) and the mask head has 2
+    # convs: a step takes about three quarters of the time (benchmarks/detect_step.py), so 1390
+    # steps fit the time 1050 took with 4 + 4 convs at 64 channels, and gave more (from one
+    # pretraining, detector only: box AP base 29.6 against 22.3; README, Results).
     c.head.conv_dim = 64
+    c.head.num_convs = 0
     c.head.fc_dim = 256
     c.head.mask_conv_dim = 64
+    c.head.mask_num_convs = 2
     # Test-time proposals are the top objectness per level without NMS (the authors'), so keep
     # enough of them for every object of a crowded scene to get several.
     c.infer.pre_nms_top_k = 1000
