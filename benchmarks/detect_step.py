@@ -91,13 +91,14 @@ def random_task(config, pretrain_config, num_classes: int) -> DetectTask:
     )
 
 
-def synthetic_batch(config, rng) -> dict[str, np.ndarray]:
-    shapes = DetectTask.batch_shapes(type("T", (), {"config": config})())
+def synthetic_batch(task: DetectTask, rng) -> dict[str, np.ndarray]:
+    """A training batch of `task`'s shapes: random images, up to 8 random boxes per image."""
+    shapes = task.batch_shapes()
     out = {}
     for k, sds in shapes.items():
         out[k] = np.zeros(sds.shape, sds.dtype)
     b, m = shapes["boxes"].shape[:2]
-    s = config.det.image_size
+    s = task.rcnn.image_size
     y0 = rng.uniform(0, 0.6 * s, (b, m, 2))
     out["boxes"] = np.concatenate([y0, y0 + rng.uniform(0.05 * s, 0.4 * s, (b, m, 2))], -1)
     out["boxes"] = out["boxes"].astype(np.float32)
@@ -283,7 +284,7 @@ def bench(
     compiled = trainer.lower().compile()
     compile_s = time.perf_counter() - t
     state = trainer.init_state()
-    batch = trainer.global_batch(synthetic_batch(config, np.random.default_rng(0)))
+    batch = trainer.global_batch(synthetic_batch(task, np.random.default_rng(0)))
     xla_flops = _xla_flops(compiled)
     step_jaxpr = jax.make_jaxpr(trainer._train_step)(state, batch)
     model_flops = dot_flops(step_jaxpr.jaxpr)

@@ -240,7 +240,7 @@ def detect_need(config, steps: int, name: str) -> dict:
     trainer = Trainer(config, task, mesh)
     compiled = trainer.lower().compile()
     holder = {"state": trainer.init_state()}
-    batch = trainer.global_batch(detect_step.synthetic_batch(config, np.random.default_rng(0)))
+    batch = trainer.global_batch(detect_step.synthetic_batch(task, np.random.default_rng(0)))
 
     def step():
         holder["state"], metrics = compiled(holder["state"], batch)

@@ -22,12 +22,6 @@ def detect_defaults() -> ml_collections.ConfigDict:
 
     # Where the pretrained towers come from: a pretraining run's workdir ("" = <workdir>/pretrain).
     # With run_pretraining, a missing pretraining run is trained first from `c.pretrain`.
-    c.init = ml_collections.ConfigDict()
-    c.init.pretrain_workdir = ""
-    c.init.run_pretraining = False
-    # A finetuned detector run to start from (evaluation with another vocabulary, e.g.
-    # LVIS -> Objects365 transfer with total_steps = 0); "" = from the pretrained backbone.
-    c.init.detector_workdir = ""
     c.pretrain = ml_collections.ConfigDict()  # a full pretraining config when run_pretraining
 
     c.data = ml_collections.ConfigDict()
@@ -52,27 +46,9 @@ def detect_defaults() -> ml_collections.ConfigDict:
     # (OV-COCO marks its 17 novel categories "r").
     c.data.novel_frequencies = ("r",)
 
-    c.det = ml_collections.ConfigDict()
-    c.det.image_size = 1024  # paper: 1024 px
-    c.det.scale_range = (0.1, 2.0)  # large-scale jitter
-    c.det.flip = True
-    c.det.max_instances = 300  # the authors' MAX_NUM_INSTANCES (fvlm dito_train_and_eval.gin)
-    c.det.mask_stride = 4  # gt instance masks kept at image_size / mask_stride for mask targets
-    c.det.window_size = 16  # ViTDet windows: 64x64 grid at 1024/16 -> 4x4 windows
-    c.det.global_blocks = (2, 5, 8, 11)  # blocks 3, 6, 9, 12 of B/16 (0-based)
-    c.det.min_level = 2
-    c.det.max_level = 5
-    c.det.fpn_channels = 256
-
-    # rpn.*, roi.*, head.* and infer.*: defaults, allowed values and bounds are the typed
-    # sections of rovit_jax.detection.settings.
+    # det, rpn, roi, head, infer, text, init and eval: defaults, allowed values and bounds are
+    # the typed sections of rovit_jax.detection.settings.
     add_detection_sections(c)
-
-    c.text = ml_collections.ConfigDict()
-    c.text.templates = "vild"  # prompt ensemble name in detection.text_classifier
-    # A saved classifier prefix (python -m rovit_jax.classifier) for the evaluation vocabulary;
-    # "" = computed from the category names with `templates`.
-    c.text.classifier = ""
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4  # unverified
@@ -96,9 +72,4 @@ def detect_defaults() -> ml_collections.ConfigDict:
     # no-op. The backbone lr multiplier is lr_mults.
     c.optim.grad_scales = [(r"^backbone/", 0.6)]
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 8
-    c.eval.num_images = 0  # 0 = the whole evaluation split
-    c.eval.render_images = 4  # held-out images drawn to detections.png in the workdir
-    c.eval.render_min_score = 0.3  # detections scoring below this are not drawn
     return c

@@ -75,7 +75,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
         None, field_type=float
     )  # None: no bias (paper); SigLIP uses -10
 
-    # loss.*, cpe.*, pp.* and tokenizer.*: defaults, allowed values and bounds are the typed
+    # loss, cpe, pp, tokenizer and eval: defaults, allowed values and bounds are the typed
     # sections of rovit_jax.pretrain_settings.
     add_pretrain_sections(c)
 
@@ -91,8 +91,4 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.no_decay = list(NO_DECAY)
     c.optim.frozen = []  # regexes over parameter paths that receive no update
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 256
-    c.eval.recall_ks = (1, 5, 10)
     return c

@@ -1,5 +1,5 @@
-"""The pretraining config's `loss`, `cpe`, `pp` and `tokenizer` sections, typed: each field's
-default, allowed values and bounds, written once (the method's knobs; paper values as defaults).
+"""The pretraining config's `loss`, `cpe`, `pp`, `tokenizer` and `eval` sections, typed: each
+field's default, allowed values and bounds, written once (paper values as defaults).
 
 `pretrain_config.pretrain_defaults()` builds these sections from the classes and
 `tasks.pretrain` resolves them once from a config (`pretrain_settings`); cross-section checks
@@ -21,6 +21,7 @@ __all__ = [
     "LossSettings",
     "PRETRAIN_SECTIONS",
     "PreprocessSettings",
+    "RetrievalEvalSettings",
     "TokenizerSettings",
     "add_pretrain_sections",
     "pretrain_settings",
@@ -83,11 +84,27 @@ class TokenizerSettings(Section):
     model_path: str = setting("", older="")
 
 
-PRETRAIN_SECTIONS = (LossSettings, CPESettings, PreprocessSettings, TokenizerSettings)
+@dataclasses.dataclass(frozen=True)
+class RetrievalEvalSettings(Section):
+    """`eval.*` of pretraining: zero-shot retrieval."""
+
+    SECTION: ClassVar[str] = "eval"
+
+    batch_size: int = setting(256, min_value=1)
+    recall_ks: tuple[int, ...] = setting((1, 5, 10), min_value=1, nonempty=True)
+
+
+PRETRAIN_SECTIONS = (
+    LossSettings,
+    CPESettings,
+    PreprocessSettings,
+    TokenizerSettings,
+    RetrievalEvalSettings,
+)
 
 
 def add_pretrain_sections(config: Any) -> Any:
-    """Puts the default `loss`, `cpe`, `pp` and `tokenizer` sections into `config` (in place)."""
+    """Puts the default typed sections (PRETRAIN_SECTIONS) into `config` (in place)."""
     for cls in PRETRAIN_SECTIONS:
         config[cls.SECTION] = section_defaults(cls)
     return config

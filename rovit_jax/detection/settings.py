@@ -1,4 +1,5 @@
-"""The detection config's `rpn`, `roi`, `head` and `infer` sections, typed: each field's default,
+"""The detection config's sections `det`, `rpn`, `roi`, `head`, `infer`, `text`, `init` and
+`eval`, typed: each field's default,
 allowed values, bounds and older-run value, written once.
 
 `detect_config.detect_defaults()` builds its sections from these classes, `tasks.detect` resolves
@@ -23,19 +24,24 @@ from rovit_jax.config_sections import (
     setting,
 )
 from rovit_jax.detection.score_fusion import FUSION_MODES
+from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES
 from rovit_jax.models.detector import BACKGROUND_MODES
 
 __all__ = [
     "CENTERNESS_LOSSES",
     "DETECTION_SECTIONS",
+    "DetSettings",
+    "DetectEvalSettings",
     "HeadSettings",
     "InferSettings",
+    "InitSettings",
     "OBJECTNESS_MODES",
     "OLDER_DEFAULTS",
     "RPN_BOX_CODINGS",
     "RPN_BOX_LOSSES",
     "RPNSettings",
     "RoISettings",
+    "TextSettings",
     "VLM_POOL_BOXES",
     "add_detection_sections",
     "detection_settings",
@@ -54,6 +60,30 @@ VLM_POOL_BOXES = ("proposals", "refined")
 
 _UNIT = dict(min_value=0.0, max_value=1.0)  # an IoU threshold or a weight in [0, 1]
 _FRACTION = dict(min_value=0.0, max_value=1.0, min_exclusive=True)  # (0, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class DetSettings(Section):
+    """`det.*`: the detection canvas, its augmentation, the backbone's windows and the pyramid."""
+
+    SECTION: ClassVar[str] = "det"
+    ORDERED: ClassVar = (("min_level", "max_level"),)
+
+    image_size: int = setting(1024, min_value=1)  # paper: 1024 px
+    # Large-scale jitter: the image is resized by a factor drawn from this range.
+    scale_range: tuple[float, float] = setting(
+        (0.1, 2.0), min_value=0.0, min_exclusive=True, ordered=True
+    )
+    flip: bool = setting(True)
+    max_instances: int = setting(300, min_value=1)  # the authors' MAX_NUM_INSTANCES
+    mask_stride: int = setting(4, min_value=1)  # gt masks kept at image_size / mask_stride
+    # ViTDet windows of window_size patches (64x64 grid at 1024/16 -> 4x4 windows); 0 = global
+    # attention everywhere; global_blocks keep global attention (blocks 3, 6, 9, 12 of B/16).
+    window_size: int = setting(16, min_value=0)
+    global_blocks: tuple[int, ...] = setting((2, 5, 8, 11), min_value=0)
+    min_level: int = setting(2, min_value=0)
+    max_level: int = setting(5, min_value=0, max_value=16)
+    fpn_channels: int = setting(256, min_value=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +214,55 @@ class InferSettings(Section):
     vlm_global_blocks: tuple[int, ...] = setting((-1,), older=(-1,))
 
 
-DETECTION_SECTIONS = (RPNSettings, RoISettings, HeadSettings, InferSettings)
+@dataclasses.dataclass(frozen=True)
+class TextSettings(Section):
+    """`text.*`: how category names become classifier rows."""
+
+    SECTION: ClassVar[str] = "text"
+
+    templates: str = setting("vild", choices=tuple(PROMPT_ENSEMBLES))  # prompt ensemble
+    # A saved classifier prefix (python -m rovit_jax.classifier) for the evaluation vocabulary;
+    # "" = computed from the category names with `templates`.
+    classifier: str = setting("", older="")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSettings(Section):
+    """`init.*`: where the pretrained towers (and optionally a finetuned detector) come from."""
+
+    SECTION: ClassVar[str] = "init"
+
+    # A pretraining run's workdir ("" = <workdir>/pretrain); with run_pretraining, a missing
+    # pretraining run is trained first from the config's `pretrain` section.
+    pretrain_workdir: str = setting("", older="")
+    run_pretraining: bool = setting(False, older=False)
+    # A finetuned detector run to start from (evaluation with another vocabulary, e.g.
+    # LVIS -> Objects365 transfer with total_steps = 0); "" = from the pretrained backbone.
+    detector_workdir: str = setting("", older="")
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectEvalSettings(Section):
+    """`eval.*` of detection: the held-out images evaluated and drawn."""
+
+    SECTION: ClassVar[str] = "eval"
+
+    batch_size: int = setting(8, min_value=1)
+    num_images: int = setting(0, min_value=0, older=0)  # 0 = the whole evaluation split
+    render_images: int = setting(4, min_value=0, older=0)  # drawn to <workdir>/detections.png
+    render_min_score: float = setting(0.3, min_value=0.0, older=0.3)  # lower ones not drawn
+
+
+DETECTION_SECTIONS = (
+    DetSettings,
+    RPNSettings,
+    RoISettings,
+    HeadSettings,
+    InferSettings,
+    TextSettings,
+    InitSettings,
+    DetectEvalSettings,
+)
 
 # {dotted key: value} for run configs written before these fields existed.
 OLDER_DEFAULTS: dict[str, Any] = {
@@ -193,7 +271,7 @@ OLDER_DEFAULTS: dict[str, Any] = {
 
 
 def add_detection_sections(config: Any) -> Any:
-    """Puts the default `rpn`, `roi`, `head` and `infer` sections into `config` (in place)."""
+    """Puts the default typed sections (DETECTION_SECTIONS) into `config` (in place)."""
     for cls in DETECTION_SECTIONS:
         config[cls.SECTION] = section_defaults(cls)
     return config

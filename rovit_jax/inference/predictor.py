@@ -206,9 +206,9 @@ class Predictor:
                 raise
             raise ValueError(f"image_size={image_size} does not suit this detector: {e}") from e
         self.task = task
-        self.image_size = int(config.det.image_size)
+        self.image_size = task.rcnn.image_size
         self.has_masks = sources.detection_has_masks(config.data)
-        self.templates = tuple(PROMPT_ENSEMBLES[config.text.templates])
+        self.templates = tuple(PROMPT_ENSEMBLES[task.settings["text"].templates])
         self.base_names = training_names(config)
         self._params = jax.device_put(run.params)
         self._vlm_params = vlm_tower_params(self._tower_params)

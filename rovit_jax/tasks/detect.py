@@ -71,55 +71,36 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     cc.check_optim(p, config)
     if check_files:
         _check_detection_data(p, config)
-    cc.check_int(p, config, "eval.num_images", min_value=0, default=0)
-    cc.check_int(p, config, "eval.render_images", min_value=0, default=0)
-    cc.check_number(p, config, "eval.render_min_score", min_value=0.0, default=0.3)
     cc.check_choice(
         p, config, "compute_dtype", tuple(COMPUTE_DTYPES), why=str(tuple(COMPUTE_DTYPES))
     )
     cc.check_choice(p, config, "remat", REMAT_POLICIES)
 
-    # Image size, pyramid levels and mask targets.
-    size = cc.check_int(p, config, "det.image_size", min_value=1)
-    min_level = cc.check_int(p, config, "det.min_level", min_value=0)
-    max_level = cc.check_int(p, config, "det.max_level", min_value=0, max_value=16)
-    if min_level is not None and max_level is not None:
-        p.check(
-            min_level <= max_level,
-            "det.min_level",
-            min_level,
-            f"must be <= det.max_level = {max_level}",
-        )
-    if size is not None and max_level is not None:
-        p.check(
-            size % (2**max_level) == 0,
-            "det.image_size",
-            size,
-            f"must be divisible by the coarsest stride 2**{max_level} (det.max_level)",
-        )
-    stride = cc.check_int(p, config, "det.mask_stride", min_value=1)
-    if stride is not None and size is not None:
-        p.check(
-            size % stride == 0, "det.mask_stride", stride, f"must divide det.image_size = {size}"
-        )
-    cc.check_number_pair(p, config, "det.scale_range", ordered=True)
-    cc.check_bool(p, config, "det.flip")
-    cc.check_int(p, config, "det.max_instances", min_value=1)
-    cc.check_int(p, config, "det.window_size", min_value=0)
-    cc.check_int_list(p, config, "det.global_blocks", min_value=0)
-    cc.check_int(p, config, "det.fpn_channels", min_value=1)
-
-    # Proposals, RoI heads and inference: the typed sections check their own fields.
+    # The canvas, pyramid, proposals, RoI heads and inference: the typed sections check their
+    # own fields; what spans fields is checked here.
     sections = resolve_detection_sections(config, p)
+    det = sections["det"]
+    if det is not None:
+        p.check(
+            det.image_size % (2**det.max_level) == 0,
+            "det.image_size",
+            det.image_size,
+            f"must be divisible by the coarsest stride 2**{det.max_level} (det.max_level)",
+        )
+        p.check(
+            det.image_size % det.mask_stride == 0,
+            "det.mask_stride",
+            det.mask_stride,
+            f"must divide det.image_size = {det.image_size}",
+        )
     _check_grad_scales(p, config)
-    window = cc.config_get(config, "det.window_size", None)
     infer = sections["infer"]
     if (
         infer is not None
+        and det is not None
         and infer.vlm_window_attention
         and infer.vlm_window_size is None
-        and type(window) is int
-        and window == 0
+        and det.window_size == 0
     ):
         p.add(
             "infer.vlm_window_attention",
@@ -128,22 +109,13 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
             "det.window_size > 0, infer.vlm_window_size or infer.vlm_window_attention=False",
         )
 
-    # Vocabulary and initialisation.
-    cc.check_choice(
-        p,
-        config,
-        "text.templates",
-        tuple(PROMPT_ENSEMBLES),
-        why=f"choose one of {tuple(PROMPT_ENSEMBLES)}",
-    )
-    cc.check_str(p, config, "text.classifier", default="")
-    cc.check_str(p, config, "init.pretrain_workdir", default="")
-    run_pretraining = cc.check_bool(p, config, "init.run_pretraining", default=False)
-    if cc.check_str(p, config, "init.detector_workdir", default="") and check_files:
+    # Initialisation: the detector run to start from, and the nested pretraining config.
+    init = sections["init"]
+    if init is not None and init.detector_workdir and check_files:
         cc.check_path(
             p, config, "init.detector_workdir", kind="dir", needed_for="init.detector_workdir"
         )
-    if run_pretraining:
+    if init is not None and init.run_pretraining:
         nested = cc.config_get(config, "pretrain", None)
         if not nested:
             p.add(
@@ -236,10 +208,11 @@ def rcnn_config(
     """The settings `rcnn` reads: `sections` (`detection_settings(config)` when not given) and
     the pyramid's geometry. ConfigError on a problem."""
     sections = detection_settings(config) if sections is None else sections
+    det = sections["det"]
     return rcnn.RCNNConfig(
-        image_size=int(config.det.image_size),
-        min_level=int(config.det.min_level),
-        max_level=int(config.det.max_level),
+        image_size=det.image_size,
+        min_level=det.min_level,
+        max_level=det.max_level,
         rpn=sections["rpn"],
         roi=sections["roi"],
         infer=sections["infer"],
@@ -314,14 +287,14 @@ class DetectTask:
     # ---- the pretrained run --------------------------------------------------------------------
     @property
     def pretrain_workdir(self) -> str:
-        return self.config.init.pretrain_workdir or os.path.join(self.workdir, "pretrain")
+        return self.settings["init"].pretrain_workdir or os.path.join(self.workdir, "pretrain")
 
     @cached_property
     def pretrained(self) -> PretrainedTowers:
         """(pretraining config, pretrained parameters); trains them first if so configured."""
         workdir = self.pretrain_workdir
         has_run = os.path.exists(os.path.join(workdir, "config.json"))
-        if self.config.init.run_pretraining:
+        if self.settings["init"].run_pretraining:
             from rovit_jax.tasks.pretrain import PretrainTask
             from rovit_jax.train.loop import run
 
@@ -348,20 +321,21 @@ class DetectTask:
     @cached_property
     def model(self) -> OpenVocabDetector:
         pcfg = self.pretrained.config
+        det = self.settings["det"]
         img = vit_variant(pcfg.model.image.variant)
         grid = pcfg.pp.image_size // img["patch_size"]
         _check(
-            self.config.det.image_size % img["patch_size"] == 0,
+            det.image_size % img["patch_size"] == 0,
             "det.image_size",
-            self.config.det.image_size,
+            det.image_size,
             f"must be divisible by the backbone patch size {img['patch_size']}",
         )
         backbone = dict(
             img,
             posemb_grid=(grid, grid),
             pool_type="gap",
-            window_size=int(self.config.det.window_size),
-            global_blocks=tuple(int(i) for i in self.config.det.global_blocks),
+            window_size=det.window_size,
+            global_blocks=det.global_blocks,
             pre_norm=bool(pcfg.model.image.get("pre_norm", False)),
             **tower_options(pcfg.model.image),
             remat_policy=self.config.remat,
@@ -370,9 +344,9 @@ class DetectTask:
         head = self.settings["head"]
         return OpenVocabDetector(
             backbone=backbone,
-            min_level=int(self.config.det.min_level),
-            max_level=int(self.config.det.max_level),
-            fpn_channels=int(self.config.det.fpn_channels),
+            min_level=det.min_level,
+            max_level=det.max_level,
+            fpn_channels=det.fpn_channels,
             num_anchors=len(self.rcnn.rpn.aspect_ratios),
             rpn_box_bias_init=(
                 0.5
@@ -416,7 +390,7 @@ class DetectTask:
         return make_text_embedder(self.pretrained.config, self.pretrained.params, self.tokenizer)
 
     def vocabulary(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        templates = PROMPT_ENSEMBLES[self.config.text.templates]
+        templates = PROMPT_ENSEMBLES[self.settings["text"].templates]
         return build_text_classifier(names, self._embed_texts, templates=templates)
 
     @cached_property
@@ -428,7 +402,7 @@ class DetectTask:
         (e.g. a jitted `init_params` without `validate`), it is computed on another thread, whose
         jax trace state is its own, so that it is still a concrete array.
         """
-        templates = PROMPT_ENSEMBLES[self.config.text.templates]
+        templates = PROMPT_ENSEMBLES[self.settings["text"].templates]
 
         def compute() -> np.ndarray:
             return background_text_embedding(self._embed_texts, templates=templates)
@@ -463,7 +437,7 @@ class DetectTask:
         table = self.table
         novel = set(self.config.data.novel_frequencies)
         names = [n for _, n, _ in table]
-        if self.config.text.get("classifier"):
+        if self.settings["text"].classifier:
             emb, valid = self._saved_classifier(names)
         else:
             emb, valid = self.vocabulary(names)
@@ -475,7 +449,7 @@ class DetectTask:
         from rovit_jax.classifier import load_classifier
         from rovit_jax.detection.text_classifier import bucket_size
 
-        prefix = self.config.text.classifier
+        prefix = self.settings["text"].classifier
         emb, meta = load_classifier(prefix)
         if list(meta["names"]) != names:
             bad = next(
@@ -494,6 +468,7 @@ class DetectTask:
     def train_batches(self, process_index: int, process_count: int):
         from rovit_jax.data import detection_input
 
+        det = self.settings["det"]
         if self.data.train is None:
             if int(self.config.total_steps) == 0:
                 return detection_input.NoBatches()
@@ -504,13 +479,13 @@ class DetectTask:
         return detection_input.DetectionBatches(
             self.data.train,
             global_batch=int(self.config.batch_size),
-            image_size=int(self.config.det.image_size),
-            max_instances=int(self.config.det.max_instances),
+            image_size=det.image_size,
+            max_instances=det.max_instances,
             seed=int(self.config.seed),
             category_map=self.base_vocabulary["category_map"],
-            scale_range=tuple(self.config.det.scale_range),
-            flip=bool(self.config.det.flip),
-            mask_stride=int(self.config.det.mask_stride),
+            scale_range=det.scale_range,
+            flip=det.flip,
+            mask_stride=det.mask_stride,
             with_masks=sources.detection_has_masks(self.config.data),
             num_workers=int(self.config.data.get("num_workers") or 1),
             process_index=process_index,
@@ -518,8 +493,9 @@ class DetectTask:
         )
 
     def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
-        b, s = int(self.config.batch_size), int(self.config.det.image_size)
-        m, ms = int(self.config.det.max_instances), s // int(self.config.det.mask_stride)
+        det = self.settings["det"]
+        b, s = int(self.config.batch_size), det.image_size
+        m, ms = det.max_instances, s // det.mask_stride
         sds = jax.ShapeDtypeStruct
         shapes = {
             "image": sds((b, s, s, 3), jnp.float32),
@@ -554,7 +530,7 @@ class DetectTask:
     @cached_property
     def finetuned(self) -> Any | None:
         """Parameters of a finetuned detector run (`init.detector_workdir`), or None."""
-        workdir = self.config.init.get("detector_workdir")
+        workdir = self.settings["init"].detector_workdir
         if not workdir:
             return None
         config = read_run_config(workdir)
@@ -566,7 +542,7 @@ class DetectTask:
         return load_run_params(workdir)[0]
 
     def init_model_params(self, rng: jax.Array) -> Any:
-        s = int(self.config.det.image_size)
+        s = self.rcnn.image_size
         return self.model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
 
     def init_params(self, rng: jax.Array) -> Any:
@@ -576,7 +552,7 @@ class DetectTask:
             fresh = jax.tree.map(jnp.shape, params)
             if jax.tree.map(jnp.shape, self.finetuned) != fresh:
                 raise ValueError(
-                    f"config key `init.detector_workdir` = {self.config.init.detector_workdir!r}: "
+                    f"config key `init.detector_workdir` = {self.settings['init'].detector_workdir!r}: "
                     "its parameters do not match this config's detector (same backbone, heads "
                     "and det.* settings are needed)"
                 )
@@ -616,7 +592,7 @@ class DetectTask:
         return FrozenRegionEmbedder.build(
             self.two_tower,
             window_attention=infer.vlm_window_attention,
-            window_size=int(self.config.det.window_size if window is None else window),
+            window_size=self.settings["det"].window_size if window is None else window,
             global_blocks=infer.vlm_global_blocks,
             pool_size=self.rcnn.roi.pool_size,
         )

@@ -53,7 +53,8 @@ def evaluate(task, trainer, params) -> dict[str, float]:
     source = data.eval
     table = task.table
     vocab = task.full_vocabulary
-    num = len(source) if not config.eval.num_images else min(len(source), config.eval.num_images)
+    settings = task.settings["eval"]
+    num = len(source) if not settings.num_images else min(len(source), settings.num_images)
     subset = _Subset(source, num)
     gt = data.ground_truth(num)
     category_ids = list(data.eval_ids)
@@ -71,8 +72,8 @@ def evaluate(task, trainer, params) -> dict[str, float]:
     dets: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for batch in detection_input.eval_detection_batches(
         subset,
-        batch_size=int(config.eval.batch_size),
-        image_size=int(config.det.image_size),
+        batch_size=settings.batch_size,
+        image_size=task.rcnn.image_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     ):
@@ -137,7 +138,7 @@ def evaluate(task, trainer, params) -> dict[str, float]:
                 {k: v for k, v in metrics.items() if k.startswith(variant)},
                 found,
             )
-    if jax.process_index() == 0 and task.workdir and candidates and config.eval.render_images:
+    if jax.process_index() == 0 and task.workdir and candidates and settings.render_images:
         _render(task, source, gt, candidates, novel_ids, category_ids)
     return metrics
 
@@ -211,7 +212,6 @@ def _render(task, source, gt, candidates, novel_ids: set[int], category_ids: lis
     """
     from rovit_jax.detection.render import render_detection_grid
 
-    config = task.config
     objects: dict[int, list[int]] = {}
     for a in gt["annotations"]:
         objects.setdefault(int(a["image_id"]), []).append(int(a["category_id"]))
@@ -220,14 +220,12 @@ def _render(task, source, gt, candidates, novel_ids: set[int], category_ids: lis
         cats = objects.get(c[0], [])
         return (-int(any(k in novel_ids for k in cats)), -min(len(cats), 4), c[0])
 
-    chosen = sorted(candidates, key=rank)[: int(config.eval.render_images)]
+    chosen = sorted(candidates, key=rank)[: task.settings["eval"].render_images]
     names = [
         name + ("*" if eid in novel_ids else "")
         for eid, (_, name, _) in zip(category_ids, task.table)
     ]
     panels = [(source[index]["image"], b, s, c) for _, index, b, s, c in chosen]
     path = os.path.join(task.workdir, "detections.png")
-    render_detection_grid(
-        panels, names, path, min_score=float(config.eval.get("render_min_score", 0.3))
-    )
+    render_detection_grid(panels, names, path, min_score=task.settings["eval"].render_min_score)
     logging.info("rendered detections of %d images to %s", len(panels), path)

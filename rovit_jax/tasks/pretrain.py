@@ -79,7 +79,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     cc.check_number(p, config, "model.temperature_init", min_value=0.0, min_exclusive=True)
     cc.check_number(p, config, "model.bias_init", allow_none=True)
 
-    # loss, cpe, pp and tokenizer: the typed sections check their own fields.
+    # loss, cpe, pp, tokenizer and eval: the typed sections check their own fields.
     sections = resolve_pretrain_sections(config, p)
     pp, cpe = sections["pp"], sections["cpe"]
     if pp is not None and patch is not None:
@@ -110,7 +110,6 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
         cc.check_number(
             p, config, f"model.{tower}.norm_eps", min_value=0.0, min_exclusive=True, default=1e-6
         )
-    cc.check_int_list(p, config, "eval.recall_ks", min_value=1, nonempty=True)
     p.raise_if_any()
 
 
@@ -332,7 +331,7 @@ class PretrainTask:
         for batch in image_text.eval_batches(
             data.eval_images,
             data.tokenizer,
-            batch_size=int(self.config.eval.batch_size),
+            batch_size=self.settings["eval"].batch_size,
             image_size=self.settings["pp"].image_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
@@ -358,7 +357,7 @@ class PretrainTask:
         new_index = np.cumsum(image_keep) - 1
         sim = zimg[image_keep].astype(np.float64) @ ztxt[text_keep].astype(np.float64).T
         metrics = recall_at_k(
-            sim, new_index[text_to_image[text_keep]], ks=tuple(self.config.eval.recall_ks)
+            sim, new_index[text_to_image[text_keep]], ks=self.settings["eval"].recall_ks
         )
         metrics["num_pairs"] = float(text_keep.sum())
         metrics["num_images"] = float(image_keep.sum())
@@ -374,7 +373,7 @@ class PretrainTask:
                 in_shardings=(trainer.param_shardings(), trainer.batch_sharding),
                 out_shardings=trainer.replicated,
             )
-        size = int(self.config.eval.batch_size)
+        size = self.settings["eval"].batch_size
         local = size // jax.process_count()
         start = jax.process_index() * local
         out = []
