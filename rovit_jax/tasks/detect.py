@@ -246,11 +246,18 @@ class DetectTask:
         self.rcnn = rcnn_config(config, self.settings)
         self._mesh: Mesh | None = None
         self._predict_fns: dict[bool, Any] = {}  # with_masks -> jitted predict
-        # Given values take the place of the cached properties of the same names.
+        # Values computed on first use (the pretraining run, the vocabularies, a finetuned
+        # detector run); given ones take their place.
         given = dict(base_vocabulary=base_vocabulary, full_vocabulary=full_vocabulary)
         if pretrained is not None:
             given["pretrained"] = PretrainedTowers(*pretrained)
-        self.__dict__.update({k: v for k, v in given.items() if v is not None})
+        self._lazy: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+
+    def _once(self, name: str, compute) -> Any:
+        """The value of `name`, computed by `compute()` on first use (or given at construction)."""
+        if name not in self._lazy:
+            self._lazy[name] = compute()
+        return self._lazy[name]
 
     @classmethod
     def for_planning(
@@ -272,26 +279,29 @@ class DetectTask:
         from rovit_jax.tasks import pretrain
 
         pretrain.validate_config(pretrain_config, check_files=False)
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.init.detector_workdir = ""  # planning reads no detector run either
         k, e = bucket_size(int(num_classes)), int(pretrain_config.model.embed_dim)
         vocab = dict(embeddings=np.zeros((k, e), np.float32), valid=np.arange(k) < num_classes)
-        task = cls(
+        return cls(
             config,
             check_files=False,
             pretrained=PretrainedTowers(pretrain_config, None),
             base_vocabulary=dict(vocab, category_map={}),
             full_vocabulary=dict(vocab, is_novel=np.zeros(k, bool), table=[]),
         )
-        task.__dict__["finetuned"] = None  # planning reads no detector run either
-        return task
 
     # ---- the pretrained run --------------------------------------------------------------------
     @property
     def pretrain_workdir(self) -> str:
         return self.settings["init"].pretrain_workdir or os.path.join(self.workdir, "pretrain")
 
-    @cached_property
+    @property
     def pretrained(self) -> PretrainedTowers:
         """(pretraining config, pretrained parameters); trains them first if so configured."""
+        return self._once("pretrained", self._compute_pretrained)
+
+    def _compute_pretrained(self) -> PretrainedTowers:
         workdir = self.pretrain_workdir
         has_run = os.path.exists(os.path.join(workdir, "config.json"))
         if self.settings["init"].run_pretraining:
@@ -414,9 +424,12 @@ class DetectTask:
         with ThreadPoolExecutor(max_workers=1) as pool:
             return pool.submit(compute).result()
 
-    @cached_property
+    @property
     def base_vocabulary(self) -> dict[str, Any]:
         """Training vocabulary: categories not in a novel frequency group."""
+        return self._once("base_vocabulary", self._compute_base_vocabulary)
+
+    def _compute_base_vocabulary(self) -> dict[str, Any]:
         table = self.table
         novel = set(self.config.data.novel_frequencies)
         base = [(cid, name) for cid, name, freq in table if freq not in novel]
@@ -427,13 +440,16 @@ class DetectTask:
             category_map={cid: i for i, (cid, _) in enumerate(base)},
         )
 
-    @cached_property
+    @property
     def full_vocabulary(self) -> dict[str, Any]:
         """Evaluation vocabulary: every category; `is_novel` marks held-out ones.
 
         With `text.classifier` set, the saved classifier (rovit_jax.classifier) is used; its
         names must be this dataset's categories, in order.
         """
+        return self._once("full_vocabulary", self._compute_full_vocabulary)
+
+    def _compute_full_vocabulary(self) -> dict[str, Any]:
         table = self.table
         novel = set(self.config.data.novel_frequencies)
         names = [n for _, n, _ in table]
@@ -527,9 +543,12 @@ class DetectTask:
     def _text_background(self) -> bool:
         return self.settings["head"].background == "text"
 
-    @cached_property
+    @property
     def finetuned(self) -> Any | None:
         """Parameters of a finetuned detector run (`init.detector_workdir`), or None."""
+        return self._once("finetuned", self._compute_finetuned)
+
+    def _compute_finetuned(self) -> Any | None:
         workdir = self.settings["init"].detector_workdir
         if not workdir:
             return None
