@@ -38,8 +38,11 @@ from rovit_jax import config_check as cc
 
 __all__ = [
     "Section",
+    "add_sections",
     "older_defaults",
     "resolve_section",
+    "resolve_sections",
+    "resolved_sections",
     "section_defaults",
     "setting",
 ]
@@ -221,3 +224,26 @@ def resolve_section(cls: type[Section], config: Any, problems: cc.Problems) -> S
             problems.add(key, values[low], f"must be <= {cls.SECTION}.{high} = {values[high]}")
             ok = False
     return cls(**values) if ok else None
+
+
+def add_sections(config: Any, classes: Sequence[type[Section]]) -> Any:
+    """Puts the default section of each of `classes` into `config` (in place; returns it)."""
+    for cls in classes:
+        config[cls.SECTION] = section_defaults(cls)
+    return config
+
+
+def resolve_sections(
+    classes: Sequence[type[Section]], config: Any, problems: cc.Problems
+) -> dict[str, Any]:
+    """{section: typed settings, or None where that section has problems (added to
+    `problems`)} for each of `classes`."""
+    return {cls.SECTION: resolve_section(cls, config, problems) for cls in classes}
+
+
+def resolved_sections(classes: Sequence[type[Section]], config: Any) -> dict[str, Any]:
+    """{section: typed settings} for each of `classes`; ConfigError listing every problem."""
+    problems = cc.Problems()
+    sections = resolve_sections(classes, config, problems)
+    problems.raise_if_any()
+    return sections

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from rovit_jax.detection.settings import add_detection_sections
+from rovit_jax.config_sections import add_sections
+from rovit_jax.detection.settings import DETECTION_SECTIONS
 from rovit_jax.pretrain_config import NO_DECAY
 from rovit_jax.run_config import add_run_settings
 
@@ -48,7 +49,7 @@ def detect_defaults() -> ml_collections.ConfigDict:
 
     # det, rpn, roi, head, infer, text, init and eval: defaults, allowed values and bounds are
     # the typed sections of rovit_jax.detection.settings.
-    add_detection_sections(c)
+    add_sections(c, DETECTION_SECTIONS)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4  # unverified

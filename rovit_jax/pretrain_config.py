@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from rovit_jax.pretrain_settings import add_pretrain_sections
+from rovit_jax.config_sections import add_sections
+from rovit_jax.pretrain_settings import PRETRAIN_SECTIONS
 from rovit_jax.run_config import add_run_settings
 
 # Weight decay skips biases, norms, embeddings of positions and the loss's scalars.
@@ -77,7 +78,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
 
     # loss, cpe, pp, tokenizer and eval: defaults, allowed values and bounds are the typed
     # sections of rovit_jax.pretrain_settings.
-    add_pretrain_sections(c)
+    add_sections(c, PRETRAIN_SECTIONS)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4  # unverified

@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from rovit_jax import config_check as cc
-from rovit_jax.config_sections import Section, resolve_section, section_defaults, setting
+from rovit_jax.config_sections import (
+    Section,
+    resolved_sections,
+    setting,
+)
 from rovit_jax.losses.contrastive import CONTRASTIVE_LOSS_KINDS
 
 __all__ = [
@@ -23,9 +26,7 @@ __all__ = [
     "PreprocessSettings",
     "RetrievalEvalSettings",
     "TokenizerSettings",
-    "add_pretrain_sections",
     "pretrain_settings",
-    "resolve_pretrain_sections",
 ]
 
 _AREA = dict(min_value=0.0, max_value=1.0, min_exclusive=True, ordered=True)  # 0 < lo <= hi <= 1
@@ -103,22 +104,6 @@ PRETRAIN_SECTIONS = (
 )
 
 
-def add_pretrain_sections(config: Any) -> Any:
-    """Puts the default typed sections (PRETRAIN_SECTIONS) into `config` (in place)."""
-    for cls in PRETRAIN_SECTIONS:
-        config[cls.SECTION] = section_defaults(cls)
-    return config
-
-
-def resolve_pretrain_sections(config: Any, problems: cc.Problems) -> dict[str, Any]:
-    """{section: typed settings, or None where that section has problems (added to
-    `problems`)} of `config`."""
-    return {cls.SECTION: resolve_section(cls, config, problems) for cls in PRETRAIN_SECTIONS}
-
-
 def pretrain_settings(config: Any) -> dict[str, Any]:
     """{section: typed settings} of `config`; ConfigError listing every problem otherwise."""
-    problems = cc.Problems()
-    sections = resolve_pretrain_sections(config, problems)
-    problems.raise_if_any()
-    return sections
+    return resolved_sections(PRETRAIN_SECTIONS, config)

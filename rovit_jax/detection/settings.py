@@ -3,7 +3,7 @@
 allowed values, bounds and older-run value, written once.
 
 `detect_config.detect_defaults()` builds its sections from these classes, `tasks.detect` resolves
-them once from a config (`resolve_detection_sections`), and `rcnn.RCNNConfig` carries the typed
+them once from a config (`detection_settings`), and `rcnn.RCNNConfig` carries the typed
 objects to every function that reads them. Defaults are the authors' (their F-VLM / DITO
 detection code, which RO-ViT's detector follows) or the paper's where either names a value;
 "this project's before" marks a kept alternative. `older` values are what a run config written
@@ -15,12 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from rovit_jax import config_check as cc
 from rovit_jax.config_sections import (
     Section,
     older_defaults,
-    resolve_section,
-    section_defaults,
+    resolved_sections,
     setting,
 )
 from rovit_jax.detection.score_fusion import FUSION_MODES
@@ -43,9 +41,7 @@ __all__ = [
     "RoISettings",
     "TextSettings",
     "VLM_POOL_BOXES",
-    "add_detection_sections",
     "detection_settings",
-    "resolve_detection_sections",
 ]
 
 OBJECTNESS_MODES = ("binary", "centerness")
@@ -270,22 +266,6 @@ OLDER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def add_detection_sections(config: Any) -> Any:
-    """Puts the default typed sections (DETECTION_SECTIONS) into `config` (in place)."""
-    for cls in DETECTION_SECTIONS:
-        config[cls.SECTION] = section_defaults(cls)
-    return config
-
-
-def resolve_detection_sections(config: Any, problems: cc.Problems) -> dict[str, Any]:
-    """{section: typed settings, or None where that section has problems (added to
-    `problems`)} of `config`."""
-    return {cls.SECTION: resolve_section(cls, config, problems) for cls in DETECTION_SECTIONS}
-
-
 def detection_settings(config: Any) -> dict[str, Any]:
     """{section: typed settings} of `config`; ConfigError listing every problem otherwise."""
-    problems = cc.Problems()
-    sections = resolve_detection_sections(config, problems)
-    problems.raise_if_any()
-    return sections
+    return resolved_sections(DETECTION_SECTIONS, config)

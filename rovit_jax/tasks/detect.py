@@ -13,13 +13,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from rovit_jax.config_sections import resolve_sections
 from rovit_jax.data import sources
 from rovit_jax.detection import rcnn
-from rovit_jax.detection.settings import (
-    OLDER_DEFAULTS,
-    detection_settings,
-    resolve_detection_sections,
-)
+from rovit_jax.detection.settings import DETECTION_SECTIONS, OLDER_DEFAULTS, detection_settings
 from rovit_jax.detection.text_classifier import (
     PROMPT_ENSEMBLES,
     background_text_embedding,
@@ -78,7 +75,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
 
     # The canvas, pyramid, proposals, RoI heads and inference: the typed sections check their
     # own fields; what spans fields is checked here.
-    sections = resolve_detection_sections(config, p)
+    sections = resolve_sections(DETECTION_SECTIONS, config, p)
     det = sections["det"]
     if det is not None:
         p.check(

@@ -12,6 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from rovit_jax.config_sections import resolve_sections
 from rovit_jax.data import image_text, sources
 from rovit_jax.evaluation.retrieval import recall_at_k
 from rovit_jax.losses import contrastive
@@ -20,7 +21,7 @@ from rovit_jax.models.text import TEXT_POOL_TYPES, text_variant
 from rovit_jax.models.two_tower import TwoTower
 from rovit_jax.models.vit import POOL_TYPES, vit_variant
 from rovit_jax.ops.posemb import sample_crop_boxes
-from rovit_jax.pretrain_settings import pretrain_settings, resolve_pretrain_sections
+from rovit_jax.pretrain_settings import PRETRAIN_SECTIONS, pretrain_settings
 from rovit_jax.train import mesh as mesh_lib
 
 
@@ -80,7 +81,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     cc.check_number(p, config, "model.bias_init", allow_none=True)
 
     # loss, cpe, pp, tokenizer and eval: the typed sections check their own fields.
-    sections = resolve_pretrain_sections(config, p)
+    sections = resolve_sections(PRETRAIN_SECTIONS, config, p)
     pp, cpe = sections["pp"], sections["cpe"]
     if pp is not None and patch is not None:
         p.check(
