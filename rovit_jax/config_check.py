@@ -272,67 +272,6 @@ def check_str(
     return value
 
 
-def check_number_pair(
-    problems: Problems,
-    config: Any,
-    key: str,
-    *,
-    allow_none: bool = False,
-    ordered: bool = False,
-    upper: float | None = None,
-    why: str | None = None,
-) -> tuple[float, float] | None:
-    """The (low, high) pair of finite numbers at `key`, or None + a problem.
-
-    With `ordered`, also 0 < low <= high (<= upper when given); `why` words that problem.
-    """
-    value = _lookup(problems, config, key, MISSING)
-    if value is MISSING or (allow_none and value is None):
-        return None
-    if (
-        isinstance(value, (str, bytes))
-        or not isinstance(value, (Sequence, np.ndarray))
-        or len(value) != 2
-        or not all(_is_number(v) and math.isfinite(float(v)) for v in value)
-    ):
-        problems.add(
-            key, value, "must be a pair of finite numbers (low, high)" + (", or None" * allow_none)
-        )
-        return None
-    low, high = float(value[0]), float(value[1])
-    if ordered and not (0.0 < low <= high and (upper is None or high <= upper)):
-        bound = "" if upper is None else f" <= {upper:g}"
-        problems.add(key, tuple(value), why or f"need 0 < low <= high{bound}")
-        return None
-    return low, high
-
-
-def check_int_list(
-    problems: Problems,
-    config: Any,
-    key: str,
-    *,
-    min_value: int | None = None,
-    nonempty: bool = False,
-    default: Any = MISSING,
-) -> list[int] | None:
-    """The list of integers >= min_value at `key`, or None + a problem."""
-    value = _lookup(problems, config, key, default)
-    if value is MISSING:
-        return None
-    bounds = _range_text(min_value, None, False, False)
-    if (
-        isinstance(value, (str, bytes))
-        or not isinstance(value, (Sequence, np.ndarray))
-        or (nonempty and len(value) == 0)
-        or not all(_is_int(v) and _in_range(int(v), min_value, None, False, False) for v in value)
-    ):
-        need = "a " + ("non-empty " if nonempty else "") + "list of integers"
-        problems.add(key, value, f"must be {need}" + (f" {bounds}" if bounds else ""))
-        return None
-    return [int(v) for v in value]
-
-
 def check_regex_list(problems: Problems, config: Any, key: str, *, default: Any = ()) -> None:
     """Checks that `key` holds a list of valid regular expressions."""
     value = _lookup(problems, config, key, default)
