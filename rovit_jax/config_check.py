@@ -130,17 +130,20 @@ def config_get(config: Any, key: str, default: Any = MISSING) -> Any:
     return node
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int or numpy integer, not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float (numpy's too), not a bool."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
         value, (bool, np.bool_)
     )
 
 
-def _range_text(min_value: Any, max_value: Any, min_exclusive: bool, max_exclusive: bool) -> str:
+def range_text(min_value: Any, max_value: Any, min_exclusive: bool, max_exclusive: bool) -> str:
+    """The bounds in words, e.g. "> 0.0 and <= 1.0" ("" without bounds)."""
     parts = []
     if min_value is not None:
         parts.append(f"{'>' if min_exclusive else '>='} {min_value}")
@@ -149,9 +152,10 @@ def _range_text(min_value: Any, max_value: Any, min_exclusive: bool, max_exclusi
     return " and ".join(parts)
 
 
-def _in_range(
+def in_range(
     value: float, min_value: Any, max_value: Any, min_exclusive: bool, max_exclusive: bool
 ) -> bool:
+    """Whether `value` lies within the bounds (None = unbounded on that side)."""
     if min_value is not None and (value <= min_value if min_exclusive else value < min_value):
         return False
     if max_value is not None and (value >= max_value if max_exclusive else value > max_value):
@@ -179,9 +183,9 @@ def check_int(
     value = _lookup(problems, config, key, default)
     if value is MISSING:
         return None
-    bounds = _range_text(min_value, max_value, False, False)
+    bounds = range_text(min_value, max_value, False, False)
     need = "an integer" + (f" {bounds}" if bounds else "")
-    if not _is_int(value) or not _in_range(int(value), min_value, max_value, False, False):
+    if not is_int(value) or not in_range(int(value), min_value, max_value, False, False):
         problems.add(key, value, f"must be {need}")
         return None
     return int(value)
@@ -203,14 +207,14 @@ def check_number(
     value = _lookup(problems, config, key, default)
     if value is MISSING or (allow_none and value is None):
         return None
-    bounds = _range_text(min_value, max_value, min_exclusive, max_exclusive)
+    bounds = range_text(min_value, max_value, min_exclusive, max_exclusive)
     need = (
         "a finite number" + (f" {bounds}" if bounds else "") + (", or None" if allow_none else "")
     )
     if (
-        not _is_number(value)
+        not is_number(value)
         or not math.isfinite(float(value))
-        or not _in_range(float(value), min_value, max_value, min_exclusive, max_exclusive)
+        or not in_range(float(value), min_value, max_value, min_exclusive, max_exclusive)
     ):
         problems.add(key, value, f"must be {need}")
         return None
@@ -452,7 +456,7 @@ def check_optim(problems: Problems, config: Any) -> None:
             problems.add(key, rule, "must be a (regex, multiplier) pair")
             continue
         _check_regex(problems, key, rule[0])
-        if not _is_number(rule[1]) or not math.isfinite(float(rule[1])) or rule[1] < 0:
+        if not is_number(rule[1]) or not math.isfinite(float(rule[1])) or rule[1] < 0:
             problems.add(key, rule, "multiplier must be a finite number >= 0")
 
 
@@ -475,7 +479,7 @@ def _mesh_axes(problems: Problems, config: Any) -> list[tuple[str, int]] | None:
             and isinstance(a, Sequence)
             and len(a) == 2
             and isinstance(a[0], str)
-            and _is_int(a[1])
+            and is_int(a[1])
             for a in axes
         )
     )
@@ -549,7 +553,7 @@ def batch_problems(
     shards = int(np.prod([resolved.get(a, 1) for a in BATCH_AXES]))
     for key in ("batch_size", "eval.batch_size"):
         value = config_get(config, key)
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             continue  # reported by the task's validate_config
         problems.check(
             value % shards == 0,
@@ -580,9 +584,9 @@ def check_mesh(config: Any, num_devices: int, num_processes: int = 1) -> None:
     Nothing is built or compiled: this only does arithmetic on the config, so it can run
     before any device work (see `mesh_problems` for the rules).
     """
-    if not _is_int(num_devices) or num_devices < 1:
+    if not is_int(num_devices) or num_devices < 1:
         raise ValueError(f"num_devices must be an integer >= 1, got {num_devices!r}")
-    if not _is_int(num_processes) or num_processes < 1:
+    if not is_int(num_processes) or num_processes < 1:
         raise ValueError(f"num_processes must be an integer >= 1, got {num_processes!r}")
     problems = Problems()
     mesh_problems(problems, config, int(num_devices), int(num_processes))

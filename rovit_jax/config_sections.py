@@ -15,9 +15,9 @@ From that one definition come:
     (fields typed `X | None` become FieldReferences of X, so the command line can set them);
   * `resolve_section(cls, config, problems)`: the typed value of `config.<SECTION>`, read once at
     start. Each field is checked by its annotation (int, float, bool, str, tuple[int, ...],
-    tuple[float, ...], a pair tuple[float, float], optionally `| None`), its `choices` and its bounds, then the section's
-    `ORDERED` pairs; every problem is added to `problems` with its dotted key, so validation
-    still reports all of them at once;
+    tuple[float, ...], a pair tuple[float, float], optionally `| None`), its `choices` and its
+    bounds, then the section's `ORDERED` pairs; every problem is added to `problems` with its
+    dotted key, so validation still reports all of them at once;
   * `older_defaults(cls)`: `older` values, those a run config written before a field existed was
     trained and evaluated with. A field without one is required in every config.
 """
@@ -93,11 +93,11 @@ class Section:
 
 @functools.cache
 def _field_types(cls: type) -> dict[str, tuple[type, bool]]:
-    """{field: (base type, optional)} from the class's annotations."""
+    """{field: (base type, optional)} from the annotations of `cls`'s dataclass fields."""
+    hints = typing.get_type_hints(cls)
     out = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        if name == "SECTION":
-            continue
+    for name in (f.name for f in dataclasses.fields(cls)):
+        hint = hints[name]
         args = typing.get_args(hint)
         optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
         if optional:
@@ -131,18 +131,18 @@ def older_defaults(cls: type[Section]) -> dict[str, Any]:
 
 def _element_ok(value: Any, base: type, m: dict) -> bool:
     if base is int:
-        ok = cc._is_int(value)
+        ok = cc.is_int(value)
     elif base is float:
-        ok = cc._is_number(value) and math.isfinite(float(value))
+        ok = cc.is_number(value) and math.isfinite(float(value))
     else:
         return False
-    return ok and cc._in_range(
+    return ok and cc.in_range(
         float(value), m["min_value"], m["max_value"], m["min_exclusive"], m["max_exclusive"]
     )
 
 
 def _need(base: type, optional: bool, m: dict) -> str:
-    bounds = cc._range_text(m["min_value"], m["max_value"], m["min_exclusive"], m["max_exclusive"])
+    bounds = cc.range_text(m["min_value"], m["max_value"], m["min_exclusive"], m["max_exclusive"])
     bounds = f" {bounds}" if bounds else ""
     if typing.get_origin(base) is tuple:
         (elem,) = {a for a in typing.get_args(base) if a is not Ellipsis}

@@ -1,6 +1,5 @@
 """The detection config's sections `det`, `rpn`, `roi`, `head`, `infer`, `text`, `init` and
-`eval`, typed: each field's default,
-allowed values, bounds and older-run value, written once.
+`eval`, typed: each field's default, allowed values, bounds and older-run value, written once.
 
 `detect_config.detect_defaults()` builds its sections from these classes, `tasks.detect` resolves
 them once from a config (`detection_settings`), and `rcnn.RCNNConfig` carries the typed
