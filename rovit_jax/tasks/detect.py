@@ -238,7 +238,7 @@ class DetectTask:
         validate_config(config, check_files=check_files)
         self.config = config
         self.workdir = workdir
-        # The typed rpn / roi / head / infer sections, resolved once (validated above).
+        # The typed sections (DETECTION_SECTIONS), resolved once (validated above).
         self.settings = detection_settings(config)
         self.rcnn = rcnn_config(config, self.settings)
         self._mesh: Mesh | None = None

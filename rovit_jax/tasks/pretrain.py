@@ -228,7 +228,7 @@ class PretrainTask:
         # check_files=False: planning only (see validate_config); the data is never read then.
         validate_config(config, check_files=check_files)
         self.config = config
-        # The typed loss / cpe / pp / tokenizer sections, resolved once (validated above).
+        # The typed sections (PRETRAIN_SECTIONS), resolved once (validated above).
         self.settings = pretrain_settings(config)
         self.model = build_model(config)
         self._mesh: Mesh | None = None
