@@ -90,6 +90,17 @@ class Section:
     SECTION: ClassVar[str] = ""
     ORDERED: ClassVar[tuple[tuple[str, str], ...]] = ()
 
+    def __post_init__(self) -> None:
+        # Built directly (not through resolve_section), a value outside its choices would
+        # otherwise fall through a mode switch silently.
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices", ())
+            value = getattr(self, f.name)
+            if choices and not any(type(value) is type(c) and value == c for c in choices):
+                raise ValueError(
+                    f"config key `{self.SECTION}.{f.name}` = {value!r}: choose one of {choices}"
+                )
+
 
 @functools.cache
 def _field_types(cls: type) -> dict[str, tuple[type, bool]]:

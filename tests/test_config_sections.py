@@ -94,6 +94,14 @@ def test_every_problem_is_named_with_its_key():
         }, area
 
 
+def test_a_section_built_directly_refuses_values_outside_its_choices():
+    assert _Demo(mode="b").mode == "b"
+    with pytest.raises(ValueError, match=r"`demo.mode` = 'c': choose one of \('a', 'b'\)"):
+        _Demo(mode="c")
+    with pytest.raises(ValueError, match="infer.fusion"):
+        settings.InferSettings(fusion="geometric")
+
+
 def test_missing_fields_take_older_values_or_are_reported():
     c = _config(low=0.3)
     del c.demo["flag"], c.demo["copy"]
