@@ -554,10 +554,11 @@ def _region_scores(
 ) -> dict[str, Any]:
     """Backbone, proposals, box refinement and the class scores of both scorers.
 
-    The VLM pools its region features from the proposals (`cfg.infer.vlm_pool_boxes`="proposals", as
-    the authors' code) or from the refined boxes, shrunk by `cfg.infer.vlm_box_scale`; its classifier
-    is [the detector's background row, text_embeddings], the background row shared with the
-    detector's classifier as in the authors' code.
+    The VLM pools its region features from the proposals (`cfg.infer.vlm_pool_boxes` =
+    "proposals", as the authors' code) or from the refined boxes, shrunk by
+    `cfg.infer.vlm_box_scale`; its classifier is [the detector's background row,
+    text_embeddings], the background row shared with the detector's classifier as in the
+    authors' code.
 
     Returns dict: feats (the pyramid), boxes [B, P, 4] refined proposals, det_probs
     [B, P, 1 + K] detector softmax (column 0 background), vlm_logits [B, P, 1 + K] (column 0

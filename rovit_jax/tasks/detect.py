@@ -46,7 +46,9 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
         raise ValueError(f"config key `{key}` = {value!r}: {why}")
 
 
-def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
+def validate_config(
+    config: ml_collections.ConfigDict, *, check_files: bool = True
+) -> dict[str, Any]:
     """Checks detection settings that would otherwise fail late or silently.
 
     Args:
@@ -59,6 +61,9 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
       rovit_jax.config_check.ConfigError (a ValueError) listing every problem found, one per
       line, each naming the config key and its value. With `init.run_pretraining`, problems of
       the nested pretraining config are listed too, as `pretrain.<key>`.
+
+    Returns:
+      {section: typed settings} of DETECTION_SECTIONS, resolved while checking.
     """
     from rovit_jax import config_check as cc  # Local: keeps this module's imports unchanged.
     from rovit_jax.tasks import pretrain
@@ -126,6 +131,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
             except cc.ConfigError as e:
                 p.extend(e.problems, prefix="pretrain.")
     p.raise_if_any()
+    return sections
 
 
 def _check_grad_scales(p: Any, config: ml_collections.ConfigDict) -> None:
@@ -235,11 +241,10 @@ class DetectTask:
         base_vocabulary: dict[str, Any] | None = None,
         full_vocabulary: dict[str, Any] | None = None,
     ):
-        validate_config(config, check_files=check_files)
+        # The typed sections (DETECTION_SECTIONS), resolved once while validating.
+        self.settings = validate_config(config, check_files=check_files)
         self.config = config
         self.workdir = workdir
-        # The typed sections (DETECTION_SECTIONS), resolved once (validated above).
-        self.settings = detection_settings(config)
         self.rcnn = rcnn_config(config, self.settings)
         self._mesh: Mesh | None = None
         self._predict_fns: dict[bool, Any] = {}  # with_masks -> jitted predict
@@ -568,9 +573,9 @@ class DetectTask:
             fresh = jax.tree.map(jnp.shape, params)
             if jax.tree.map(jnp.shape, self.finetuned) != fresh:
                 raise ValueError(
-                    f"config key `init.detector_workdir` = {self.settings['init'].detector_workdir!r}: "
-                    "its parameters do not match this config's detector (same backbone, heads "
-                    "and det.* settings are needed)"
+                    "config key `init.detector_workdir` = "
+                    f"{self.settings['init'].detector_workdir!r}: its parameters do not match "
+                    "this config's detector (same backbone, heads and det.* settings are needed)"
                 )
             return jax.tree.map(jnp.asarray, self.finetuned)
         if self.pretrained.params is None:

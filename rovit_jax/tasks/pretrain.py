@@ -30,7 +30,9 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
         raise ValueError(f"config key `{key}` = {value!r}: {why}")
 
 
-def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
+def validate_config(
+    config: ml_collections.ConfigDict, *, check_files: bool = True
+) -> dict[str, Any]:
     """Checks every pretraining setting that would otherwise fail late or silently.
 
     Args:
@@ -42,6 +44,9 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
     Raises:
       rovit_jax.config_check.ConfigError (a ValueError) listing every problem found, one per
       line, each naming the config key and its value.
+
+    Returns:
+      {section: typed settings} of PRETRAIN_SECTIONS, resolved while checking.
     """
     from rovit_jax import config_check as cc  # Local: keeps this module's imports unchanged.
 
@@ -112,6 +117,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
             p, config, f"model.{tower}.norm_eps", min_value=0.0, min_exclusive=True, default=1e-6
         )
     p.raise_if_any()
+    return sections
 
 
 def _check_pretrain_data(p: Any, config: ml_collections.ConfigDict) -> None:
@@ -181,9 +187,12 @@ def _check_image_text_fields(p: Any, config: ml_collections.ConfigDict, prefix: 
         cc.check_path(p, config, f"{prefix}.images", kind="dir", needed_for=needed_for)
 
 
-def build_model(config: ml_collections.ConfigDict) -> TwoTower:
-    """The two-tower model described by `config.model` (and pp/cpe/dtype/remat)."""
-    settings = pretrain_settings(config)
+def build_model(
+    config: ml_collections.ConfigDict, settings: dict[str, Any] | None = None
+) -> TwoTower:
+    """The two-tower model described by `config.model` (and pp/cpe/dtype/remat); `settings`:
+    the config's typed sections when already resolved (`pretrain_settings(config)` otherwise)."""
+    settings = pretrain_settings(config) if settings is None else settings
     tok = settings["tokenizer"]
     img = vit_variant(config.model.image.variant)
     grid = settings["pp"].image_size // img["patch_size"]
@@ -226,11 +235,10 @@ class PretrainTask:
 
     def __init__(self, config: ml_collections.ConfigDict, *, check_files: bool = True):
         # check_files=False: planning only (see validate_config); the data is never read then.
-        validate_config(config, check_files=check_files)
+        # The typed sections (PRETRAIN_SECTIONS), resolved once while validating.
+        self.settings = validate_config(config, check_files=check_files)
         self.config = config
-        # The typed sections (PRETRAIN_SECTIONS), resolved once (validated above).
-        self.settings = pretrain_settings(config)
-        self.model = build_model(config)
+        self.model = build_model(config, self.settings)
         self._mesh: Mesh | None = None
 
     # ---- data ---------------------------------------------------------------------------------
