@@ -286,7 +286,7 @@ def bench(
     state = trainer.init_state()
     batch = trainer.global_batch(synthetic_batch(task, np.random.default_rng(0)))
     xla_flops = _xla_flops(compiled)
-    step_jaxpr = jax.make_jaxpr(trainer._train_step)(state, batch)
+    step_jaxpr = jax.make_jaxpr(trainer.train_step)(state, batch)
     model_flops = dot_flops(step_jaxpr.jaxpr)
     state, m = compiled(state, batch)
     holder = {"state": state}

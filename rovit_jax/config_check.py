@@ -276,18 +276,6 @@ def check_str(
     return value
 
 
-def check_regex_list(problems: Problems, config: Any, key: str, *, default: Any = ()) -> None:
-    """Checks that `key` holds a list of valid regular expressions."""
-    value = _lookup(problems, config, key, default)
-    if value is MISSING:
-        return
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        problems.add(key, value, "must be a list of regular expressions")
-        return
-    for i, pattern in enumerate(value):
-        _check_regex(problems, f"{key}[{i}]", pattern)
-
-
 def _check_regex(problems: Problems, key: str, pattern: Any) -> bool:
     if not isinstance(pattern, str):
         problems.add(key, pattern, "must be a regular expression (a string)")
@@ -426,38 +414,6 @@ def _valid_spec(spec: Any) -> bool:
             continue
         return False
     return True
-
-
-def check_optim(problems: Problems, config: Any) -> None:
-    """The `optim` block: learning rate, schedule, AdamW constants, clipping, regex lists."""
-    from rovit_jax.train.optim import SCHEDULES
-
-    check_number(problems, config, "optim.lr", min_value=0.0)
-    check_int(problems, config, "optim.warmup_steps", min_value=0)
-    check_choice(problems, config, "optim.schedule", SCHEDULES)
-    check_number(
-        problems, config, "optim.end_lr_fraction", min_value=0.0, max_value=1.0, default=0.0
-    )
-    check_number(problems, config, "optim.weight_decay", min_value=0.0)
-    for key in ("optim.b1", "optim.b2"):
-        check_number(problems, config, key, min_value=0.0, max_value=1.0, max_exclusive=True)
-    check_number(problems, config, "optim.eps", min_value=0.0, min_exclusive=True)
-    # clip_norm: 0 or None disables clipping.
-    check_number(problems, config, "optim.clip_norm", min_value=0.0, allow_none=True, default=None)
-    check_regex_list(problems, config, "optim.no_decay")
-    check_regex_list(problems, config, "optim.frozen")
-    mults = config_get(config, "optim.lr_mults", ())
-    if isinstance(mults, (str, bytes)) or not isinstance(mults, Sequence):
-        problems.add("optim.lr_mults", mults, "must be a list of (regex, multiplier) pairs")
-        return
-    for i, rule in enumerate(mults):
-        key = f"optim.lr_mults[{i}]"
-        if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
-            problems.add(key, rule, "must be a (regex, multiplier) pair")
-            continue
-        _check_regex(problems, key, rule[0])
-        if not is_number(rule[1]) or not math.isfinite(float(rule[1])) or rule[1] < 0:
-            problems.add(key, rule, "multiplier must be a finite number >= 0")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ From that one definition come:
     (fields typed `X | None` become FieldReferences of X, so the command line can set them);
   * `resolve_section(cls, config, problems)`: the typed value of `config.<SECTION>`, read once at
     start. Each field is checked by its annotation (int, float, bool, str, tuple[int, ...],
-    tuple[float, ...], a pair tuple[float, float], optionally `| None`), its `choices` and its
-    bounds, then the section's `ORDERED` pairs; every problem is added to `problems` with its
+    tuple[float, ...], tuple[str, ...], a pair tuple[float, float], (regex, factor) rules
+    tuple[tuple[str, float], ...], optionally `| None`), its `choices`, its bounds and (`regex`)
+    that its strings compile, then the section's `ORDERED` pairs; every problem is added to `problems` with its
     dotted key, so validation still reports all of them at once;
   * `older_defaults(cls)`: `older` values, those a run config written before a field existed was
     trained and evaluated with. A field without one is required in every config.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -40,6 +42,7 @@ __all__ = [
     "Section",
     "add_sections",
     "older_defaults",
+    "redefault",
     "resolve_section",
     "resolve_sections",
     "resolved_sections",
@@ -60,14 +63,17 @@ def setting(
     max_exclusive: bool = False,
     nonempty: bool = False,
     ordered: bool = False,
+    regex: bool = False,
     older: Any = _NO_OLDER,
     older_from: str | None = None,
 ) -> Any:
     """A section field: its default, allowed values, bounds and the value older run configs
     that lack it were run with (`older`, or the value of the key `older_from`).
 
-    Bounds apply to a number or to each element of a tuple; `nonempty` to tuples of any length
-    (`tuple[float, ...]`); `ordered` to pairs (`tuple[float, float]`): low <= high.
+    Bounds apply to a number, to each element of a tuple, or to each rule's factor; `nonempty`
+    to tuples of any length (`tuple[float, ...]`); `ordered` to pairs (`tuple[float, float]`):
+    low <= high; `regex` to strings (`tuple[str, ...]`): each must compile. The strings of
+    (regex, factor) rules are always regexes.
     """
     meta = dict(
         choices=tuple(choices),
@@ -77,10 +83,18 @@ def setting(
         max_exclusive=max_exclusive,
         nonempty=nonempty,
         ordered=ordered,
+        regex=regex,
         older=older,
         older_from=older_from,
     )
     return dataclasses.field(default=default, metadata=meta)
+
+
+def redefault(cls: type, name: str, default: Any) -> Any:
+    """Field `name` of section `cls` with another default (same checks and older value): for a
+    subclass whose task starts from other values (`DetectOptimSettings.lr`)."""
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    return dataclasses.field(default=default, metadata=f.metadata)
 
 
 class Section:
@@ -140,7 +154,25 @@ def older_defaults(cls: type[Section]) -> dict[str, Any]:
     }
 
 
-def _element_ok(value: Any, base: type, m: dict) -> bool:
+def _compiles(pattern: Any) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError):
+        return False
+    return True
+
+
+def _element_ok(value: Any, base: Any, m: dict) -> bool:
+    if base is str:
+        return isinstance(value, str) and (not m["regex"] or _compiles(value))
+    if typing.get_origin(base) is tuple:  # a (regex, factor) rule
+        return (
+            _is_list(value)
+            and len(value) == 2
+            and isinstance(value[0], str)
+            and _compiles(value[0])
+            and _element_ok(value[1], float, m)
+        )
     if base is int:
         ok = cc.is_int(value)
     elif base is float:
@@ -152,12 +184,28 @@ def _element_ok(value: Any, base: type, m: dict) -> bool:
     )
 
 
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _as_type(value: Any, base: Any) -> Any:
+    """An element already checked by `_element_ok`, as `base` (rules become tuples)."""
+    if typing.get_origin(base) is tuple:
+        return (str(value[0]), float(value[1]))
+    return base(value)
+
+
 def _need(base: type, optional: bool, m: dict) -> str:
     bounds = cc.range_text(m["min_value"], m["max_value"], m["min_exclusive"], m["max_exclusive"])
     bounds = f" {bounds}" if bounds else ""
     if typing.get_origin(base) is tuple:
         (elem,) = {a for a in typing.get_args(base) if a is not Ellipsis}
-        noun = "integers" if elem is int else "finite numbers"
+        if typing.get_origin(elem) is tuple:
+            text = f"a list of (regex, factor) pairs, factors finite numbers{bounds}"
+            return "must be " + text + (", or None" if optional else "")
+        noun = {int: "integers", str: "strings", float: "finite numbers"}[elem]
+        if elem is str and m["regex"]:
+            noun = "regexes"
         if Ellipsis in typing.get_args(base):
             text = "a " + ("non-empty " if m["nonempty"] else "") + f"list of {noun}{bounds}"
         else:
@@ -185,15 +233,14 @@ def _checked(value: Any, base: type, optional: bool, m: dict) -> tuple[bool, Any
         (elem,) = {a for a in typing.get_args(base) if a is not Ellipsis}
         args = typing.get_args(base)
         ok = (
-            isinstance(value, Sequence)
-            and not isinstance(value, (str, bytes))
+            _is_list(value)
             and not (m["nonempty"] and len(value) == 0)
             and (Ellipsis in args or len(value) == len(args))
             and all(_element_ok(v, elem, m) for v in value)
         )
         if ok and m["ordered"]:
             ok = value[0] <= value[1]
-        return ok, tuple(elem(v) for v in value) if ok else value
+        return ok, tuple(_as_type(v, elem) for v in value) if ok else value
     if base is bool:
         return isinstance(value, bool), value
     if base is str:

@@ -9,7 +9,6 @@ import ml_collections
 
 from rovit_jax.config_sections import add_sections
 from rovit_jax.detection.settings import DETECTION_SECTIONS
-from rovit_jax.pretrain_config import NO_DECAY
 from rovit_jax.run_config import add_run_settings
 
 
@@ -47,30 +46,8 @@ def detect_defaults() -> ml_collections.ConfigDict:
     # (OV-COCO marks its 17 novel categories "r").
     c.data.novel_frequencies = ("r",)
 
-    # det, rpn, roi, head, infer, text, init and eval: defaults, allowed values and bounds are
-    # the typed sections of rovit_jax.detection.settings.
+    # det, rpn, roi, head, infer, text, init, eval and optim: defaults, allowed values and
+    # bounds are the typed sections of rovit_jax.detection.settings.
     add_sections(c, DETECTION_SECTIONS)
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-4  # unverified
-    c.optim.warmup_steps = 250
-    c.optim.schedule = "cosine"
-    c.optim.end_lr_fraction = 0.0
-    c.optim.weight_decay = 0.1  # ViTDet-style (unverified for RO-ViT)
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.clip_norm = 1.0
-    # No weight decay on the backbone (the authors' weight_decay_loss_wrapper.exclude holds
-    # 'vision_model'); drop r"^backbone/" to decay it too.
-    c.optim.no_decay = list(NO_DECAY) + [r"bg_embedding", r"cls_log_scale", r"^backbone/"]
-    c.optim.frozen = []
-    c.optim.lr_mults = [(r"^backbone/", 0.1)]  # paper: backbone lr x0.1 (unverified)
-    # Gradients scaled before clipping and AdamW, (regex, factor), first match wins: the authors'
-    # submodule_gradient_scaling {'vision_model': 0.6} (BACKBONE_LR_SCALE). Their optimizer is SGD
-    # momentum, where this is a backbone lr x0.6; AdamW divides by the gradient's running RMS, so
-    # here it only changes the backbone's share of the clip_norm global norm (and eps): nearly a
-    # no-op. The backbone lr multiplier is lr_mults.
-    c.optim.grad_scales = [(r"^backbone/", 0.6)]
 
     return c

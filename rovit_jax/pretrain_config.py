@@ -11,17 +11,7 @@ import ml_collections
 from rovit_jax.config_sections import add_sections
 from rovit_jax.pretrain_settings import PRETRAIN_SECTIONS
 from rovit_jax.run_config import add_run_settings
-
-# Weight decay skips biases, norms, embeddings of positions and the loss's scalars.
-NO_DECAY = (
-    r"(^|/)bias$",
-    r"LayerNorm|encoder_norm|_norm/",
-    r"pos_embedding",
-    r"posemb",
-    r"^t$",
-    r"^b$",
-    r"/cls$",
-)
+from rovit_jax.train.optim import NO_DECAY  # noqa: F401  (its home before optim was typed)
 
 
 def pretrain_defaults() -> ml_collections.ConfigDict:
@@ -76,20 +66,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
         None, field_type=float
     )  # None: no bias (paper); SigLIP uses -10
 
-    # loss, cpe, pp, tokenizer and eval: defaults, allowed values and bounds are the typed
-    # sections of rovit_jax.pretrain_settings.
+    # loss, cpe, pp, tokenizer, eval and optim: defaults, allowed values and bounds are the
+    # typed sections of rovit_jax.pretrain_settings (optim: rovit_jax.train.optim).
     add_sections(c, PRETRAIN_SECTIONS)
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 5e-4  # unverified
-    c.optim.warmup_steps = 100
-    c.optim.schedule = "cosine"  # "cosine" | "linear" | "constant"
-    c.optim.end_lr_fraction = 0.0
-    c.optim.weight_decay = 1e-4  # unverified
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.clip_norm = 1.0
-    c.optim.no_decay = list(NO_DECAY)
-    c.optim.frozen = []  # regexes over parameter paths that receive no update
     return c

@@ -1,4 +1,4 @@
-"""The pretraining config's `loss`, `cpe`, `pp`, `tokenizer` and `eval` sections, typed: each
+"""The pretraining config's `loss`, `cpe`, `pp`, `tokenizer`, `eval` and `optim` sections, typed: each
 field's default, allowed values and bounds, written once (paper values as defaults).
 
 `pretrain_config.pretrain_defaults()` builds these sections from the classes and
@@ -18,6 +18,7 @@ from rovit_jax.config_sections import (
     setting,
 )
 from rovit_jax.losses.contrastive import CONTRASTIVE_LOSS_KINDS
+from rovit_jax.train.optim import OptimSettings
 
 __all__ = [
     "CPESettings",
@@ -101,6 +102,7 @@ PRETRAIN_SECTIONS = (
     PreprocessSettings,
     TokenizerSettings,
     RetrievalEvalSettings,
+    OptimSettings,
 )
 
 

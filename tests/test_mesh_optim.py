@@ -1,5 +1,7 @@
 """Mesh construction, regex sharding rules, schedules and regex optimizer masks."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,13 @@ from jax.sharding import PartitionSpec as P
 
 from rovit_jax.pretrain_config import pretrain_defaults
 from rovit_jax.train import mesh as mesh_lib
-from rovit_jax.train.optim import make_optimizer, make_schedule, regex_mask
+from rovit_jax.train.optim import (
+    OptimSettings,
+    make_optimizer,
+    make_schedule,
+    optim_settings,
+    regex_mask,
+)
 
 
 def test_mesh_sizes_and_errors():
@@ -108,24 +116,40 @@ def test_logical_axis_rules():
 
 
 def test_schedule_shape():
-    optim = pretrain_defaults().optim
-    optim.lr, optim.warmup_steps, optim.schedule = 1.0, 10, "cosine"
+    optim = OptimSettings(lr=1.0, warmup_steps=10, schedule="cosine")
     s = make_schedule(optim, 110)
     assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
     assert float(s(10)) == pytest.approx(1.0)
     assert float(s(60)) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.5)), abs=1e-6)
     assert float(s(110)) == pytest.approx(0.0, abs=1e-6)
-    optim.schedule = "linear"
-    assert float(make_schedule(optim, 110)(60)) == pytest.approx(0.5)
-    optim.schedule = "nope"
+    linear = dataclasses.replace(optim, schedule="linear")
+    assert float(make_schedule(linear, 110)(60)) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="optim.schedule"):
-        make_schedule(optim, 10)
+        dataclasses.replace(optim, schedule="nope")
+
+
+def test_optim_settings_resolve_the_config_and_name_bad_rules():
+    config = pretrain_defaults()
+    assert optim_settings(config) == OptimSettings()
+    config.optim.lr_mults = [["^img/", 2]]  # as JSON gives it back
+    config.optim.no_decay = ["bias$"]
+    got = optim_settings(config)
+    assert got.lr_mults == (("^img/", 2.0),) and got.no_decay == ("bias$",)
+    config.optim.lr_mults = [("(", 1.0)]
+    config.optim.frozen = ["ok", "["]
+    config.optim.grad_scales = [("^a", -1.0)]
+    with pytest.raises(ValueError) as e:
+        optim_settings(config)
+    text = str(e.value)
+    for key in ("optim.lr_mults", "optim.frozen", "optim.grad_scales"):
+        assert f"`{key}`" in text
+    assert "regex" in text and ">= 0" in text
 
 
 def _optim(**kw):
-    o = pretrain_defaults().optim
-    o.update(dict(lr=0.1, warmup_steps=0, schedule="constant", clip_norm=0.0), **kw)
-    return o
+    return OptimSettings(
+        **dict(dict(lr=0.1, warmup_steps=0, schedule="constant", clip_norm=0.0), **kw)
+    )
 
 
 def test_weight_decay_mask_and_frozen_params():
@@ -138,7 +162,7 @@ def test_weight_decay_mask_and_frozen_params():
         "txt": {"kernel": False},
     }
     zero = jax.tree.map(jnp.zeros_like, params)
-    tx, _ = make_optimizer(_optim(weight_decay=0.5, no_decay=[r"bias$"], frozen=[r"^txt/"]), 10)
+    tx, _ = make_optimizer(_optim(weight_decay=0.5, no_decay=(r"bias$",), frozen=(r"^txt/",)), 10)
     updates, _ = tx.update(zero, tx.init(params), params)
     # Zero gradient: only decoupled decay moves decayed, trainable leaves: -lr * wd * p.
     np.testing.assert_allclose(updates["img"]["Dense_0"]["kernel"], -0.05 * np.ones((2, 2)))
@@ -152,7 +176,7 @@ def test_weight_decay_mask_and_frozen_params():
 def test_matches_optax_adamw_without_masks():
     params = {"w": jnp.arange(6.0).reshape(2, 3)}
     grads = {"w": jnp.linspace(-1, 1, 6).reshape(2, 3)}
-    tx, _ = make_optimizer(_optim(weight_decay=0.01, no_decay=[]), 10)
+    tx, _ = make_optimizer(_optim(weight_decay=0.01, no_decay=()), 10)
     ref = optax.adamw(0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
     u1, _ = tx.update(grads, tx.init(params), params)
     u2, _ = ref.update(grads, ref.init(params), params)

@@ -1,5 +1,5 @@
-"""The detection config's sections `det`, `rpn`, `roi`, `head`, `infer`, `text`, `init` and
-`eval`, typed: each field's default, allowed values, bounds and older-run value, written once.
+"""The detection config's sections `det`, `rpn`, `roi`, `head`, `infer`, `text`, `init`,
+`eval` and `optim`, typed: each field's default, allowed values, bounds and older-run value, written once.
 
 `detect_config.detect_defaults()` builds its sections from these classes, `tasks.detect` resolves
 them once from a config (`detection_settings`), and `rcnn.RCNNConfig` carries the typed
@@ -17,18 +17,21 @@ from typing import Any, ClassVar
 from rovit_jax.config_sections import (
     Section,
     older_defaults,
+    redefault,
     resolved_sections,
     setting,
 )
 from rovit_jax.detection.score_fusion import FUSION_MODES
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES
 from rovit_jax.models.detector import BACKGROUND_MODES
+from rovit_jax.train.optim import NO_DECAY, OptimSettings
 
 __all__ = [
     "CENTERNESS_LOSSES",
     "DETECTION_SECTIONS",
     "DetSettings",
     "DetectEvalSettings",
+    "DetectOptimSettings",
     "HeadSettings",
     "InferSettings",
     "InitSettings",
@@ -248,6 +251,32 @@ class DetectEvalSettings(Section):
     render_min_score: float = setting(0.3, min_value=0.0, older=0.3)  # lower ones not drawn
 
 
+@dataclasses.dataclass(frozen=True)
+class DetectOptimSettings(OptimSettings):
+    """`optim.*` of detection finetuning: `OptimSettings` with detection's defaults."""
+
+    lr: float = redefault(OptimSettings, "lr", 1e-4)  # unverified
+    warmup_steps: int = redefault(OptimSettings, "warmup_steps", 250)
+    weight_decay: float = redefault(OptimSettings, "weight_decay", 0.1)  # ViTDet-style, unverified
+    # No weight decay on the backbone (the authors' weight_decay_loss_wrapper.exclude holds
+    # 'vision_model'); drop r"^backbone/" to decay it too.
+    no_decay: tuple[str, ...] = redefault(
+        OptimSettings, "no_decay", NO_DECAY + (r"bg_embedding", r"cls_log_scale", r"^backbone/")
+    )
+    # paper: backbone lr x0.1 (unverified)
+    lr_mults: tuple[tuple[str, float], ...] = redefault(
+        OptimSettings, "lr_mults", ((r"^backbone/", 0.1),)
+    )
+    # Gradients scaled before clipping and AdamW: the authors' submodule_gradient_scaling
+    # {'vision_model': 0.6} (BACKBONE_LR_SCALE). Their optimizer is SGD momentum, where this is a
+    # backbone lr x0.6; AdamW divides by the gradient's running RMS, so here it only changes the
+    # backbone's share of the clip_norm global norm (and eps): nearly a no-op. The backbone lr
+    # multiplier is lr_mults.
+    grad_scales: tuple[tuple[str, float], ...] = redefault(
+        OptimSettings, "grad_scales", ((r"^backbone/", 0.6),)
+    )
+
+
 DETECTION_SECTIONS = (
     DetSettings,
     RPNSettings,
@@ -257,6 +286,7 @@ DETECTION_SECTIONS = (
     TextSettings,
     InitSettings,
     DetectEvalSettings,
+    DetectOptimSettings,
 )
 
 # {dotted key: value} for run configs written before these fields existed.

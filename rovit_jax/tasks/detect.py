@@ -70,7 +70,6 @@ def validate_config(
 
     p = cc.Problems()
     cc.check_run_settings(p, config)
-    cc.check_optim(p, config)
     if check_files:
         _check_detection_data(p, config)
     cc.check_choice(
@@ -95,7 +94,6 @@ def validate_config(
             det.mask_stride,
             f"must divide det.image_size = {det.image_size}",
         )
-    _check_grad_scales(p, config)
     infer = sections["infer"]
     if (
         infer is not None
@@ -132,34 +130,6 @@ def validate_config(
                 p.extend(e.problems, prefix="pretrain.")
     p.raise_if_any()
     return sections
-
-
-def _check_grad_scales(p: Any, config: ml_collections.ConfigDict) -> None:
-    """optim.grad_scales: (regex, factor >= 0) pairs."""
-    import re
-
-    from rovit_jax import config_check as cc
-
-    scales = cc.config_get(config, "optim.grad_scales", ())
-    if isinstance(scales, (str, bytes)) or not isinstance(scales, (list, tuple)):
-        p.add("optim.grad_scales", scales, "must be a list of (regex, factor) pairs")
-        return
-    for i, rule in enumerate(scales):
-        key = f"optim.grad_scales[{i}]"
-        if isinstance(rule, (str, bytes)) or not isinstance(rule, (list, tuple)) or len(rule) != 2:
-            p.add(key, rule, "must be a (regex, factor) pair")
-            continue
-        try:
-            re.compile(rule[0])
-        except (re.error, TypeError) as e:
-            p.add(key, rule, f"invalid regex: {e}")
-        factor = rule[1]
-        if (
-            isinstance(factor, bool)
-            or not isinstance(factor, (int, float))
-            or not 0 <= factor < float("inf")
-        ):
-            p.add(key, rule, "factor must be a finite number >= 0")
 
 
 def _check_detection_data(p: Any, config: ml_collections.ConfigDict) -> None:

@@ -52,7 +52,6 @@ def validate_config(
 
     p = cc.Problems()
     cc.check_run_settings(p, config)
-    cc.check_optim(p, config)
     if check_files:
         _check_pretrain_data(p, config)
 

@@ -2,34 +2,85 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
-import ml_collections
 import optax
 
+from rovit_jax.config_sections import Section, resolved_sections, setting
 from rovit_jax.train.mesh import path_str
+
+__all__ = [
+    "NO_DECAY",
+    "SCHEDULES",
+    "OptimSettings",
+    "make_optimizer",
+    "make_schedule",
+    "optim_settings",
+    "regex_mask",
+    "scale_by_regex",
+]
 
 SCHEDULES = ("cosine", "linear", "constant")
 
+# Weight decay skips biases, norms, embeddings of positions and the loss's scalars.
+NO_DECAY = (
+    r"(^|/)bias$",
+    r"LayerNorm|encoder_norm|_norm/",
+    r"pos_embedding",
+    r"posemb",
+    r"^t$",
+    r"^b$",
+    r"/cls$",
+)
 
-def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+_UNIT_OPEN = dict(min_value=0.0, max_value=1.0, max_exclusive=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings(Section):
+    """`optim.*`: AdamW, its schedule, clipping and the regex rules over parameter paths.
+
+    Defaults are pretraining's; `detect_defaults()` sets the detection values. Regex rules are
+    (regex, factor) pairs, the first matching rule wins.
+    """
+
+    SECTION: ClassVar[str] = "optim"
+
+    lr: float = setting(5e-4, min_value=0.0)  # unverified
+    warmup_steps: int = setting(100, min_value=0)
+    schedule: str = setting("cosine", choices=SCHEDULES)
+    end_lr_fraction: float = setting(0.0, min_value=0.0, max_value=1.0, older=0.0)
+    weight_decay: float = setting(1e-4, min_value=0.0)  # unverified
+    b1: float = setting(0.9, **_UNIT_OPEN)
+    b2: float = setting(0.999, **_UNIT_OPEN)
+    eps: float = setting(1e-8, min_value=0.0, min_exclusive=True)
+    clip_norm: float | None = setting(1.0, min_value=0.0, older=None)  # 0 or None: no clipping
+    no_decay: tuple[str, ...] = setting(NO_DECAY, regex=True, older=())
+    frozen: tuple[str, ...] = setting((), regex=True, older=())  # no update at all
+    lr_mults: tuple[tuple[str, float], ...] = setting((), min_value=0.0, older=())  # updates
+    grad_scales: tuple[tuple[str, float], ...] = setting((), min_value=0.0, older=())  # grads
+
+
+def optim_settings(config: Any) -> OptimSettings:
+    """`config.optim` as typed settings; ConfigError naming every bad `optim.*` key."""
+    return resolved_sections((OptimSettings,), config)["optim"]
+
+
+def make_schedule(optim: OptimSettings, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `optim.lr`, then `optim.schedule` decay to `optim.end_lr_fraction`."""
-    lr, warmup = float(optim.lr), int(optim.warmup_steps)
+    lr, warmup = optim.lr, optim.warmup_steps
     decay_steps = max(int(total_steps) - warmup, 1)
-    end = lr * float(optim.get("end_lr_fraction", 0.0))
+    end = lr * optim.end_lr_fraction
     if optim.schedule == "cosine":
         decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
     elif optim.schedule == "linear":
         decay = optax.linear_schedule(lr, end, decay_steps)
-    elif optim.schedule == "constant":
+    else:  # "constant" (OptimSettings refuses any other)
         decay = optax.constant_schedule(lr)
-    else:
-        raise ValueError(
-            f"config key `optim.schedule`: unknown {optim.schedule!r}; choose one of {SCHEDULES}"
-        )
     if warmup <= 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
@@ -44,7 +95,7 @@ def regex_mask(params: Any, patterns: Sequence[str]) -> Any:
 
 
 def make_optimizer(
-    optim: ml_collections.ConfigDict, total_steps: int
+    optim: OptimSettings, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with decoupled weight decay (masked by `optim.no_decay`), clipping, frozen params.
 
@@ -55,27 +106,24 @@ def make_optimizer(
     which scale the updates).
     """
     schedule = make_schedule(optim, total_steps)
-    no_decay = list(optim.get("no_decay", ()))
     chain = []
-    grad_scales = [tuple(m) for m in optim.get("grad_scales", ())]
-    if grad_scales:
-        chain.append(scale_by_regex(grad_scales))
-    if optim.get("clip_norm"):
-        chain.append(optax.clip_by_global_norm(float(optim.clip_norm)))
-    chain.append(optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps)))
-    if float(optim.weight_decay):
+    if optim.grad_scales:
+        chain.append(scale_by_regex(optim.grad_scales))
+    if optim.clip_norm:
+        chain.append(optax.clip_by_global_norm(optim.clip_norm))
+    chain.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps))
+    if optim.weight_decay:
         chain.append(
             optax.add_decayed_weights(
-                float(optim.weight_decay),
-                mask=lambda p: jax.tree.map(lambda x: not x, regex_mask(p, no_decay)),
+                optim.weight_decay,
+                mask=lambda p: jax.tree.map(lambda x: not x, regex_mask(p, optim.no_decay)),
             )
         )
     chain.append(optax.scale_by_learning_rate(schedule))
-    lr_mults = [tuple(m) for m in optim.get("lr_mults", ())]
-    if lr_mults:
-        chain.append(scale_by_regex(lr_mults))
+    if optim.lr_mults:
+        chain.append(scale_by_regex(optim.lr_mults))
     tx = optax.chain(*chain)
-    frozen = list(optim.get("frozen", ()))
+    frozen = optim.frozen
     if frozen:
         tx = optax.multi_transform(
             {"train": tx, "frozen": optax.set_to_zero()},

@@ -21,7 +21,7 @@ from rovit_jax.models.logical_axes import param_logical_axes
 from rovit_jax.run_config import run_setting
 from rovit_jax.train import guards
 from rovit_jax.train import mesh as mesh_lib
-from rovit_jax.train.optim import make_optimizer, regex_mask
+from rovit_jax.train.optim import make_optimizer, optim_settings, regex_mask
 
 # {"params", "opt_state", "step", "skipped_updates", "consecutive_nonfinite"} (see train.guards).
 State = dict[str, Any]
@@ -62,14 +62,15 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, task: Task, mesh: Mesh):
         self.config, self.task, self.mesh = config, task, mesh
-        self.tx, self.schedule = make_optimizer(config.optim, int(config.total_steps))
+        optim = optim_settings(config)
+        self.tx, self.schedule = make_optimizer(optim, int(config.total_steps))
         init_rng, self.step_rng = jax.random.split(jax.random.key(int(config.seed)))
         self._init_rng = init_rng
 
         self.abstract_state = jax.eval_shape(self._init_state, init_rng)
         # Frozen parameters enter the loss behind stop_gradient, so their backward pass (e.g. a
         # frozen detection backbone's) is never computed, not merely discarded by the optimizer.
-        frozen = list(config.optim.get("frozen", ()))
+        frozen = optim.frozen
         self.frozen_mask = regex_mask(self.abstract_state["params"], frozen) if frozen else None
         # The modules' logical axis names of every parameter (traced, not computed): a second
         # trace of the model's init, so only where a table will read them.
