@@ -88,14 +88,19 @@ def main() -> None:
     predict = jax.jit(lambda p, x: model.apply(p, x).argmax(-1))
     x_test, y_test = batch(500)
     start = time.time()
-    print(f"{args.model} {args.variant if args.model == 'vit' else ''} at {args.image_size} px; "
-          f"chance {1 / num_classes:.3f}")
+    print(
+        f"{args.model} {args.variant if args.model == 'vit' else ''} at {args.image_size} px; "
+        f"chance {1 / num_classes:.3f}"
+    )
     for i in range(args.steps):
         params, opt, loss = step(params, opt, *batch(args.batch))
         if (i + 1) % 100 == 0 or i + 1 == args.steps:
             acc = float(np.mean(np.asarray(predict(params, x_test)) == y_test))
-            print(f"step {i + 1}: loss {float(loss):.3f}, held-out top-1 {acc:.3f} "
-                  f"({time.time() - start:.0f} s)", flush=True)
+            print(
+                f"step {i + 1}: loss {float(loss):.3f}, held-out top-1 {acc:.3f} "
+                f"({time.time() - start:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

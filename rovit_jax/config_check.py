@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from rovit_jax.run_config import RUN_DEFAULTS
 from rovit_jax.train.mesh import BATCH_AXES
 
 # Reprs of offending values are cut to this many characters (a config list can be long).
@@ -332,30 +331,13 @@ def check_path(
 # Settings shared by every task.
 
 
-def check_run_settings(problems: Problems, config: Any) -> None:
-    """Seed, steps, batch sizes, logging / checkpoint periods, sharding rules and mesh structure."""
-    check_int(problems, config, "seed")
-    check_int(problems, config, "total_steps", min_value=0)
-    check_int(problems, config, "batch_size", min_value=1)
-    check_int(problems, config, "eval.batch_size", min_value=1)
-    for key in ("log_every", "eval_every", "checkpoint_every"):
-        check_int(problems, config, key, min_value=0)
-    check_int(problems, config, "keep_checkpoints", min_value=1)
-    check_bool(problems, config, "async_checkpointing", default=RUN_DEFAULTS["async_checkpointing"])
-    check_int(problems, config, "fsdp_min_size", min_value=0, default=RUN_DEFAULTS["fsdp_min_size"])
-    check_int(problems, config, "data.num_workers", min_value=1, default=1)
-    check_int(problems, config, "prefetch", min_value=0, default=RUN_DEFAULTS["prefetch"])
-    check_bool(problems, config, "donate_state", default=RUN_DEFAULTS["donate_state"])
-    _check_sharding_rules(problems, config)
-    _check_logical_axis_rules(problems, config)
-    mesh_problems(problems, config)
+def is_list(value: Any) -> bool:
+    """A list or tuple (not a string)."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
-def _check_sharding_rules(problems: Problems, config: Any) -> None:
-    rules = config_get(config, "sharding_rules", ())
-    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        problems.add("sharding_rules", rules, "must be a list of (regex, spec) pairs")
-        return
+def sharding_rules_problems(problems: Problems, rules: Sequence[Any]) -> None:
+    """Adds a problem for each of `sharding_rules` (a list) that is not a (regex, spec) pair."""
     for i, rule in enumerate(rules):
         key = f"sharding_rules[{i}]"
         if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
@@ -372,15 +354,12 @@ def _check_sharding_rules(problems: Problems, config: Any) -> None:
             )
 
 
-def _check_logical_axis_rules(problems: Problems, config: Any) -> None:
+def logical_axis_rules_problems(problems: Problems, rules: Sequence[Any], mesh: Any = None) -> None:
+    """Adds a problem for each of `logical_axis_rules` (a list) that is not a (known logical
+    axis, mesh axis of `mesh` or None) pair."""
     from rovit_jax.models.logical_axes import LOGICAL_AXES
 
     key = "logical_axis_rules"
-    rules = config_get(config, key, RUN_DEFAULTS[key])
-    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        problems.add(key, rules, "must be a list of (logical axis name, mesh axis or None) pairs")
-        return
-    mesh = config_get(config, "mesh", ())
     try:
         mesh_names = {str(name) for name, _ in mesh} | set(BATCH_AXES)  # required anyway
     except (TypeError, ValueError):  # a malformed mesh is reported by mesh_problems

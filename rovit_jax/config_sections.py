@@ -70,6 +70,10 @@ def setting(
     """A section field: its default, allowed values, bounds and the value older run configs
     that lack it were run with (`older`, or the value of the key `older_from`).
 
+    A field annotated bare `tuple` is only required to be a list (its nested lists become
+    tuples): its structure has a validator of its own (the mesh and sharding rules,
+    `run_config.run_problems`).
+
     Bounds apply to a number, to each element of a tuple, or to each rule's factor; `nonempty`
     to tuples of any length (`tuple[float, ...]`); `ordered` to pairs (`tuple[float, float]`):
     low <= high; `regex` to strings (`tuple[str, ...]`): each must compile. The strings of
@@ -98,11 +102,23 @@ def redefault(cls: type, name: str, default: Any) -> Any:
 
 
 class Section:
-    """Base of typed sections: `SECTION` names the ConfigDict section; `ORDERED` lists field
+    """Base of typed sections: `SECTION` names the ConfigDict section ("" for the config's top
+    level, as the run settings; `NAME` then names it in a resolved dict); `ORDERED` lists field
     pairs (low, high) that must satisfy low <= high (checked where both fields are valid)."""
 
     SECTION: ClassVar[str] = ""
+    NAME: ClassVar[str] = ""
     ORDERED: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    @classmethod
+    def key(cls, name: str) -> str:
+        """The dotted config key of field `name`."""
+        return f"{cls.SECTION}.{name}" if cls.SECTION else name
+
+    @classmethod
+    def section_name(cls) -> str:
+        """This section's key in the dict `resolve_sections` returns."""
+        return cls.SECTION or cls.NAME
 
     def __post_init__(self) -> None:
         # Built directly (not through resolve_section), a value outside its choices would
@@ -112,7 +128,7 @@ class Section:
             value = getattr(self, f.name)
             if choices and not any(type(value) is type(c) and value == c for c in choices):
                 raise ValueError(
-                    f"config key `{self.SECTION}.{f.name}` = {value!r}: choose one of {choices}"
+                    f"config key `{self.key(f.name)}` = {value!r}: choose one of {choices}"
                 )
 
 
@@ -148,7 +164,7 @@ def section_defaults(cls: type[Section]) -> ml_collections.ConfigDict:
 def older_defaults(cls: type[Section]) -> dict[str, Any]:
     """{dotted key: value} of the fields that older run configs may lack (`older=`)."""
     return {
-        f"{cls.SECTION}.{f.name}": f.metadata["older"]
+        cls.key(f.name): f.metadata["older"]
         for f in dataclasses.fields(cls)
         if f.metadata["older"] is not _NO_OLDER
     }
@@ -167,7 +183,7 @@ def _element_ok(value: Any, base: Any, m: dict) -> bool:
         return isinstance(value, str) and (not m["regex"] or _compiles(value))
     if typing.get_origin(base) is tuple:  # a (regex, factor) rule
         return (
-            _is_list(value)
+            cc.is_list(value)
             and len(value) == 2
             and isinstance(value[0], str)
             and _compiles(value[0])
@@ -184,10 +200,6 @@ def _element_ok(value: Any, base: Any, m: dict) -> bool:
     )
 
 
-def _is_list(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-
-
 def _as_type(value: Any, base: Any) -> Any:
     """An element already checked by `_element_ok`, as `base` (rules become tuples)."""
     if typing.get_origin(base) is tuple:
@@ -198,7 +210,9 @@ def _as_type(value: Any, base: Any) -> Any:
 def _need(base: type, optional: bool, m: dict) -> str:
     bounds = cc.range_text(m["min_value"], m["max_value"], m["min_exclusive"], m["max_exclusive"])
     bounds = f" {bounds}" if bounds else ""
-    if typing.get_origin(base) is tuple:
+    if base is tuple:
+        text = "a list"
+    elif typing.get_origin(base) is tuple:
         (elem,) = {a for a in typing.get_args(base) if a is not Ellipsis}
         if typing.get_origin(elem) is tuple:
             text = f"a list of (regex, factor) pairs, factors finite numbers{bounds}"
@@ -222,10 +236,17 @@ def _need(base: type, optional: bool, m: dict) -> str:
     return "must be " + text + (", or None" if optional else "")
 
 
+def _frozen(value: Any) -> Any:
+    """Nested lists (as JSON gives them back) as nested tuples."""
+    return tuple(_frozen(v) for v in value) if cc.is_list(value) else value
+
+
 def _checked(value: Any, base: type, optional: bool, m: dict) -> tuple[bool, Any]:
     """(ok, the value as the field's type)."""
     if value is None:
         return optional, None
+    if base is tuple:  # structure checked by its own validator (`setting`'s docstring)
+        return cc.is_list(value), _frozen(value) if cc.is_list(value) else value
     if m["choices"]:
         # Type and value, so that True does not pass for 1, nor 1.0 for "1.0".
         return any(type(value) is type(c) and value == c for c in m["choices"]), value
@@ -233,7 +254,7 @@ def _checked(value: Any, base: type, optional: bool, m: dict) -> tuple[bool, Any
         (elem,) = {a for a in typing.get_args(base) if a is not Ellipsis}
         args = typing.get_args(base)
         ok = (
-            _is_list(value)
+            cc.is_list(value)
             and not (m["nonempty"] and len(value) == 0)
             and (Ellipsis in args or len(value) == len(args))
             and all(_element_ok(v, elem, m) for v in value)
@@ -255,7 +276,7 @@ def resolve_section(cls: type[Section], config: Any, problems: cc.Problems) -> S
     ok = True
     types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
-        key = f"{cls.SECTION}.{f.name}"
+        key = cls.key(f.name)
         m = f.metadata
         if m["older_from"] is not None:
             fallback = cc.config_get(config, m["older_from"])
@@ -278,16 +299,20 @@ def resolve_section(cls: type[Section], config: Any, problems: cc.Problems) -> S
         values[f.name] = value
     for low, high in cls.ORDERED:
         if low in values and high in values and values[low] > values[high]:
-            key = f"{cls.SECTION}.{low}"
-            problems.add(key, values[low], f"must be <= {cls.SECTION}.{high} = {values[high]}")
+            problems.add(cls.key(low), values[low], f"must be <= {cls.key(high)} = {values[high]}")
             ok = False
     return cls(**values) if ok else None
 
 
 def add_sections(config: Any, classes: Sequence[type[Section]]) -> Any:
-    """Puts the default section of each of `classes` into `config` (in place; returns it)."""
+    """Puts the default section of each of `classes` into `config` (in place; returns it); a
+    top-level section's fields go to the config's top level."""
     for cls in classes:
-        config[cls.SECTION] = section_defaults(cls)
+        if cls.SECTION:
+            config[cls.SECTION] = section_defaults(cls)
+        else:
+            for name, value in section_defaults(cls).items(preserve_field_references=True):
+                config[name] = value
     return config
 
 
@@ -296,7 +321,7 @@ def resolve_sections(
 ) -> dict[str, Any]:
     """{section: typed settings, or None where that section has problems (added to
     `problems`)} for each of `classes`."""
-    return {cls.SECTION: resolve_section(cls, config, problems) for cls in classes}
+    return {cls.section_name(): resolve_section(cls, config, problems) for cls in classes}
 
 
 def resolved_sections(classes: Sequence[type[Section]], config: Any) -> dict[str, Any]:

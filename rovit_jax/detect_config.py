@@ -8,17 +8,15 @@ from __future__ import annotations
 import ml_collections
 
 from rovit_jax.config_sections import add_sections
-from rovit_jax.detection.settings import DETECTION_SECTIONS
+from rovit_jax.detection.settings import DETECTION_SECTIONS, DetectRunSettings
 from rovit_jax.run_config import add_run_settings
 
 
 def detect_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "detect"
-    c.total_steps = 46_000  # unverified (LVIS, ViTDet-style schedule)
-    c.batch_size = 256  # unverified
-    c.checkpoint_every = 1000
-    add_run_settings(c)  # seed, logging, checkpoints, guard, mesh, sharding, dtype, remat, ...
+    # steps, batch, seed, logging, checkpoints, guard, mesh, sharding, dtype, remat, ...
+    add_run_settings(c, DetectRunSettings)
 
     # Where the pretrained towers come from: a pretraining run's workdir ("" = <workdir>/pretrain).
     # With run_pretraining, a missing pretraining run is trained first from `c.pretrain`.

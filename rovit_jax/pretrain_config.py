@@ -17,10 +17,8 @@ from rovit_jax.train.optim import NO_DECAY  # noqa: F401  (its home before optim
 def pretrain_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "pretrain"
-    c.total_steps = 1000
-    c.batch_size = 4096  # Global. Paper: 4096 for ablations, 16384 for main models (unverified).
-    c.checkpoint_every = 500
-    add_run_settings(c)  # seed, logging, checkpoints, guard, mesh, sharding, dtype, remat, ...
+    # steps, batch, seed, logging, checkpoints, guard, mesh, sharding, dtype, remat, ...
+    add_run_settings(c)
     c.scan_layers = False  # one nn.scan over the blocks: faster compiles, stacked parameters
 
     c.data = ml_collections.ConfigDict()

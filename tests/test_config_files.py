@@ -1,5 +1,6 @@
 """The one config loader: shipped names, paths, run config.json files, dotted overrides, errors."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -99,16 +100,27 @@ def test_sibling_configs_load_by_path_from_anywhere(tmp_path, monkeypatch):
 def test_run_settings_have_one_default_shared_by_both_tasks():
     from rovit_jax.detect_config import detect_defaults
     from rovit_jax.pretrain_config import pretrain_defaults
-    from rovit_jax.run_config import RUN_DEFAULTS, run_setting
+    from rovit_jax.detection.settings import DetectRunSettings
+    from rovit_jax.run_config import RunSettings, run_settings
 
-    for defaults in (pretrain_defaults(), detect_defaults()):
-        for key, value in RUN_DEFAULTS.items():
-            assert defaults[key] == value, key
+    # Both tasks' defaults are the typed run settings; only steps, batch and checkpoint period
+    # differ.
+    assert run_settings(pretrain_defaults()) == RunSettings()
+    assert dataclasses.asdict(run_settings(detect_defaults())) == dataclasses.asdict(
+        DetectRunSettings()
+    )
+    differ = {
+        f.name
+        for f in dataclasses.fields(RunSettings)
+        if getattr(RunSettings(), f.name) != getattr(DetectRunSettings(), f.name)
+    }
+    assert differ == {"total_steps", "batch_size", "checkpoint_every"}
     # An older run's config without the field reads the same default everywhere.
     old = load_config("shapes_pretrain:tiny")
     with old.unlocked():
-        del old["fsdp_min_size"], old["prefetch"]
-    assert run_setting(old, "fsdp_min_size") == 2**14 and run_setting(old, "prefetch") == 2
+        del old["fsdp_min_size"], old["prefetch"], old["guard"]
+    run = run_settings(old)
+    assert run.fsdp_min_size == 2**14 and run.prefetch == 2
     from rovit_jax.tasks import pretrain
 
     pretrain.validate_config(old)  # missing run settings are not problems

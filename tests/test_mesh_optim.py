@@ -50,15 +50,24 @@ def test_sharding_rules():
     assert sh["img"]["odd"].spec == P()  # nothing divisible by 2
     with pytest.raises(ValueError, match="sharding_rules"):
         mesh_lib.infer_shardings(
-            {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)}, mesh, [("w", ("fsdp", None))]
+            {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)},
+            mesh,
+            [("w", ("fsdp", None))],
+            fsdp_min_size=0,
         )
     with pytest.raises(ValueError, match="more entries than dimensions"):
         mesh_lib.infer_shardings(
-            {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, mesh, [("w", ("fsdp", None))]
+            {"w": jax.ShapeDtypeStruct((4,), jnp.float32)},
+            mesh,
+            [("w", ("fsdp", None))],
+            fsdp_min_size=0,
         )
     # Specs name trailing dimensions: a stacked [layers, ...] leaf keeps its layer axis whole.
     stacked = mesh_lib.infer_shardings(
-        {"w": jax.ShapeDtypeStruct((3, 8, 4), jnp.float32)}, mesh, [("w", ("fsdp", None))]
+        {"w": jax.ShapeDtypeStruct((3, 8, 4), jnp.float32)},
+        mesh,
+        [("w", ("fsdp", None))],
+        fsdp_min_size=0,
     )
     assert stacked["w"].spec == P(None, "fsdp", None)
 
@@ -98,7 +107,9 @@ def test_logical_axis_rules():
     assert got["flat"] == P("fsdp")  # largest divisible dimension, as for unnamed leaves
     assert got["unnamed"] == P(None, "fsdp")
     # An explicit tuple rule wins over the names.
-    got, _ = specs([("params/w", (None, "fsdp")), ("odd", "replicate"), (".*", "fsdp")])
+    got, _ = specs(
+        [("params/w", (None, "fsdp")), ("odd", "replicate"), (".*", "fsdp")], fsdp_min_size=2**14
+    )
     assert got["w"] == P(None, "fsdp")
     # A named split that does not divide is an error naming the table.
     with pytest.raises(ValueError, match="logical_axis_rules.*odd.*not divisible"):

@@ -114,7 +114,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("3.1.0")
     RELEASE_NOTES = {
-        "1.0.0": "Initial release: 34 \"colour shape\" categories.",
+        "1.0.0": 'Initial release: 34 "colour shape" categories.',
         "2.0.0": "32 shape categories, random unnamed object colours, larger objects.",
         "3.0.0": "32 surface categories (pattern x colour) on random unnamed silhouettes.",
         "3.1.0": "Stripes are mid grey (were the object's colour darkened, as dark as the dots).",

@@ -24,6 +24,7 @@ from rovit_jax.config_sections import (
 from rovit_jax.detection.score_fusion import FUSION_MODES
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES
 from rovit_jax.models.detector import BACKGROUND_MODES
+from rovit_jax.run_config import RunSettings
 from rovit_jax.train.optim import NO_DECAY, OptimSettings
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "DetSettings",
     "DetectEvalSettings",
     "DetectOptimSettings",
+    "DetectRunSettings",
     "HeadSettings",
     "InferSettings",
     "InitSettings",
@@ -275,6 +277,15 @@ class DetectOptimSettings(OptimSettings):
     grad_scales: tuple[tuple[str, float], ...] = redefault(
         OptimSettings, "grad_scales", ((r"^backbone/", 0.6),)
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectRunSettings(RunSettings):
+    """The run keys with detection's defaults (`detect_config.add_run_settings` puts them in)."""
+
+    total_steps: int = redefault(RunSettings, "total_steps", 46_000)  # unverified (LVIS, ViTDet)
+    batch_size: int = redefault(RunSettings, "batch_size", 256)  # unverified
+    checkpoint_every: int = redefault(RunSettings, "checkpoint_every", 1000)
 
 
 DETECTION_SECTIONS = (

@@ -24,8 +24,9 @@ from rovit_jax.detection.text_classifier import (
 )
 from rovit_jax.models.detector import OpenVocabDetector
 from rovit_jax.models.frozen_vlm import FrozenRegionEmbedder, load_pretrained_backbone
-from rovit_jax.models.layers import COMPUTE_DTYPES, REMAT_POLICIES, tower_options
+from rovit_jax.models.layers import COMPUTE_DTYPES, tower_options
 from rovit_jax.models.vit import vit_variant
+from rovit_jax.run_config import run_problems
 from rovit_jax.runs import (
     CheckpointKindError,
     PretrainedTowers,
@@ -63,23 +64,21 @@ def validate_config(
       the nested pretraining config are listed too, as `pretrain.<key>`.
 
     Returns:
-      {section: typed settings} of DETECTION_SECTIONS, resolved while checking.
+      {section: typed settings} of DETECTION_SECTIONS and "run" (`run_config.RunSettings`),
+      resolved while checking.
     """
     from rovit_jax import config_check as cc  # Local: keeps this module's imports unchanged.
     from rovit_jax.tasks import pretrain
 
     p = cc.Problems()
-    cc.check_run_settings(p, config)
+    run = run_problems(p, config)
     if check_files:
         _check_detection_data(p, config)
-    cc.check_choice(
-        p, config, "compute_dtype", tuple(COMPUTE_DTYPES), why=str(tuple(COMPUTE_DTYPES))
-    )
-    cc.check_choice(p, config, "remat", REMAT_POLICIES)
 
     # The canvas, pyramid, proposals, RoI heads and inference: the typed sections check their
     # own fields; what spans fields is checked here.
     sections = resolve_sections(DETECTION_SECTIONS, config, p)
+    sections["run"] = run
     det = sections["det"]
     if det is not None:
         p.check(

@@ -16,12 +16,13 @@ from rovit_jax.config_sections import resolve_sections
 from rovit_jax.data import image_text, sources
 from rovit_jax.evaluation.retrieval import recall_at_k
 from rovit_jax.losses import contrastive
-from rovit_jax.models.layers import ACTIVATIONS, COMPUTE_DTYPES, REMAT_POLICIES, tower_options
+from rovit_jax.models.layers import ACTIVATIONS, COMPUTE_DTYPES, tower_options
 from rovit_jax.models.text import TEXT_POOL_TYPES, text_variant
 from rovit_jax.models.two_tower import TwoTower
 from rovit_jax.models.vit import POOL_TYPES, vit_variant
 from rovit_jax.ops.posemb import sample_crop_boxes
 from rovit_jax.pretrain_settings import PRETRAIN_SECTIONS, pretrain_settings
+from rovit_jax.run_config import run_problems
 from rovit_jax.train import mesh as mesh_lib
 
 
@@ -46,12 +47,13 @@ def validate_config(
       line, each naming the config key and its value.
 
     Returns:
-      {section: typed settings} of PRETRAIN_SECTIONS, resolved while checking.
+      {section: typed settings} of PRETRAIN_SECTIONS and "run" (`run_config.RunSettings`),
+      resolved while checking.
     """
     from rovit_jax import config_check as cc  # Local: keeps this module's imports unchanged.
 
     p = cc.Problems()
-    cc.check_run_settings(p, config)
+    run = run_problems(p, config)
     if check_files:
         _check_pretrain_data(p, config)
 
@@ -86,6 +88,7 @@ def validate_config(
 
     # loss, cpe, pp, tokenizer and eval: the typed sections check their own fields.
     sections = resolve_sections(PRETRAIN_SECTIONS, config, p)
+    sections["run"] = run
     pp, cpe = sections["pp"], sections["cpe"]
     if pp is not None and patch is not None:
         p.check(
@@ -103,8 +106,6 @@ def validate_config(
                 f"must be >= the pretraining patch grid {grid} "
                 f"(pp.image_size={pp.image_size} / patch {patch})",
             )
-    cc.check_choice(p, config, "compute_dtype", tuple(COMPUTE_DTYPES))
-    cc.check_choice(p, config, "remat", REMAT_POLICIES)
     cc.check_bool(p, config, "scan_layers", default=False)
     cc.check_bool(p, config, "model.image.pre_norm", default=False)
     cc.check_bool(p, config, "model.text.causal", default=False)

@@ -24,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from rovit_jax.config_sections import Section, resolved_sections, setting
 
 POLICIES = ("skip", "halt")
 # Train-state keys added by the guard (scalars, int32). Checkpoints written before they existed
@@ -38,29 +40,21 @@ DEFAULT_MAX_CONSECUTIVE = 10
 
 
 @dataclasses.dataclass(frozen=True)
-class GuardConfig:
-    """What to do about non-finite steps (config fields `guard.policy`, `guard.max_consecutive`)."""
+class GuardConfig(Section):
+    """`guard.*`: what to do about non-finite steps (their update is always skipped). "skip"
+    stops after `max_consecutive` such steps in a row (0 = never), "halt" at the first one."""
 
-    policy: str = "skip"
-    max_consecutive: int = DEFAULT_MAX_CONSECUTIVE
+    SECTION: ClassVar[str] = "guard"
+
+    policy: str = setting("skip", choices=POLICIES, older="skip")
+    max_consecutive: int = setting(
+        DEFAULT_MAX_CONSECUTIVE, min_value=0, older=DEFAULT_MAX_CONSECUTIVE
+    )
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> GuardConfig:
         """Reads `config.guard` (defaults when absent); ValueError naming the bad key."""
-        guard = config.get("guard") or {}
-        policy = guard.get("policy", cls.policy)
-        max_consecutive = guard.get("max_consecutive", cls.max_consecutive)
-        if policy not in POLICIES:
-            raise ValueError(f"config key `guard.policy` = {policy!r}: choose one of {POLICIES}")
-        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int):
-            raise ValueError(
-                f"config key `guard.max_consecutive` = {max_consecutive!r}: must be an integer"
-            )
-        if max_consecutive < 0:
-            raise ValueError(
-                f"config key `guard.max_consecutive` = {max_consecutive}: must be >= 0 (0 = no limit)"
-            )
-        return cls(policy=policy, max_consecutive=max_consecutive)
+        return resolved_sections((cls,), config)["guard"]
 
 
 def all_finite(tree: Any) -> jax.Array:

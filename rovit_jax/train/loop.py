@@ -13,7 +13,7 @@ import numpy as np
 from clu import parameter_overview, periodic_actions
 
 from rovit_jax.data.stream import Batches
-from rovit_jax.run_config import run_setting
+from rovit_jax.run_config import run_settings
 from rovit_jax.train import guards, preemption
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -56,10 +56,11 @@ def _run(
     watcher: preemption.PreemptionWatcher,
     stop_after: int | None,
 ) -> dict[str, Any]:
-    guard = guards.GuardConfig.from_config(config)  # Before a task's (possibly long) setup.
-    mesh = mesh_lib.make_mesh([tuple(a) for a in config.mesh])
+    # Before a task's (possibly long) setup.
+    guard, run = guards.GuardConfig.from_config(config), run_settings(config)
+    mesh = mesh_lib.make_mesh([tuple(a) for a in run.mesh])
     task.validate(mesh)
-    total = int(config.total_steps)
+    total = run.total_steps
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
     writer = create_writer(workdir, just_logging=not is_chief)
@@ -71,7 +72,7 @@ def _run(
 
     trainer = Trainer(config, task, mesh)
     checkpointer = Checkpointer(
-        workdir, keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
+        workdir, keep=run.keep_checkpoints, async_save=run.async_checkpointing
     )
     batches = task.train_batches(jax.process_index(), jax.process_count())
     restored = checkpointer.restore_latest(
@@ -104,7 +105,7 @@ def _run(
         device_batch = trainer.global_batch(batches.batch(step))
         return device_batch, _tallies(batches)
 
-    depth = int(run_setting(config, "prefetch"))
+    depth = run.prefetch
     # prefetch=0 produces each batch when the step asks for it (to measure what prefetch buys).
     stream = (
         prefetch(make_batch, start, end, depth=depth)
@@ -118,7 +119,7 @@ def _run(
             done = step + 1
             monitor.observe(done, metrics)  # Judges the previous step; raises if it must stop.
             progress(done)
-            if _every(done, int(config.log_every), total):
+            if _every(done, run.log_every, total):
                 scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
                 scalars["train/skipped_examples"] = tallies["skipped"]
                 scalars.update(stall.report())
@@ -137,7 +138,7 @@ def _run(
                 )
                 stall.reset()
             stop = watcher.should_stop(done)  # Collective: every process gets the same answer.
-            if stop or _every(done, int(config.checkpoint_every), total) or done == end:
+            if stop or _every(done, run.checkpoint_every, total) or done == end:
                 monitor.flush()
                 _save(checkpointer, finite, done, state, _input_state(config, done, tallies))
             if stop:
@@ -151,7 +152,7 @@ def _run(
                     checkpointer.directory,
                 )
                 raise preemption.Preempted(done, reason)
-            if _every(done, int(config.eval_every), total):
+            if _every(done, run.eval_every, total):
                 with progress.timed("eval"):
                     eval_metrics = task.evaluate(trainer, state["params"])
                 writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})

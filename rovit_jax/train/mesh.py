@@ -16,8 +16,6 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rovit_jax.run_config import RUN_DEFAULTS
-
 # Axes over which the batch dimension is split. FSDP shards parameters AND the batch, as in
 # ZeRO-3: every device sees a distinct slice of the batch.
 BATCH_AXES = ("data", "fsdp")
@@ -113,7 +111,7 @@ def infer_shardings(
     mesh: Mesh,
     rules: Sequence[tuple[str, Any]],
     *,
-    fsdp_min_size: int = RUN_DEFAULTS["fsdp_min_size"],
+    fsdp_min_size: int,
     logical_axes: Mapping[str, tuple[str | None, ...]] | None = None,
     logical_rules: Sequence[tuple[str, Any]] = (),
 ) -> Any:

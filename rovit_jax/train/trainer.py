@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from rovit_jax.data.stream import Batches
 from rovit_jax.models import layers
 from rovit_jax.models.logical_axes import param_logical_axes
-from rovit_jax.run_config import run_setting
+from rovit_jax.run_config import run_settings
 from rovit_jax.train import guards
 from rovit_jax.train import mesh as mesh_lib
 from rovit_jax.train.optim import make_optimizer, optim_settings, regex_mask
@@ -62,9 +62,9 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, task: Task, mesh: Mesh):
         self.config, self.task, self.mesh = config, task, mesh
-        optim = optim_settings(config)
-        self.tx, self.schedule = make_optimizer(optim, int(config.total_steps))
-        init_rng, self.step_rng = jax.random.split(jax.random.key(int(config.seed)))
+        optim, run = optim_settings(config), run_settings(config)
+        self.tx, self.schedule = make_optimizer(optim, run.total_steps)
+        init_rng, self.step_rng = jax.random.split(jax.random.key(run.seed))
         self._init_rng = init_rng
 
         self.abstract_state = jax.eval_shape(self._init_state, init_rng)
@@ -74,7 +74,7 @@ class Trainer:
         self.frozen_mask = regex_mask(self.abstract_state["params"], frozen) if frozen else None
         # The modules' logical axis names of every parameter (traced, not computed): a second
         # trace of the model's init, so only where a table will read them.
-        logical_rules = [tuple(r) for r in run_setting(config, "logical_axis_rules")]
+        logical_rules = list(run.logical_axis_rules)
         logical_axes = {}
         if logical_rules:
             logical_axes = {
@@ -84,8 +84,8 @@ class Trainer:
         self.state_shardings = mesh_lib.infer_shardings(
             self.abstract_state,
             mesh,
-            [tuple(r) for r in config.sharding_rules],
-            fsdp_min_size=int(run_setting(config, "fsdp_min_size")),
+            list(run.sharding_rules),
+            fsdp_min_size=run.fsdp_min_size,
             logical_axes=logical_axes,
             logical_rules=logical_rules,
         )
@@ -97,7 +97,7 @@ class Trainer:
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, self.replicated),
             # The old state's buffers are reused for the new one (halves state memory).
-            donate_argnums=(0,) if bool(run_setting(config, "donate_state")) else (),
+            donate_argnums=(0,) if run.donate_state else (),
         )
 
     def _init_state(self, rng: jax.Array) -> State:
