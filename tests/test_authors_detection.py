@@ -10,6 +10,8 @@ Each numpy reference transcribes the authors' released F-VLM / DITO code (google
                     in every block but the last).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -360,4 +362,61 @@ def test_vlm_scores_pool_proposals_and_share_the_background_row(tiny, monkeypatc
     bg = np.asarray(task.background_embedding)
     np.testing.assert_allclose(
         vlm_logits[..., 0], np.full(vlm_logits.shape[:2], float(region @ bg) * scale), rtol=1e-4
+    )
+
+
+def _decode_np(deltas: np.ndarray, boxes: np.ndarray, size: float) -> np.ndarray:
+    """Faster R-CNN's box decoding with weights (10, 10, 5, 5), clipped to the image."""
+    h, w = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    cy, cx = boxes[..., 0] + h / 2, boxes[..., 1] + w / 2
+    dy, dx = deltas[..., 0] / 10, deltas[..., 1] / 10
+    dh = np.minimum(deltas[..., 2] / 5, np.log(1000 / 16))
+    dw = np.minimum(deltas[..., 3] / 5, np.log(1000 / 16))
+    cy, cx, h, w = cy + dy * h, cx + dx * w, h * np.exp(dh), w * np.exp(dw)
+    out = np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], -1)
+    return np.clip(out, 0, size)
+
+
+def test_box_passes_refine_their_own_boxes_and_average_the_class_probabilities(tiny, monkeypatch):
+    """infer.box_passes=2: the box head pools the first pass's boxes and regresses them again;
+    the detector's probabilities are the mean of both passes' softmaxes."""
+    config, task, _, params = tiny
+    model, cfg = task.model, task.rcnn
+    vocab = task.full_vocabulary
+    text = [jnp.asarray(vocab[k]) for k in ("embeddings", "valid")]
+    s = config.det.image_size
+    images = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (1, s, s, 3)), jnp.float32)
+    y0, x0 = np.random.default_rng(8).uniform(0, s / 2, (2, 1, 6))
+    props = jnp.asarray(np.stack([y0, x0, y0 + s / 3, x0 + s / 4], -1), jnp.float32)
+    monkeypatch.setattr(
+        rcnn,
+        "_batched_proposals",
+        lambda *a, **k: (props, jnp.full((1, 6), 0.5), jnp.ones((1, 6), bool)),
+    )
+    # A box head that moves boxes visibly (the random init's deltas are tiny).
+    kernel = params["box_head"]["box"]["kernel"]
+    moved = jax.random.normal(jax.random.key(9), kernel.shape, kernel.dtype) * 0.3
+    params = {
+        **params,
+        "box_head": {
+            **params["box_head"],
+            "box": {"kernel": moved, "bias": 0 * params["box_head"]["box"]["bias"]},
+        },
+    }
+    two = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, box_passes=2))
+    one = rcnn._region_scores(model, params, images, *text, cfg, None, None)
+    got = rcnn._region_scores(model, params, images, *text, two, None, None)
+
+    apply = lambda method, *a: model.apply({"params": params}, *a, method=method)  # noqa: E731
+    feats = apply(model.features, images)
+    pooled = rcnn._pool(feats, one["boxes"], cfg.roi.pool_size, cfg)
+    deltas, emb = apply(model.box_outputs, pooled)
+    want_boxes = _decode_np(np.asarray(deltas, np.float64), np.asarray(one["boxes"]), s)
+    logits = np.asarray(apply(model.class_logits, emb, *text), np.float64)
+    second = np.exp(logits - logits.max(-1, keepdims=True))
+    second /= second.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got["boxes"], want_boxes, rtol=1e-4, atol=1e-3)
+    assert np.abs(np.asarray(got["boxes"]) - np.asarray(one["boxes"])).max() > 1.0
+    np.testing.assert_allclose(
+        got["det_probs"], (np.asarray(one["det_probs"]) + second) / 2, rtol=1e-4, atol=1e-6
     )

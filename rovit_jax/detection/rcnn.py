@@ -552,7 +552,8 @@ def _region_scores(
     vlm_region_embeddings_fn,
     vlm_logit_scale: jax.Array | None,
 ) -> dict[str, Any]:
-    """Backbone, proposals, box refinement and the class scores of both scorers.
+    """Backbone, proposals, box refinement (`cfg.infer.box_passes` passes of the box head) and
+    the class scores of both scorers.
 
     The VLM pools its region features from the proposals (`cfg.infer.vlm_pool_boxes` =
     "proposals", as the authors' code) or from the refined boxes, shrunk by
@@ -575,12 +576,13 @@ def _region_scores(
         pre_nms_top_k=cfg.infer.pre_nms_top_k,
         post_nms_top_k=cfg.infer.post_nms_top_k,
     )
-    roi_feats = _pool(feats, props, cfg.roi.pool_size, cfg)
-    deltas, emb = apply(model.box_outputs, roi_feats)
-    boxes = box_ops.decode_deltas(deltas, props, weights=BOX_WEIGHTS)
-    boxes = box_ops.clip_boxes(boxes, cfg.image_size, cfg.image_size)
-    logits = apply(model.class_logits, emb, text_embeddings, text_valid)
-    det_probs = jax.nn.softmax(logits, -1)
+    boxes, det_probs = props, 0.0
+    for _ in range(cfg.infer.box_passes):
+        deltas, emb = apply(model.box_outputs, _pool(feats, boxes, cfg.roi.pool_size, cfg))
+        boxes = box_ops.decode_deltas(deltas, boxes, weights=BOX_WEIGHTS)
+        boxes = box_ops.clip_boxes(boxes, cfg.image_size, cfg.image_size)
+        logits = apply(model.class_logits, emb, text_embeddings, text_valid)
+        det_probs = det_probs + jax.nn.softmax(logits, -1) / cfg.infer.box_passes
     vlm_logits = None
     if vlm_region_embeddings_fn is not None:
         pool_boxes = props if cfg.infer.vlm_pool_boxes == "proposals" else boxes

@@ -188,6 +188,11 @@ class InferSettings(Section):
     proposal_nms_iou: float = setting(
         1.0, min_value=0.0, max_value=1.0, min_exclusive=True, older_from="rpn.nms_iou"
     )
+    # Passes of the box head at test time: each pools the previous pass's boxes and regresses
+    # them again (iterative box regression); the detector's class probabilities are the mean
+    # of the passes' (Cascade R-CNN's test-time ensemble, here with one head). 1: one pass (the
+    # authors').
+    box_passes: int = setting(1, min_value=1, older=1)
     nms_iou: float = setting(0.5, min_value=0.0, max_value=1.0, min_exclusive=True)  # paper
     max_detections: int = setting(300, min_value=1)  # paper: 300
     score_threshold: float = setting(0.0)
