@@ -31,7 +31,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import ml_collections
@@ -64,6 +64,7 @@ def setting(
     nonempty: bool = False,
     ordered: bool = False,
     regex: bool = False,
+    validate: Callable[[Any], Any] | None = None,
     older: Any = _NO_OLDER,
     older_from: str | None = None,
 ) -> Any:
@@ -77,7 +78,9 @@ def setting(
     Bounds apply to a number, to each element of a tuple, or to each rule's factor; `nonempty`
     to tuples of any length (`tuple[float, ...]`); `ordered` to pairs (`tuple[float, float]`):
     low <= high; `regex` to strings (`tuple[str, ...]`): each must compile. The strings of
-    (regex, factor) rules are always regexes.
+    (regex, factor) rules are always regexes. `validate(value)`, called on a value of the right
+    type, raises ValueError / TypeError / KeyError with the reason where the value is refused
+    (a model variant's name, parsed by the module that owns the variants).
     """
     meta = dict(
         choices=tuple(choices),
@@ -88,6 +91,7 @@ def setting(
         nonempty=nonempty,
         ordered=ordered,
         regex=regex,
+        validate=validate,
         older=older,
         older_from=older_from,
     )
@@ -296,6 +300,13 @@ def resolve_section(cls: type[Section], config: Any, problems: cc.Problems) -> S
             problems.add(key, value, why)
             ok = False
             continue
+        if m["validate"] is not None and value is not None:
+            try:
+                m["validate"](value)
+            except (ValueError, TypeError, KeyError) as e:
+                problems.add(key, value, str(e))
+                ok = False
+                continue
         values[f.name] = value
     for low, high in cls.ORDERED:
         if low in values and high in values and values[low] > values[high]:
@@ -306,10 +317,18 @@ def resolve_section(cls: type[Section], config: Any, problems: cc.Problems) -> S
 
 def add_sections(config: Any, classes: Sequence[type[Section]]) -> Any:
     """Puts the default section of each of `classes` into `config` (in place; returns it); a
-    top-level section's fields go to the config's top level."""
+    top-level section's fields go to the config's top level, a dotted section ("model.image")
+    inside its parent (list the parent's class first)."""
     for cls in classes:
         if cls.SECTION:
-            config[cls.SECTION] = section_defaults(cls)
+            # A dotted section ("model.image") goes inside its parent, made if missing.
+            *parents, name = cls.SECTION.split(".")
+            parent = config
+            for p in parents:
+                if p not in parent:
+                    parent[p] = ml_collections.ConfigDict()
+                parent = parent[p]
+            parent[name] = section_defaults(cls)
         else:
             for name, value in section_defaults(cls).items(preserve_field_references=True):
                 config[name] = value

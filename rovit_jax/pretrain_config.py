@@ -48,23 +48,8 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
         dict(name="", tfds_name="", annotations="", images="", split="")
     )
 
-    c.model = ml_collections.ConfigDict()
-    # pre_norm (CLIP's ln_pre), a causal text tower, exact GELU ("gelu"; or "quick_gelu") and
-    # LayerNorm eps 1e-5 are not RO-ViT's choices; they exist so that CLIP-family weights can be
-    # imported exactly (rovit_jax.interop sets them from the source).
-    c.model.image = ml_collections.ConfigDict(
-        dict(variant="B/16", pool_type="gap", pre_norm=False, activation="gelu_tanh", norm_eps=1e-6)
-    )
-    c.model.text = ml_collections.ConfigDict(
-        dict(variant="B", pool_type="mean", causal=False, activation="gelu_tanh", norm_eps=1e-6)
-    )
-    c.model.embed_dim = 768  # unverified
-    c.model.temperature_init = 10.0  # learnable scale = exp(t), t initialised to log(this)
-    c.model.bias_init = ml_collections.FieldReference(
-        None, field_type=float
-    )  # None: no bias (paper); SigLIP uses -10
-
-    # loss, cpe, pp, tokenizer, eval and optim: defaults, allowed values and bounds are the
-    # typed sections of rovit_jax.pretrain_settings (optim: rovit_jax.train.optim).
+    # model (image and text towers), loss, cpe, pp, tokenizer, eval and optim: defaults, allowed
+    # values and bounds are the typed sections of rovit_jax.pretrain_settings (optim:
+    # rovit_jax.train.optim).
     add_sections(c, PRETRAIN_SECTIONS)
     return c

@@ -1,4 +1,5 @@
-"""The pretraining config's `loss`, `cpe`, `pp`, `tokenizer`, `eval` and `optim` sections, typed: each
+"""The pretraining config's `model` (and `model.image`, `model.text`), `loss`, `cpe`, `pp`,
+`tokenizer`, `eval` and `optim` sections, typed: each
 field's default, allowed values and bounds, written once (paper values as defaults).
 
 `pretrain_config.pretrain_defaults()` builds these sections from the classes and
@@ -18,10 +19,16 @@ from rovit_jax.config_sections import (
     setting,
 )
 from rovit_jax.losses.contrastive import CONTRASTIVE_LOSS_KINDS
+from rovit_jax.models.layers import ACTIVATIONS, DEFAULT_NORM_EPS
+from rovit_jax.models.text import TEXT_POOL_TYPES, text_variant
+from rovit_jax.models.vit import POOL_TYPES, vit_variant
 from rovit_jax.train.optim import OptimSettings
 
 __all__ = [
     "CPESettings",
+    "ImageTowerSettings",
+    "ModelSettings",
+    "TextTowerSettings",
     "LossSettings",
     "PRETRAIN_SECTIONS",
     "PreprocessSettings",
@@ -31,6 +38,50 @@ __all__ = [
 ]
 
 _AREA = dict(min_value=0.0, max_value=1.0, min_exclusive=True, ordered=True)  # 0 < lo <= hi <= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings(Section):
+    """`model.*`: the shared embedding and the loss's learnable scale and bias."""
+
+    SECTION: ClassVar[str] = "model"
+
+    embed_dim: int = setting(768, min_value=1)  # unverified
+    temperature_init: float = setting(10.0, min_value=0.0, min_exclusive=True)  # scale = exp(t)
+    bias_init: float | None = setting(None)  # None: no bias (paper); SigLIP uses -10
+
+
+# pre_norm (CLIP's ln_pre), a causal text tower, exact GELU ("gelu"; or "quick_gelu") and
+# LayerNorm eps 1e-5 are not RO-ViT's choices; they exist so that CLIP-family weights can be
+# imported exactly (rovit_jax.interop sets them from the source). Older run configs lack them.
+_ACTIVATION = dict(choices=tuple(sorted(ACTIVATIONS)), older="gelu_tanh")
+_NORM_EPS = dict(min_value=0.0, min_exclusive=True, older=DEFAULT_NORM_EPS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTowerSettings(Section):
+    """`model.image.*`: the ViT (variants: rovit_jax.models.vit.vit_variant)."""
+
+    SECTION: ClassVar[str] = "model.image"
+
+    variant: str = setting("B/16", validate=vit_variant)
+    pool_type: str = setting("gap", choices=POOL_TYPES)
+    pre_norm: bool = setting(False, older=False)
+    activation: str = setting("gelu_tanh", **_ACTIVATION)
+    norm_eps: float = setting(DEFAULT_NORM_EPS, **_NORM_EPS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTowerSettings(Section):
+    """`model.text.*`: the text transformer (variants: rovit_jax.models.text.text_variant)."""
+
+    SECTION: ClassVar[str] = "model.text"
+
+    variant: str = setting("B", validate=text_variant)
+    pool_type: str = setting("mean", choices=TEXT_POOL_TYPES)
+    causal: bool = setting(False, older=False)
+    activation: str = setting("gelu_tanh", **_ACTIVATION)
+    norm_eps: float = setting(DEFAULT_NORM_EPS, **_NORM_EPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +148,9 @@ class RetrievalEvalSettings(Section):
 
 
 PRETRAIN_SECTIONS = (
+    ModelSettings,  # before its subsections
+    ImageTowerSettings,
+    TextTowerSettings,
     LossSettings,
     CPESettings,
     PreprocessSettings,

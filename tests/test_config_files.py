@@ -99,8 +99,8 @@ def test_sibling_configs_load_by_path_from_anywhere(tmp_path, monkeypatch):
 
 def test_run_settings_have_one_default_shared_by_both_tasks():
     from rovit_jax.detect_config import detect_defaults
-    from rovit_jax.pretrain_config import pretrain_defaults
     from rovit_jax.detection.settings import DetectRunSettings
+    from rovit_jax.pretrain_config import pretrain_defaults
     from rovit_jax.run_config import RunSettings, run_settings
 
     # Both tasks' defaults are the typed run settings; only steps, batch and checkpoint period

@@ -99,15 +99,6 @@ ACTIVATIONS = {
 DEFAULT_NORM_EPS = 1e-6  # flax's LayerNorm default (= timm's ViTs); torch's default is 1e-5
 
 
-def tower_options(tower: Any) -> dict[str, Any]:
-    """`activation` and `norm_eps` of a config's `model.image` / `model.text` (a run config
-    written before these fields existed gets the values it was trained with)."""
-    return dict(
-        activation=str(tower.get("activation", "gelu_tanh")),
-        norm_eps=float(tower.get("norm_eps", DEFAULT_NORM_EPS)),
-    )
-
-
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")

@@ -24,8 +24,9 @@ from rovit_jax.detection.text_classifier import (
 )
 from rovit_jax.models.detector import OpenVocabDetector
 from rovit_jax.models.frozen_vlm import FrozenRegionEmbedder, load_pretrained_backbone
-from rovit_jax.models.layers import COMPUTE_DTYPES, tower_options
+from rovit_jax.models.layers import COMPUTE_DTYPES
 from rovit_jax.models.vit import vit_variant
+from rovit_jax.pretrain_settings import pretrain_settings
 from rovit_jax.run_config import run_problems
 from rovit_jax.runs import (
     CheckpointKindError,
@@ -303,7 +304,8 @@ class DetectTask:
     def model(self) -> OpenVocabDetector:
         pcfg = self.pretrained.config
         det = self.settings["det"]
-        img = vit_variant(pcfg.model.image.variant)
+        image = pretrain_settings(pcfg)["model.image"]
+        img = vit_variant(image.variant)
         grid = pcfg.pp.image_size // img["patch_size"]
         _check(
             det.image_size % img["patch_size"] == 0,
@@ -317,8 +319,9 @@ class DetectTask:
             pool_type="gap",
             window_size=det.window_size,
             global_blocks=det.global_blocks,
-            pre_norm=bool(pcfg.model.image.get("pre_norm", False)),
-            **tower_options(pcfg.model.image),
+            pre_norm=image.pre_norm,
+            activation=image.activation,
+            norm_eps=image.norm_eps,
             remat_policy=self.config.remat,
         )
         _ = self.frozen_vlm  # checks infer.vlm_global_blocks against the tower before compiling

@@ -16,10 +16,10 @@ from rovit_jax.config_sections import resolve_sections
 from rovit_jax.data import image_text, sources
 from rovit_jax.evaluation.retrieval import recall_at_k
 from rovit_jax.losses import contrastive
-from rovit_jax.models.layers import ACTIVATIONS, COMPUTE_DTYPES, tower_options
-from rovit_jax.models.text import TEXT_POOL_TYPES, text_variant
+from rovit_jax.models.layers import COMPUTE_DTYPES
+from rovit_jax.models.text import text_variant
 from rovit_jax.models.two_tower import TwoTower
-from rovit_jax.models.vit import POOL_TYPES, vit_variant
+from rovit_jax.models.vit import vit_variant
 from rovit_jax.ops.posemb import sample_crop_boxes
 from rovit_jax.pretrain_settings import PRETRAIN_SECTIONS, pretrain_settings
 from rovit_jax.run_config import run_problems
@@ -57,39 +57,12 @@ def validate_config(
     if check_files:
         _check_pretrain_data(p, config)
 
-    patch = None
-    variant = cc.config_get(config, "model.image.variant")
-    try:
-        patch = vit_variant(variant)["patch_size"]
-    except (ValueError, TypeError, KeyError) as e:
-        p.add("model.image.variant", variant, str(e))
-    text = cc.config_get(config, "model.text.variant")
-    try:
-        text_variant(text)
-    except (ValueError, TypeError, KeyError) as e:
-        p.add("model.text.variant", text, str(e))
-    cc.check_choice(
-        p,
-        config,
-        "model.image.pool_type",
-        POOL_TYPES,
-        why=f"unknown pooling; choose one of {POOL_TYPES}",
-    )
-    cc.check_choice(
-        p,
-        config,
-        "model.text.pool_type",
-        TEXT_POOL_TYPES,
-        why=f"unknown pooling; choose one of {TEXT_POOL_TYPES}",
-    )
-    cc.check_int(p, config, "model.embed_dim", min_value=1)
-    cc.check_number(p, config, "model.temperature_init", min_value=0.0, min_exclusive=True)
-    cc.check_number(p, config, "model.bias_init", allow_none=True)
-
-    # loss, cpe, pp, tokenizer and eval: the typed sections check their own fields.
+    # model, loss, cpe, pp, tokenizer, eval and optim: the typed sections check their fields.
     sections = resolve_sections(PRETRAIN_SECTIONS, config, p)
     sections["run"] = run
-    pp, cpe = sections["pp"], sections["cpe"]
+    pp, cpe, image = sections["pp"], sections["cpe"], sections["model.image"]
+    patch = None if image is None else vit_variant(image.variant)["patch_size"]
+    variant = None if image is None else image.variant
     if pp is not None and patch is not None:
         p.check(
             pp.image_size % patch == 0,
@@ -107,15 +80,6 @@ def validate_config(
                 f"(pp.image_size={pp.image_size} / patch {patch})",
             )
     cc.check_bool(p, config, "scan_layers", default=False)
-    cc.check_bool(p, config, "model.image.pre_norm", default=False)
-    cc.check_bool(p, config, "model.text.causal", default=False)
-    for tower in ("image", "text"):
-        cc.check_choice(
-            p, config, f"model.{tower}.activation", tuple(sorted(ACTIVATIONS)), default="gelu_tanh"
-        )
-        cc.check_number(
-            p, config, f"model.{tower}.norm_eps", min_value=0.0, min_exclusive=True, default=1e-6
-        )
     p.raise_if_any()
     return sections
 
@@ -193,39 +157,42 @@ def build_model(
     """The two-tower model described by `config.model` (and pp/cpe/dtype/remat); `settings`:
     the config's typed sections when already resolved (`pretrain_settings(config)` otherwise)."""
     settings = pretrain_settings(config) if settings is None else settings
-    tok = settings["tokenizer"]
-    img = vit_variant(config.model.image.variant)
+    tok, model = settings["tokenizer"], settings["model"]
+    img_cfg, txt_cfg = settings["model.image"], settings["model.text"]
+    img = vit_variant(img_cfg.variant)
     grid = settings["pp"].image_size // img["patch_size"]
     dtype = COMPUTE_DTYPES[config.compute_dtype]
+    scan_layers = bool(config.get("scan_layers", False))
     image = dict(
         img,
         posemb_grid=(grid, grid),
-        pool_type=config.model.image.pool_type,
-        pre_norm=bool(config.model.image.get("pre_norm", False)),
-        **tower_options(config.model.image),
+        pool_type=img_cfg.pool_type,
+        pre_norm=img_cfg.pre_norm,
+        activation=img_cfg.activation,
+        norm_eps=img_cfg.norm_eps,
         cpe_up_size=settings["cpe"].up_size,
         dtype=dtype,
         remat_policy=config.remat,
-        scan_layers=bool(config.get("scan_layers", False)),
+        scan_layers=scan_layers,
     )
     text = dict(
-        text_variant(config.model.text.variant),
+        text_variant(txt_cfg.variant),
         vocab_size=tok.vocab_size,
         max_len=tok.max_len,
-        pool_type=config.model.text.pool_type,
-        causal=bool(config.model.text.get("causal", False)),
-        **tower_options(config.model.text),
+        pool_type=txt_cfg.pool_type,
+        causal=txt_cfg.causal,
+        activation=txt_cfg.activation,
+        norm_eps=txt_cfg.norm_eps,
         dtype=dtype,
         remat_policy=config.remat,
-        scan_layers=bool(config.get("scan_layers", False)),
+        scan_layers=scan_layers,
     )
-    bias = config.model.bias_init
     return TwoTower(
         image=image,
         text=text,
-        embed_dim=int(config.model.embed_dim),
-        temperature_init=float(config.model.temperature_init),
-        bias_init=None if bias is None else float(bias),
+        embed_dim=model.embed_dim,
+        temperature_init=model.temperature_init,
+        bias_init=model.bias_init,
         dtype=dtype,
     )
 
