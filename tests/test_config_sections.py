@@ -153,3 +153,51 @@ def test_rcnn_config_raises_with_every_problem():
         "roi.fg_iou",
         "infer.vlm_window_size",
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Top(Section):
+    NAME: ClassVar[str] = "top"
+
+    steps: int = setting(10, min_value=0)
+    rules: tuple = setting((("a", 1),))  # structure checked elsewhere: only a list
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner(Section):
+    SECTION: ClassVar[str] = "outer.inner"
+
+    name: str = setting("ok", validate=lambda v: None if v.islower() else int("not lower"))
+
+
+def test_top_level_and_dotted_sections_and_validators():
+    from rovit_jax.config_sections import add_sections, resolve_sections
+
+    c = add_sections(ml_collections.ConfigDict(), (_Top, _Inner))
+    assert c.steps == 10 and c.rules == (("a", 1),) and c.outer.inner.name == "ok"
+    problems = cc.Problems()
+    got = resolve_sections((_Top, _Inner), c, problems)
+    assert got == {"top": _Top(), "outer.inner": _Inner()} and not problems
+    c = ml_collections.ConfigDict({"steps": -1, "rules": "x", "outer": {"inner": {"name": "UP"}}})
+    problems = cc.Problems()
+    got = resolve_sections((_Top, _Inner), c, problems)
+    assert got == {"top": None, "outer.inner": None}
+    keys = {key: why for key, _, why in problems}
+    assert set(keys) == {"steps", "rules", "outer.inner.name"}
+    assert "invalid literal" in keys["outer.inner.name"]  # the validator's own reason
+    # JSON gives nested lists back; the structure-checked field holds nested tuples.
+    c = ml_collections.ConfigDict({"steps": 3, "rules": [["b", 2]]})
+    assert resolve_sections((_Top,), c, cc.Problems())["top"].rules == (("b", 2),)
+
+
+def test_run_settings_name_every_bad_key():
+    from rovit_jax.run_config import run_problems
+
+    c = pretrain_defaults()
+    with c.ignore_type():
+        c.seed, c.prefetch, c.compute_dtype, c.guard.policy = 1.5, -1, "float16", "ignore"
+        c.sharding_rules = ((".*", "everywhere"),)
+    problems = cc.Problems()
+    assert run_problems(problems, c) is None
+    keys = sorted(problems.keys())
+    assert keys == ["compute_dtype", "guard.policy", "prefetch", "seed", "sharding_rules[0]"]
