@@ -206,7 +206,7 @@ def test_fixed_background_is_the_text_embedding_of_a_dot(tiny):
     templates = PROMPT_ENSEMBLES[config.text.templates]
     # Independent: the text tower on every template filled with ".", averaged, normalised.
     texts = [t.replace("{}", ".") for t in templates]
-    raw = np.asarray(task._embed_texts(texts), np.float64).mean(0)
+    raw = np.asarray(task.text_embedder(texts), np.float64).mean(0)
     want = raw / np.linalg.norm(raw)
     np.testing.assert_allclose(task.background_embedding, want, rtol=1e-5, atol=1e-6)
 

@@ -140,7 +140,7 @@ def test_jax_export_round_trips(run_dir, predictor, inputs, reference, tmp_path)
     out = jax.device_get(detect(*args))
     # The function before export, on the same inputs (the predictor's compiled batch of 4).
     direct = jax.device_get(
-        predictor._detect(
+        jax.jit(predictor.detection_function())(
             predictor.detector_params,
             predictor.vlm_params,
             *args,

@@ -138,12 +138,12 @@ def test_text_embeddings_match_the_task_embedder(predictor):
     assert emb.shape == (3, predictor.embed_dim) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     # The detection task's own embedder (its tokenizer built from the dataset, batch of 256).
-    reference = predictor.task._embed_texts(texts)
+    reference = predictor.task.text_embedder(texts)
     np.testing.assert_allclose(emb, reference, atol=2e-5)
     # Queries go through the run's prompt ensemble: mean of template embeddings, normalised.
     templates = PROMPT_ENSEMBLES[predictor.run.config.text.templates]
     clf = predictor.query_classifier(["Blue Star"])
-    ref = predictor.task._embed_texts([t.format("blue star") for t in templates]).mean(0)
+    ref = predictor.task.text_embedder([t.format("blue star") for t in templates]).mean(0)
     np.testing.assert_allclose(clf["embeddings"][0], ref / np.linalg.norm(ref), atol=2e-5)
     assert clf["valid"].tolist() == [True] + [False] * (len(clf["valid"]) - 1)
     assert clf["is_novel"][0] == ("blue star" not in predictor.base_names)

@@ -367,7 +367,7 @@ class DetectTask:
         return sources.tokenizer_for(pcfg)
 
     @cached_property
-    def _embed_texts(self):
+    def text_embedder(self):
         """texts -> [N, E] unit-norm embeddings with the pretrained text tower."""
         from rovit_jax.classifier import make_text_embedder
 
@@ -375,7 +375,7 @@ class DetectTask:
 
     def vocabulary(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         templates = PROMPT_ENSEMBLES[self.settings["text"].templates]
-        return build_text_classifier(names, self._embed_texts, templates=templates)
+        return build_text_classifier(names, self.text_embedder, templates=templates)
 
     @cached_property
     def background_embedding(self) -> np.ndarray:
@@ -389,7 +389,7 @@ class DetectTask:
         templates = PROMPT_ENSEMBLES[self.settings["text"].templates]
 
         def compute() -> np.ndarray:
-            return background_text_embedding(self._embed_texts, templates=templates)
+            return background_text_embedding(self.text_embedder, templates=templates)
 
         if not isinstance(jnp.zeros(()), jax.core.Tracer):
             return compute()
