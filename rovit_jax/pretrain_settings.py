@@ -59,7 +59,15 @@ _NORM_EPS = dict(min_value=0.0, min_exclusive=True, older=DEFAULT_NORM_EPS)
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageTowerSettings(Section):
+class _TowerSettings(Section):
+    """What both towers share: their MLP activation and LayerNorm eps."""
+
+    activation: str = setting("gelu_tanh", **_ACTIVATION)
+    norm_eps: float = setting(DEFAULT_NORM_EPS, **_NORM_EPS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTowerSettings(_TowerSettings):
     """`model.image.*`: the ViT (variants: rovit_jax.models.vit.vit_variant)."""
 
     SECTION: ClassVar[str] = "model.image"
@@ -67,12 +75,10 @@ class ImageTowerSettings(Section):
     variant: str = setting("B/16", validate=vit_variant)
     pool_type: str = setting("gap", choices=POOL_TYPES)
     pre_norm: bool = setting(False, older=False)
-    activation: str = setting("gelu_tanh", **_ACTIVATION)
-    norm_eps: float = setting(DEFAULT_NORM_EPS, **_NORM_EPS)
 
 
 @dataclasses.dataclass(frozen=True)
-class TextTowerSettings(Section):
+class TextTowerSettings(_TowerSettings):
     """`model.text.*`: the text transformer (variants: rovit_jax.models.text.text_variant)."""
 
     SECTION: ClassVar[str] = "model.text"
@@ -80,8 +86,6 @@ class TextTowerSettings(Section):
     variant: str = setting("B", validate=text_variant)
     pool_type: str = setting("mean", choices=TEXT_POOL_TYPES)
     causal: bool = setting(False, older=False)
-    activation: str = setting("gelu_tanh", **_ACTIVATION)
-    norm_eps: float = setting(DEFAULT_NORM_EPS, **_NORM_EPS)
 
 
 @dataclasses.dataclass(frozen=True)
