@@ -403,13 +403,16 @@ def test_box_passes_refine_their_own_boxes_and_average_the_class_probabilities(t
             "box": {"kernel": moved, "bias": 0 * params["box_head"]["box"]["bias"]},
         },
     }
-    two = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, box_passes=2))
-    one = rcnn._region_scores(model, params, images, *text, cfg, None, None)
-    got = rcnn._region_scores(model, params, images, *text, two, None, None)
+    cfg = {
+        n: dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, box_passes=n))
+        for n in (1, 2)
+    }
+    one = rcnn._region_scores(model, params, images, *text, cfg[1], None, None)
+    got = rcnn._region_scores(model, params, images, *text, cfg[2], None, None)
 
     apply = lambda method, *a: model.apply({"params": params}, *a, method=method)  # noqa: E731
     feats = apply(model.features, images)
-    pooled = rcnn._pool(feats, one["boxes"], cfg.roi.pool_size, cfg)
+    pooled = rcnn._pool(feats, one["boxes"], cfg[1].roi.pool_size, cfg[1])
     deltas, emb = apply(model.box_outputs, pooled)
     want_boxes = _decode_np(np.asarray(deltas, np.float64), np.asarray(one["boxes"]), s)
     logits = np.asarray(apply(model.class_logits, emb, *text), np.float64)
