@@ -22,7 +22,7 @@ shapes_pretrain = load_sibling(__file__, "shapes_pretrain")
 
 def get_config(arg=None):
     a = parse_arg(
-        arg, steps=1390, batch=4, objectness="centerness", seed=0, pretrain_steps=1000, tiny=False
+        arg, steps=1600, batch=4, objectness="centerness", seed=0, pretrain_steps=1000, tiny=False
     )
     c = detect_defaults()
     c.seed = a.seed

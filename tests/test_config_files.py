@@ -33,7 +33,7 @@ def test_every_shipped_config_loads_by_name_and_by_path_without_touching_sys_pat
 
 def test_arguments_and_overrides():
     tiny = load_config("shapes_detect:tiny")
-    assert tiny.total_steps == 4 and load_config("shapes_detect").total_steps == 1390
+    assert tiny.total_steps == 4 and load_config("shapes_detect").total_steps == 1600
     assert load_config("configs/shapes_detect.py:steps=5").total_steps == 5
     c = load_config(
         "shapes_detect:tiny",
