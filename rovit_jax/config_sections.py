@@ -17,8 +17,8 @@ From that one definition come:
     start. Each field is checked by its annotation (int, float, bool, str, tuple[int, ...],
     tuple[float, ...], tuple[str, ...], a pair tuple[float, float], (regex, factor) rules
     tuple[tuple[str, float], ...], optionally `| None`), its `choices`, its bounds and (`regex`)
-    that its strings compile, then the section's `ORDERED` pairs; every problem is added to `problems` with its
-    dotted key, so validation still reports all of them at once;
+    that its strings compile, then the section's `ORDERED` pairs; every problem is added to
+    `problems` with its dotted key, so validation still reports all of them at once;
   * `older_defaults(cls)`: `older` values, those a run config written before a field existed was
     trained and evaluated with. A field without one is required in every config.
 """

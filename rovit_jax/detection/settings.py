@@ -1,5 +1,6 @@
 """The detection config's sections `det`, `rpn`, `roi`, `head`, `infer`, `text`, `init`,
-`eval` and `optim`, typed: each field's default, allowed values, bounds and older-run value, written once.
+`eval` and `optim` and its run keys, typed: each field's default, allowed values, bounds and
+older-run value, written once.
 
 `detect_config.detect_defaults()` builds its sections from these classes, `tasks.detect` resolves
 them once from a config (`detection_settings`), and `rcnn.RCNNConfig` carries the typed
