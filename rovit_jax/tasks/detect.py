@@ -298,13 +298,19 @@ class DetectTask:
     def two_tower(self):
         from rovit_jax.tasks.pretrain import build_model
 
-        return build_model(self.pretrained.config)
+        return build_model(self.pretrained.config, self.pretrained_settings)
+
+    @cached_property
+    def pretrained_settings(self) -> dict[str, Any]:
+        """The pretraining run's typed sections, resolved once (the towers' shapes come from
+        them)."""
+        return pretrain_settings(self.pretrained.config)
 
     @cached_property
     def model(self) -> OpenVocabDetector:
         pcfg = self.pretrained.config
         det = self.settings["det"]
-        image = pretrain_settings(pcfg)["model.image"]
+        image = self.pretrained_settings["model.image"]
         img = vit_variant(image.variant)
         grid = pcfg.pp.image_size // img["patch_size"]
         _check(
