@@ -54,12 +54,14 @@ def main() -> None:
     from rovit_jax.data import image_text, shapes_world, sources
     from rovit_jax.data.detection_transforms import resize_and_pad
     from rovit_jax.data.shapes_detection import example_from_shapes_record
+    from rovit_jax.pretrain_settings import pretrain_settings
     from rovit_jax.runs import load_pretrained_towers
     from rovit_jax.tasks.detect import DetectTask
 
     towers = load_pretrained_towers(args.pretrain_workdir)
     pcfg = towers.config
-    if pcfg.data.name != "shapes_world":
+    pretrained = pretrain_settings(pcfg)
+    if pretrained["data"].name != "shapes_world":
         raise SystemExit("the probe needs a shapes-world pretraining run")
     dcfg = load_config(args.detect_config)
     dcfg.init.run_pretraining = False
@@ -79,12 +81,14 @@ def main() -> None:
     text, _ = task.vocabulary([c.name for c in cats])
     text = np.asarray(text)[: len(cats)]
     novel = np.array([c.frequency == "r" for c in cats])
-    detect_size = int(dcfg.det.image_size)
+    detect_size = task.settings["det"].image_size
     embed_image = jax.jit(lambda x: model.apply({"params": params}, x, None)[0][0])
     embed_regions = jax.jit(lambda x, b: task.frozen_vlm.region_embeddings(params, x, b))
 
-    source = sources.shapes_builder(pcfg.data).as_data_source(pcfg.data.eval_split)
-    size = int(pcfg.pp.image_size)
+    data = pretrained["data"]
+    builder = sources.shapes_builder(pretrained["data.world"], data.data_dir)
+    source = builder.as_data_source(data.eval_split)
+    size = pretrained["pp"].image_size
     whole: list[tuple[int, int]] = []  # (true, predicted) for single-object images
     region: list[tuple[int, int]] = []
     for i in range(min(args.num_images, len(source))):

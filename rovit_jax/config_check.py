@@ -301,7 +301,24 @@ def check_path(
     needed_for: str,
     must_exist: bool = True,
 ) -> str | None:
-    """Checks that `key` names a path: set, and (local paths) an existing file or directory.
+    """`path_problems` on the value of `key` in `config` ("" when absent)."""
+    value = config_get(config, key, "")
+    return path_problems(
+        problems, key, value, kind=kind, needed_for=needed_for, must_exist=must_exist
+    )
+
+
+def path_problems(
+    problems: Problems,
+    key: str,
+    value: Any,
+    *,
+    kind: str,
+    needed_for: str,
+    must_exist: bool = True,
+) -> str | None:
+    """Checks that config key `key`'s `value` names a path: set, and (local paths) an existing
+    file or directory. Returns the path, or None with the problem added.
 
     Args:
       kind: "file" or "dir".
@@ -310,7 +327,6 @@ def check_path(
     """
     if kind not in ("file", "dir"):
         raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
-    value = config_get(config, key, "")
     if value is None or (isinstance(value, str) and not value.strip()):
         problems.add(key, value, f"is required for {needed_for}")
         return None

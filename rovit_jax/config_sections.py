@@ -73,7 +73,8 @@ def setting(
 
     A field annotated bare `tuple` is only required to be a list (its nested lists become
     tuples): its structure has a validator of its own (the mesh and sharding rules,
-    `run_config.run_problems`).
+    `run_config.run_problems`). A field annotated `object` takes any value (lists become
+    tuples) and relies on `validate` (a path or a list of paths, `data.train_files`).
 
     Bounds apply to a number, to each element of a tuple, or to each rule's factor; `nonempty`
     to tuples of any length (`tuple[float, ...]`); `ordered` to pairs (`tuple[float, float]`):
@@ -123,6 +124,25 @@ class Section:
     def section_name(cls) -> str:
         """This section's key in the dict `resolve_sections` returns."""
         return cls.SECTION or cls.NAME
+
+    @classmethod
+    def checked(cls, **values: Any) -> Any:
+        """`cls` from field values (the others at their defaults), checked as `resolve_section`
+        checks a config's section: a ConfigError names each bad (or unknown) key."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        problems = cc.Problems()
+        for name in values:
+            if name not in names:
+                problems.add(cls.key(name), values[name], f"unknown key; the keys are {names}")
+        problems.raise_if_any()
+        tree: dict[str, Any] = {
+            f.name: values.get(f.name, f.default) for f in dataclasses.fields(cls)
+        }
+        for part in reversed(cls.SECTION.split(".") if cls.SECTION else []):
+            tree = {part: tree}
+        section = resolve_section(cls, tree, problems)
+        problems.raise_if_any()
+        return section
 
     def __post_init__(self) -> None:
         # Built directly (not through resolve_section), a value outside its choices would
@@ -249,6 +269,8 @@ def _checked(value: Any, base: type, optional: bool, m: dict) -> tuple[bool, Any
     """(ok, the value as the field's type)."""
     if value is None:
         return optional, None
+    if base is object:  # any value; its `validate` checks it
+        return True, _frozen(value)
     if base is tuple:  # structure checked by its own validator (`setting`'s docstring)
         return cc.is_list(value), _frozen(value) if cc.is_list(value) else value
     if m["choices"]:

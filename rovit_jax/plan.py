@@ -289,15 +289,20 @@ def matmul_params(params: Any, tower: str) -> int:
 def model_flops(config: Any, params: Any, pretrain_config: Any = None) -> tuple[float, str]:
     """Analytic training FLOPs of one global step: 6 x matmul parameters x tokens (forward 2,
     backward 4), attention scores (QK^T, AV) not included. Returns (FLOPs, formula)."""
+    from rovit_jax.config_sections import resolved_sections
+    from rovit_jax.detection.settings import DetSettings
     from rovit_jax.models.vit import vit_variant
+    from rovit_jax.pretrain_settings import pretrain_settings
 
     b = int(config.batch_size)
     if config.task == "pretrain":
-        patch = vit_variant(config.model.image.variant)["patch_size"]
-        img_tokens = (int(config.pp.image_size) // patch) ** 2
-        if config.model.image.pool_type == "tok":
+        pretrained = pretrain_settings(config)
+        image = pretrained["model.image"]
+        patch = vit_variant(image.variant)["patch_size"]
+        img_tokens = (pretrained["pp"].image_size // patch) ** 2
+        if image.pool_type == "tok":
             img_tokens += 1
-        txt_tokens = int(config.tokenizer.max_len)
+        txt_tokens = pretrained["tokenizer"].max_len
         n_img, n_txt = matmul_params(params, "img"), matmul_params(params, "txt")
         flops = 6.0 * b * (img_tokens * n_img + txt_tokens * n_txt)
         formula = (
@@ -305,8 +310,8 @@ def model_flops(config: Any, params: Any, pretrain_config: Any = None) -> tuple[
             f"x {_count(n_txt)} matmul params)"
         )
         return flops, formula
-    patch = vit_variant(pretrain_config.model.image.variant)["patch_size"]
-    tokens = (int(config.det.image_size) // patch) ** 2
+    patch = vit_variant(pretrain_settings(pretrain_config)["model.image"].variant)["patch_size"]
+    tokens = (resolved_sections((DetSettings,), config)["det"].image_size // patch) ** 2
     n = matmul_params(params, "backbone")
     formula = f"6 x {b} x {tokens} tokens x {_count(n)} backbone matmul params (heads excluded)"
     return 6.0 * b * tokens * n, formula
@@ -315,8 +320,11 @@ def model_flops(config: Any, params: Any, pretrain_config: Any = None) -> tuple[
 # ---- the planning task --------------------------------------------------------------------------
 def default_num_classes(config: Any) -> int:
     """Size of the training vocabulary: the dataset's categories outside its novel groups."""
-    name = config.data.name
-    novel = set(config.data.novel_frequencies)
+    from rovit_jax.config_sections import resolved_sections
+    from rovit_jax.data.settings import DetectionDataSettings
+
+    data = resolved_sections((DetectionDataSettings,), config)["data"]
+    name, novel = data.name, set(data.novel_frequencies)
     if name == "shapes_world":
         from rovit_jax.data.shapes_world import CATEGORIES
 

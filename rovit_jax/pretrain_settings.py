@@ -1,5 +1,6 @@
 """The pretraining config's `model` (and `model.image`, `model.text`), `loss`, `cpe`, `pp`,
-`tokenizer`, `eval` and `optim` sections, typed: each
+`tokenizer`, `eval` and `optim` sections, typed (with `data`, `data.world` and `data.eval`,
+defined in `rovit_jax.data.settings`): each
 field's default, allowed values and bounds, written once (paper values as defaults).
 
 `pretrain_config.pretrain_defaults()` builds these sections from the classes and
@@ -18,6 +19,7 @@ from rovit_jax.config_sections import (
     resolved_sections,
     setting,
 )
+from rovit_jax.data.settings import ImageTextDataSettings, RetrievalDataSettings, WorldSettings
 from rovit_jax.losses.contrastive import CONTRASTIVE_LOSS_KINDS
 from rovit_jax.models.layers import ACTIVATIONS, DEFAULT_NORM_EPS
 from rovit_jax.models.text import TEXT_POOL_TYPES, text_variant
@@ -152,6 +154,9 @@ class RetrievalEvalSettings(Section):
 
 
 PRETRAIN_SECTIONS = (
+    ImageTextDataSettings,  # before its subsections
+    WorldSettings,
+    RetrievalDataSettings,
     ModelSettings,  # before its subsections
     ImageTowerSettings,
     TextTowerSettings,

@@ -175,18 +175,6 @@ def resolve_pretrain_workdir(workdir: str, config: ml_collections.ConfigDict) ->
     )
 
 
-def _shapes_tokenizer_path(pretrain_config: ml_collections.ConfigDict, data_dir: str) -> str:
-    """Where `tokenizer.shapes_tokenizer` cached the run's model (no dataset is built)."""
-    from rovit_jax.data import shapes_tfds
-
-    builder = shapes_tfds.shapes_builder(data_dir, **pretrain_config.data.world)
-    return os.path.join(
-        os.fspath(builder.data_dir),
-        "tokenizer",
-        f"unigram_{int(pretrain_config.tokenizer.vocab_size)}.model",
-    )
-
-
 def load_tokenizer(pretrain_config: ml_collections.ConfigDict, data_dir: str | None = None):
     """The tokenizer of a pretraining config.
 
@@ -195,16 +183,24 @@ def load_tokenizer(pretrain_config: ml_collections.ConfigDict, data_dir: str | N
     Only when that cache is missing is the shapes world rebuilt (deterministic from the config),
     as training did.
     """
-    from rovit_jax.data import sources
+    from rovit_jax.data import shapes_tfds, sources
     from rovit_jax.data.tokenizer import SentencePieceTokenizer
+    from rovit_jax.pretrain_settings import pretrain_settings
 
+    settings = pretrain_settings(pretrain_config)
+    data, tok = settings["data"], settings["tokenizer"]
     pcfg = ml_collections.ConfigDict(pretrain_config.to_dict())
-    tok = pcfg.tokenizer
-    if pcfg.data.name == "shapes_world" and not tok.get("model_path"):
-        pcfg.data.data_dir = pcfg.data.get("data_dir") or data_dir or sources.default_data_dir()
-        path = _shapes_tokenizer_path(pcfg, pcfg.data.data_dir)
+    if data.name == "shapes_world" and not tok.model_path:
+        pcfg.data.data_dir = data.data_dir or data_dir or sources.default_data_dir()
+        # Where `tokenizer.shapes_tokenizer` cached the run's model (no dataset is built).
+        builder = shapes_tfds.shapes_builder(
+            pcfg.data.data_dir, **settings["data.world"].as_kwargs()
+        )
+        path = os.path.join(
+            os.fspath(builder.data_dir), "tokenizer", f"unigram_{tok.vocab_size}.model"
+        )
         if os.path.isfile(path):
-            return SentencePieceTokenizer(path, int(tok.max_len))
+            return SentencePieceTokenizer(path, tok.max_len)
         logging.warning(
             "tokenizer %s not found: rebuilding the shapes world under %s to retrain it",
             path,
@@ -221,11 +217,13 @@ def training_names(config: ml_collections.ConfigDict) -> frozenset[str]:
     metadata, when built) and the built-in vocabularies (lvis, coco, ov_coco); otherwise empty
     (every query novel).
     """
+    from rovit_jax.config_sections import resolved_sections
     from rovit_jax.data import vocabularies
     from rovit_jax.data.categories import CategoryTable
+    from rovit_jax.data.settings import DetectionDataSettings, WorldSettings
 
-    data = config.data
-    novel = set(data.get("novel_frequencies") or ())
+    sections = resolved_sections((DetectionDataSettings, WorldSettings), config)
+    data = sections["data"]
     table = None
     try:
         if data.name == "shapes_world":
@@ -233,7 +231,7 @@ def training_names(config: ml_collections.ConfigDict) -> frozenset[str]:
             from rovit_jax.data.sources import default_data_dir
 
             builder = shapes_tfds.shapes_builder(
-                data.get("data_dir") or default_data_dir(), **data.world
+                data.data_dir or default_data_dir(), **sections["data.world"].as_kwargs()
             )
             if builder.is_prepared():
                 table = CategoryTable.from_records(builder.info.metadata["categories"])
@@ -248,6 +246,7 @@ def training_names(config: ml_collections.ConfigDict) -> frozenset[str]:
         logging.warning("training vocabulary of the run unknown (%s): queries count as novel", e)
     if table is None:
         return frozenset()
+    novel = set(data.novel_frequencies)
     return frozenset(clean_name(c.name) for c in table if c.frequency not in novel)
 
 
@@ -276,7 +275,11 @@ def load_run(workdir: str, *, step: int | None = None) -> LoadedRun:
         )
     params, got = load_run_params(workdir, step)
     pparams, pstep = load_run_params(pretrain_workdir)
-    tokenizer = load_tokenizer(pcfg, config.data.get("data_dir"))
+    from rovit_jax.config_sections import resolved_sections
+    from rovit_jax.data.settings import DetectionDataSettings
+
+    data = resolved_sections((DetectionDataSettings,), config)["data"]
+    tokenizer = load_tokenizer(pcfg, data.data_dir)
     return LoadedRun(
         "detect", workdir, config, params, got, pretrain_workdir, pcfg, pparams, pstep, tokenizer
     )

@@ -182,20 +182,15 @@ def test_image_embeddings_and_retrieval(predictor, images, tmp_path):
     assert predictor.retrieve(paths[:2], "red circle", k=5)[0][0] in paths[:2]
 
     # Cached per file: a second query embeds no image; a changed file is embedded again.
-    calls = []
-    original = predictor._embed_arrays
-    predictor._embed_arrays = lambda arrays: calls.append(len(arrays)) or original(arrays)
-    try:
-        predictor.retrieve(str(folder), "blue star", k=2)
-        assert calls == []
-        Image.fromarray(images[1]).save(paths[0])
-        os.utime(paths[0], ns=(1, 1))
-        new = dict(predictor.retrieve(str(folder), "blue star", k=4))
-        assert calls == [1]
-        expected = predictor.embed_images(images[1]) @ predictor.embed_texts(["blue star"])[0]
-        np.testing.assert_allclose(new[paths[0]], expected[0], atol=1e-5)
-    finally:
-        del predictor._embed_arrays
+    before = predictor.images_embedded
+    predictor.retrieve(str(folder), "blue star", k=2)
+    assert predictor.images_embedded == before
+    Image.fromarray(images[1]).save(paths[0])
+    os.utime(paths[0], ns=(1, 1))
+    new = dict(predictor.retrieve(str(folder), "blue star", k=4))
+    assert predictor.images_embedded == before + 1
+    expected = predictor.embed_images(images[1]) @ predictor.embed_texts(["blue star"])[0]
+    np.testing.assert_allclose(new[paths[0]], expected[0], atol=1e-5)
 
 
 def test_bad_inputs_have_clear_messages(predictor, images, run_dir, tmp_path):

@@ -67,13 +67,12 @@ def open_detection(args: argparse.Namespace) -> tuple[Any, CategoryTable]:
     if fmt == "shapes":
         from rovit_jax.data import shapes_tfds
         from rovit_jax.data.shapes_detection import ShapesDetectionSource
+        from rovit_jax.data.sources import default_data_dir
 
-        data_dir = args.images or os.environ.get(
-            "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-        )
+        data_dir = args.images or default_data_dir()
         try:
             builder = shapes_tfds.build_shapes_world(data_dir, **_parse_world(args.world))
-        except TypeError as e:  # unknown --world key
+        except (TypeError, ValueError) as e:  # an unknown --world key, or a value out of range
             raise InputError(f"--world: {e}") from e
         split = args.split or "train"
         source = ShapesDetectionSource(builder, split)

@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from rovit_jax.data import shapes_world
+from rovit_jax.data.settings import WorldSettings
 
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 
@@ -40,39 +41,28 @@ def config_name(
     return f"s{image_size}_n{num_train}-{num_validation}-{num_test}_o{max_objects}_seed{seed}"
 
 
+_W = WorldSettings  # the one place of these parameters' defaults and bounds
+
+
 @dataclasses.dataclass(eq=False)
 class ShapesWorldConfig(tfds.core.BuilderConfig):
-    """Generation parameters of the shapes world; the name is derived from them when left empty."""
+    """Generation parameters of the shapes world (`data.settings.WorldSettings`, which checks
+    them); the name is derived from them when left empty."""
 
     name: str = ""
-    image_size: int = 128
-    num_train: int = 6000
-    num_validation: int = 500
-    num_test: int = 500
-    max_objects: int = 6
-    seed: int = 0
+    image_size: int = _W.image_size
+    num_train: int = _W.num_train
+    num_validation: int = _W.num_validation
+    num_test: int = _W.num_test
+    max_objects: int = _W.max_objects
+    seed: int = _W.seed
 
     def __post_init__(self):
-        checks = {
-            "image_size": (self.image_size, 16),
-            "num_train": (self.num_train, 1),
-            "num_validation": (self.num_validation, 1),
-            "num_test": (self.num_test, 1),
-            "max_objects": (self.max_objects, 1),
-            "seed": (self.seed, 0),
-        }
-        for field, (value, low) in checks.items():
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"{field} must be an integer >= {low}, got {value!r}")
+        world = WorldSettings.checked(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(WorldSettings)}
+        )
         if not self.name:
-            self.name = config_name(
-                self.image_size,
-                self.num_train,
-                self.num_validation,
-                self.num_test,
-                self.max_objects,
-                self.seed,
-            )
+            self.name = config_name(**world.as_kwargs())
         if not self.description:
             self.description = (
                 f"{self.image_size}px scenes with 1..{self.max_objects} objects; "
@@ -173,25 +163,10 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
             yield index, render_example(cfg.seed, code, index, cfg.image_size, cfg.max_objects)
 
 
-def shapes_builder(
-    data_dir: str,
-    *,
-    image_size: int = 128,
-    num_train: int = 6000,
-    num_validation: int = 500,
-    num_test: int = 500,
-    max_objects: int = 6,
-    seed: int = 0,
-) -> tfds.core.DatasetBuilder:
-    """The (possibly not yet built) shapes-world builder for these parameters under data_dir."""
-    config = ShapesWorldConfig(
-        image_size=image_size,
-        num_train=num_train,
-        num_validation=num_validation,
-        num_test=num_test,
-        max_objects=max_objects,
-        seed=seed,
-    )
+def shapes_builder(data_dir: str, **world: int) -> tfds.core.DatasetBuilder:
+    """The (possibly not yet built) shapes-world builder under data_dir for the generation
+    parameters `world` (`WorldSettings`' fields; the others at their defaults)."""
+    config = ShapesWorldConfig(**world)
     # tfds refuses a new config object that shares its name with a predefined one.
     predefined = config.name in ShapesWorld.builder_configs
     return ShapesWorld(

@@ -1,24 +1,11 @@
-"""Config -> data: the one place that maps `config.data` to readers, tokenizers and vocabularies.
+"""Config -> data: the one place that maps a config's typed `data` section to readers,
+tokenizers and vocabularies.
 
-Pretraining (`image_text_data`), `config.data.name`:
-  "shapes_world"   the embedded procedural world (built on first use under data_dir);
-  "tfds"           an image-text tfds dataset stored as array_record (`tfds_name`);
-  "web_shards"     img2dataset-style TFRecord shards (`train_files`: folder, glob or list);
-  "coco_captions"  COCO captions JSON + image folder (`annotations`, `images`);
-  "karpathy"       a Karpathy split JSON (Flickr30k / COCO) + image folder.
-Retrieval evaluation reads `config.data.eval` (same fields; name "" = the training data's
-`eval_split`). Captions-per-image datasets evaluate every caption against every image.
-
-Detection (`detection_data`), `config.data.name`:
-  "shapes_world"   the embedded world, categories with LVIS-style frequency groups;
-  "lvis"           LVIS v1 JSON + COCO images (federated evaluation, base = f + c, novel = r);
-  "coco"           COCO instances JSON + images (all 80 categories are base);
-  "ov_coco"        COCO restricted to the 48 base / 17 novel open-vocabulary split;
-  "objects365"     Objects365 JSON + images (evaluation of a transferred vocabulary);
-  "tfds_coco"      tfds `coco/2017` for training (boxes only), the official JSON for evaluation.
-Paths: `train_annotations`, `train_images`, `eval_annotations`, `eval_images`.
-
-The text tower's tokenizer always comes from the PRETRAINING config (`tokenizer_for`).
+The dataset names and the fields each reads are defined in `data.settings`
+(`ImageTextDataSettings` for pretraining, `DetectionDataSettings` for detection); this module
+builds their readers. Retrieval evaluation reads `data.eval` (`RetrievalDataSettings`);
+captions-per-image datasets evaluate every caption against every image. The text tower's
+tokenizer always comes from the PRETRAINING config (`tokenizer_for`).
 """
 
 from __future__ import annotations
@@ -32,65 +19,85 @@ import jax
 import ml_collections
 import numpy as np
 
+from rovit_jax import config_check as cc
+from rovit_jax.config_sections import resolved_sections
 from rovit_jax.data import image_text
 from rovit_jax.data.categories import CategoryTable
+from rovit_jax.data.settings import (
+    BOX_ONLY_DATASETS,
+    DETECTION_DATASETS,
+    PRETRAIN_DATASETS,
+    DetectionDataSettings,
+    ImageTextDataSettings,
+    RetrievalDataSettings,
+    WorldSettings,
+)
 
-PRETRAIN_DATASETS = ("shapes_world", "tfds", "web_shards", "coco_captions", "karpathy")
-DETECTION_DATASETS = ("shapes_world", "lvis", "coco", "ov_coco", "objects365", "tfds_coco")
+__all__ = [
+    "BOX_ONLY_DATASETS",
+    "DETECTION_DATASETS",
+    "DetectionData",
+    "ImageTextData",
+    "PRETRAIN_DATASETS",
+    "default_data_dir",
+    "detection_data",
+    "image_text_data",
+    "shapes_builder",
+    "tokenizer_for",
+]
 
 
 def default_data_dir() -> str:
+    """$TFDS_DATA_DIR, else ~/tensorflow_datasets (tfds' own default)."""
     return os.environ.get(
         "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
     )
 
 
-def _require(data: ml_collections.ConfigDict, key: str, prefix: str = "data") -> str:
-    value = data.get(key)
-    if not value:
-        raise ValueError(f"config key `{prefix}.{key}` is required for {prefix}.name={data.name!r}")
-    return value
-
-
-def shapes_builder(data: ml_collections.ConfigDict):
-    """The shapes-world builder of `data.world`, built once (the chief first on many hosts)."""
+def shapes_builder(world: WorldSettings, data_dir: str | None = None):
+    """The built shapes world of `world` under `data_dir` (None: `default_data_dir()`), built
+    once (the chief first on many hosts)."""
     from jax.experimental import multihost_utils
 
     from rovit_jax.data import shapes_tfds
 
-    data_dir = data.get("data_dir") or default_data_dir()
+    data_dir = data_dir or default_data_dir()
     # Chief builds first so hosts sharing a data_dir never race; others then find it built
     # (or build their own identical copy on host-local disk).
     if jax.process_index() == 0:
-        builder = shapes_tfds.build_shapes_world(data_dir, **data.world)
+        builder = shapes_tfds.build_shapes_world(data_dir, **world.as_kwargs())
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("shapes_world_built")
     if jax.process_index() != 0:
-        builder = shapes_tfds.build_shapes_world(data_dir, **data.world)
+        builder = shapes_tfds.build_shapes_world(data_dir, **world.as_kwargs())
     return builder
 
 
 def tokenizer_for(pretrain_config: ml_collections.ConfigDict):
     """The text tokenizer of a pretraining config (shapes world: trained on its captions)."""
     from rovit_jax.data import tokenizer as tok_lib
+    from rovit_jax.pretrain_settings import TokenizerSettings
 
-    tok = pretrain_config.tokenizer
-    if pretrain_config.data.name == "shapes_world" and not tok.get("model_path"):
+    sections = resolved_sections(
+        (ImageTextDataSettings, WorldSettings, TokenizerSettings), pretrain_config
+    )
+    data, tok = sections["data"], sections["tokenizer"]
+    if data.name == "shapes_world" and not tok.model_path:
         tokenizer = tok_lib.shapes_tokenizer(
-            shapes_builder(pretrain_config.data),
-            max_len=int(tok.max_len),
-            vocab_size=int(tok.vocab_size),
+            shapes_builder(sections["data.world"], data.data_dir),
+            max_len=tok.max_len,
+            vocab_size=tok.vocab_size,
         )
     else:
-        if not tok.get("model_path"):
+        if not tok.model_path:
             raise ValueError(
                 "config key `tokenizer.model_path` is required (a SentencePiece .model file) "
-                f"for data.name={pretrain_config.data.name!r}"
+                f"for data.name={data.name!r}"
             )
         if not os.path.isfile(tok.model_path):
             raise FileNotFoundError(f"config key `tokenizer.model_path`: no file {tok.model_path}")
-        tokenizer = tok_lib.SentencePieceTokenizer(tok.model_path, int(tok.max_len))
-    if tokenizer.vocab_size > int(tok.vocab_size):
+        tokenizer = tok_lib.SentencePieceTokenizer(tok.model_path, tok.max_len)
+    if tokenizer.vocab_size > tok.vocab_size:
         raise ValueError(
             f"config key `tokenizer.vocab_size` = {tok.vocab_size} "
             f"is smaller than the tokenizer's {tokenizer.vocab_size}"
@@ -123,72 +130,91 @@ class ImageTextData:
 
 
 def _image_text_source(
-    data: ml_collections.ConfigDict, split: str, prefix: str, *, evaluation: bool
+    data: ImageTextDataSettings,
+    world: WorldSettings,
+    split: str,
+    prefix: str,
+    *,
+    evaluation: bool,
 ) -> tuple[Any, list[str] | None, np.ndarray | None]:
-    """(source, every caption or None, caption -> image index or None) for one split of `data`.
+    """(source, every caption or None, caption -> image index or None) for one split of `data`
+    (`prefix` names its section in errors: data or data.eval).
 
     Datasets with several captions per image train on every (image, caption) pair and evaluate
     one example per image against every caption.
     """
+    problems = cc.Problems()
+    data.input_problems(problems, prefix=prefix)
+    problems.raise_if_any()
     name = data.name
     if name == "shapes_world":
-        return image_text.TfdsImageTextSource(shapes_builder(data), split), None, None
+        builder = shapes_builder(world, data.data_dir)
+        return image_text.TfdsImageTextSource(builder, split), None, None
     if name == "tfds":
         import tensorflow_datasets as tfds
 
-        builder = tfds.builder(_require(data, "tfds_name", prefix), data_dir=data.get("data_dir"))
+        builder = tfds.builder(data.tfds_name, data_dir=data.data_dir)
         keys = dict(image_key=data.image_key, caption_key=data.caption_key)
         return image_text.TfdsImageTextSource(builder, split, **keys), None, None
     if name == "web_shards":
         from rovit_jax.data.web_shards import WebShardsImageTextSource
 
+        files = data.train_files
         source = WebShardsImageTextSource(
-            _require(data, "train_files", prefix),
-            image_key=data.get("shard_image_key") or "jpg",
-            caption_key=data.get("shard_caption_key") or "txt",
-            num_workers=int(data.get("num_workers") or 1),
+            files if isinstance(files, str) else list(files),
+            image_key=data.shard_image_key,
+            caption_key=data.shard_caption_key,
+            num_workers=data.num_workers,
         )
         return source, None, None
     if name == "coco_captions":
         from rovit_jax.data.coco import CocoCaptionsSource
 
-        ann, images = _require(data, "annotations", prefix), _require(data, "images", prefix)
-        every = CocoCaptionsSource(ann, images, all_captions=True)
+        every = CocoCaptionsSource(data.annotations, data.images, all_captions=True)
         if not evaluation:
             return every, None, None
-        grouped = CocoCaptionsSource(ann, images, all_captions=False)
+        grouped = CocoCaptionsSource(data.annotations, data.images, all_captions=False)
         return grouped, every.captions(), np.asarray(every.text_to_image(), np.int32)
-    if name == "karpathy":
-        from rovit_jax.data.flickr30k import KarpathyCaptionsSource
+    # karpathy (the section's choices admit no other name)
+    from rovit_jax.data.flickr30k import KarpathyCaptionsSource
 
-        ann, images = _require(data, "annotations", prefix), _require(data, "images", prefix)
-        if not evaluation:
-            return KarpathyCaptionsSource(ann, images, split), None, None
-        grouped = KarpathyCaptionsSource(ann, images, split, grouped=True)
-        return grouped, grouped.captions(), np.asarray(grouped.retrieval_groups(), np.int32)
-    raise ValueError(
-        f"config key `{prefix}.name`: unknown {name!r}; choose one of {PRETRAIN_DATASETS}"
-    )
+    if not evaluation:
+        return KarpathyCaptionsSource(data.annotations, data.images, split), None, None
+    grouped = KarpathyCaptionsSource(data.annotations, data.images, split, grouped=True)
+    return grouped, grouped.captions(), np.asarray(grouped.retrieval_groups(), np.int32)
+
+
+def retrieval_problems(
+    problems: Any, data: ImageTextDataSettings, retrieval: RetrievalDataSettings
+) -> None:
+    """Adds the problems of the retrieval-evaluation data (`data.eval`): web shards have no
+    evaluation split, and a named dataset needs its own fields."""
+    if not retrieval.name:
+        if data.name == "web_shards":
+            problems.add(
+                "data.eval.name",
+                retrieval.name,
+                f"is required with data.name='web_shards' (choose one of {PRETRAIN_DATASETS})",
+            )
+        return
+    merged, _ = data.for_retrieval(retrieval)
+    merged.input_problems(problems, prefix="data.eval")
 
 
 def image_text_data(config: ml_collections.ConfigDict) -> ImageTextData:
     """Tokenizer, training source and retrieval-evaluation data of a pretraining config."""
-    data = config.data
+    sections = resolved_sections(
+        (ImageTextDataSettings, WorldSettings, RetrievalDataSettings), config
+    )
+    data, world, retrieval = sections["data"], sections["data.world"], sections["data.eval"]
+    problems = cc.Problems()
+    retrieval_problems(problems, data, retrieval)
+    problems.raise_if_any()
     tokenizer = tokenizer_for(config)
-    train, _, _ = _image_text_source(data, data.train_split, "data", evaluation=False)
-    eval_cfg = data.get("eval")
-    if eval_cfg is None or not eval_cfg.get("name"):
-        if data.name == "web_shards":
-            raise ValueError(
-                "config key `data.eval.name` is required with data.name='web_shards' "
-                f"(choose one of {PRETRAIN_DATASETS})"
-            )
-        evaluated = _image_text_source(data, data.eval_split, "data", evaluation=True)
-    else:
-        merged = ml_collections.ConfigDict(data.to_dict())
-        merged.update(eval_cfg.to_dict())
-        split = eval_cfg.get("split") or data.eval_split
-        evaluated = _image_text_source(merged, split, "data.eval", evaluation=True)
+    train, _, _ = _image_text_source(data, world, data.train_split, "data", evaluation=False)
+    evaluated_data, split = data.for_retrieval(retrieval)
+    prefix = "data.eval" if retrieval.name else "data"
+    evaluated = _image_text_source(evaluated_data, world, split, prefix, evaluation=True)
     return ImageTextData(tokenizer, train, *evaluated)
 
 
@@ -218,14 +244,6 @@ class DetectionData:
     eval_ids: list[int]
     ground_truth: Callable[[int], dict[str, Any]]
     with_masks: bool = True
-
-
-BOX_ONLY_DATASETS = ("objects365", "tfds_coco")
-
-
-def detection_has_masks(data: ml_collections.ConfigDict) -> bool:
-    """Whether a detection dataset config yields instance masks (box-only datasets do not)."""
-    return data.name not in BOX_ONLY_DATASETS and bool(data.get("with_masks", True))
 
 
 def _shapes_ground_truth(source, table: CategoryTable, n: int) -> dict[str, Any]:
@@ -258,12 +276,16 @@ def _first_images(gt: Mapping[str, Any], image_ids: list[int]) -> dict[str, Any]
 
 def detection_data(config: ml_collections.ConfigDict, *, need_train: bool = True) -> DetectionData:
     """Readers, category table and evaluation protocol of a detection config."""
-    data = config.data
+    sections = resolved_sections((DetectionDataSettings, WorldSettings), config)
+    data: DetectionDataSettings = sections["data"]
+    problems = cc.Problems()
+    data.input_problems(problems, need_train=need_train)
+    problems.raise_if_any()
     name = data.name
     if name == "shapes_world":
         from rovit_jax.data.shapes_detection import ShapesDetectionSource
 
-        builder = shapes_builder(data)
+        builder = shapes_builder(sections["data.world"], data.data_dir)
         table = CategoryTable.from_records(builder.info.metadata["categories"])
         evaluation = ShapesDetectionSource(builder, data.eval_split)
         return DetectionData(
@@ -273,11 +295,7 @@ def detection_data(config: ml_collections.ConfigDict, *, need_train: bool = True
             protocol="lvis",
             eval_ids=[c.id + 1 for c in table],
             ground_truth=lambda n: _shapes_ground_truth(evaluation, table, n),
-            with_masks=detection_has_masks(data),
-        )
-    if name not in DETECTION_DATASETS:
-        raise ValueError(
-            f"config key `data.name`: unknown {name!r}; choose one of {DETECTION_DATASETS}"
+            with_masks=data.has_masks,
         )
 
     from rovit_jax.data.coco import CocoDetectionSource, ov_coco_split
@@ -291,15 +309,14 @@ def detection_data(config: ml_collections.ConfigDict, *, need_train: bool = True
         "tfds_coco": CocoDetectionSource,  # evaluated on the official JSON
         "objects365": Objects365DetectionSource,
     }[name]
-    with_masks = detection_has_masks(data)
+    with_masks = data.has_masks
     kwargs: dict[str, Any] = {} if name == "objects365" else {"with_masks": with_masks}
     # Evaluation needs the official JSON (COCO-format ground truth) for every dataset.
-    eval_ann = _require(data, "eval_annotations")
-    evaluation = cls(eval_ann, _require(data, "eval_images"), **kwargs)
+    evaluation = cls(data.eval_annotations, data.eval_images, **kwargs)
     table = evaluation.categories
     if name == "ov_coco":
         table = ov_coco_split(table)
-        evaluation = cls(eval_ann, data.eval_images, categories=table, **kwargs)
+        evaluation = cls(data.eval_annotations, data.eval_images, categories=table, **kwargs)
     elif name in ("coco", "tfds_coco", "objects365"):
         # Every category is "seen" unless the config marks otherwise: frequency "f".
         table = CategoryTable(
@@ -309,14 +326,9 @@ def detection_data(config: ml_collections.ConfigDict, *, need_train: bool = True
     if need_train and name == "tfds_coco":
         from rovit_jax.data.coco import TfdsCocoDetectionSource
 
-        train = TfdsCocoDetectionSource("coco/2017", data.train_split, data.get("data_dir"))
-    elif need_train and name != "objects365":
-        train = cls(
-            _require(data, "train_annotations"),
-            _require(data, "train_images"),
-            categories=table,
-            **kwargs,
-        )
+        train = TfdsCocoDetectionSource("coco/2017", data.train_split, data.data_dir)
+    elif need_train and data.has_training_split:
+        train = cls(data.train_annotations, data.train_images, categories=table, **kwargs)
     full_gt = evaluation.ground_truth()
     protocol = "lvis" if name == "lvis" else "coco"
     return DetectionData(

@@ -1,5 +1,6 @@
 """The detection config's sections `det`, `rpn`, `roi`, `head`, `infer`, `text`, `init`,
-`eval` and `optim` and its run keys, typed: each field's default, allowed values, bounds and
+`eval` and `optim` and its run keys, typed (with `data` and `data.world`, defined in
+`rovit_jax.data.settings`): each field's default, allowed values, bounds and
 older-run value, written once.
 
 `detect_config.detect_defaults()` builds its sections from these classes, `tasks.detect` resolves
@@ -22,6 +23,7 @@ from rovit_jax.config_sections import (
     resolved_sections,
     setting,
 )
+from rovit_jax.data.settings import DetectionDataSettings, WorldSettings
 from rovit_jax.detection.score_fusion import FUSION_MODES
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES
 from rovit_jax.models.detector import BACKGROUND_MODES
@@ -295,6 +297,8 @@ class DetectRunSettings(RunSettings):
 
 
 DETECTION_SECTIONS = (
+    DetectionDataSettings,  # before its subsection
+    WorldSettings,
     DetSettings,
     RPNSettings,
     RoISettings,

@@ -99,6 +99,8 @@ class Predictor:
         weighted as a base category in score fusion (`infer.w_base`), any other as novel
         (`infer.w_novel`). May be replaced.
       num_compiles: how many times a jitted function was traced (each trace is one compile).
+      images_embedded: how many images the image tower has embedded (`retrieve` caches per
+        file, so asking again for an unchanged folder adds none).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class Predictor:
         image_size: int | None = None,
         max_batch: int = 8,
     ):
+        from rovit_jax.pretrain_settings import pretrain_settings
         from rovit_jax.tasks.pretrain import build_model
 
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -122,10 +125,13 @@ class Predictor:
         self.fusion = bool(fusion)
         self.max_batch = 1 << (max_batch.bit_length() - 1)  # a power of two <= max_batch
         self.tokenizer = run.tokenizer
-        self.two_tower = build_model(run.pretrain_config)
-        self.embed_dim = int(run.pretrain_config.model.embed_dim)
+        pretrained = pretrain_settings(run.pretrain_config)
+        self.two_tower = build_model(run.pretrain_config, pretrained)
+        self.embed_dim = pretrained["model"].embed_dim
         self.text_len = int(self.tokenizer.max_len)
         self.num_compiles = 0
+        self.images_embedded = 0
+        self._tower_image_size = pretrained["pp"].image_size  # whole-image embeddings
         self._tower_params = jax.device_put(run.pretrain_params)
         self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._image_cache: dict[tuple[str, int, int], np.ndarray] = {}
@@ -137,7 +143,7 @@ class Predictor:
         if run.kind == "detect":
             self._init_detector(image_size)
         else:
-            self.image_size = int(image_size or run.pretrain_config.pp.image_size)
+            self.image_size = int(image_size or pretrained["pp"].image_size)
             patch = self.two_tower.image["patch_size"]
             if self.image_size % patch:
                 raise ValueError(
@@ -181,7 +187,6 @@ class Predictor:
 
     # ---- set-up --------------------------------------------------------------------------------
     def _init_detector(self, image_size: int | None) -> None:
-        from rovit_jax.data import sources
         from rovit_jax.tasks.detect import DetectTask
 
         run = self.run
@@ -207,7 +212,7 @@ class Predictor:
             raise ValueError(f"image_size={image_size} does not suit this detector: {e}") from e
         self.task = task
         self.image_size = task.rcnn.image_size
-        self.has_masks = sources.detection_has_masks(config.data)
+        self.has_masks = task.settings["data"].has_masks
         self.templates = tuple(PROMPT_ENSEMBLES[task.settings["text"].templates])
         self.base_names = training_names(config)
         self._params = jax.device_put(run.params)
@@ -455,11 +460,8 @@ class Predictor:
         return self.two_tower.apply({"params": params}, images, method=self.two_tower.embed_images)
 
     def _embed_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
-        size = (
-            self.image_size
-            if self.kind == "pretrain"
-            else int(self.run.pretrain_config.pp.image_size)
-        )
+        size = self.image_size if self.kind == "pretrain" else self._tower_image_size
+        self.images_embedded += len(arrays)
         out = []
         for chunk in _chunks(arrays, self.max_batch):
             bucket = _bucket(len(chunk), self.max_batch)

@@ -73,13 +73,15 @@ def validate_config(
 
     p = cc.Problems()
     run = run_problems(p, config)
-    if check_files:
-        _check_detection_data(p, config)
 
-    # The canvas, pyramid, proposals, RoI heads and inference: the typed sections check their
-    # own fields; what spans fields is checked here.
+    # The data, canvas, pyramid, proposals, RoI heads and inference: the typed sections check
+    # their own fields; what spans fields is checked here.
     sections = resolve_sections(DETECTION_SECTIONS, config, p)
     sections["run"] = run
+    if check_files and sections["data"] is not None:
+        # The files the dataset reads, so a missing one is reported before anything is built.
+        steps = None if run is None else run.total_steps
+        sections["data"].input_problems(p, total_steps=steps)
     det = sections["det"]
     if det is not None:
         p.check(
@@ -130,49 +132,6 @@ def validate_config(
                 p.extend(e.problems, prefix="pretrain.")
     p.raise_if_any()
     return sections
-
-
-def _check_detection_data(p: Any, config: ml_collections.ConfigDict) -> None:
-    """Dataset name, the annotation files and image folders it needs, novel frequency groups.
-
-    Mirrors what `data.sources.detection_data` reads (COCO-format datasets always need their
-    evaluation JSON; all but objects365 and tfds_coco train from a JSON too), so a missing file
-    is reported before anything is built. Remote paths (gs://...) are not checked on disk.
-    """
-    from rovit_jax import config_check as cc
-
-    name = cc.check_choice(
-        p,
-        config,
-        "data.name",
-        sources.DETECTION_DATASETS,
-        why=f"choose one of {sources.DETECTION_DATASETS}",
-    )
-    cc.check_bool(p, config, "data.with_masks", default=True)
-    novel = cc.config_get(config, "data.novel_frequencies")
-    if not isinstance(novel, (list, tuple)) or not all(f in ("f", "c", "r") for f in novel):
-        p.add("data.novel_frequencies", novel, "must be a list of frequency groups 'f', 'c', 'r'")
-    if name in (None, "shapes_world"):
-        return
-    needed_for = f"data.name={name!r}"
-    cc.check_path(p, config, "data.eval_annotations", kind="file", needed_for=needed_for)
-    cc.check_path(p, config, "data.eval_images", kind="dir", needed_for=needed_for)
-    if name not in ("objects365", "tfds_coco"):
-        cc.check_path(p, config, "data.train_annotations", kind="file", needed_for=needed_for)
-        cc.check_path(p, config, "data.train_images", kind="dir", needed_for=needed_for)
-    steps = cc.config_get(config, "total_steps")
-    if (
-        name == "objects365"
-        and isinstance(steps, int)
-        and not isinstance(steps, bool)
-        and steps > 0
-    ):
-        p.add(
-            "data.name",
-            name,
-            f"is for evaluation only (no training data) but total_steps = {steps}: set "
-            "total_steps=0 and init.detector_workdir",
-        )
 
 
 def rcnn_config(
@@ -250,10 +209,10 @@ class DetectTask:
         from rovit_jax.detection.text_classifier import bucket_size
         from rovit_jax.tasks import pretrain
 
-        pretrain.validate_config(pretrain_config, check_files=False)
+        pretrained = pretrain.validate_config(pretrain_config, check_files=False)
         config = ml_collections.ConfigDict(config.to_dict())
         config.init.detector_workdir = ""  # planning reads no detector run either
-        k, e = bucket_size(int(num_classes)), int(pretrain_config.model.embed_dim)
+        k, e = bucket_size(int(num_classes)), pretrained["model"].embed_dim
         vocab = dict(embeddings=np.zeros((k, e), np.float32), valid=np.arange(k) < num_classes)
         return cls(
             config,
@@ -281,7 +240,7 @@ class DetectTask:
             from rovit_jax.train.loop import run
 
             pcfg = ml_collections.ConfigDict(self.config.pretrain.to_dict())
-            pcfg.data.data_dir = self.config.data.data_dir
+            pcfg.data.data_dir = self.settings["data"].data_dir
             logging.info("pretraining into %s (resumes if partly done)", workdir)
             result = run(pcfg, workdir, PretrainTask(pcfg))
             if jax.process_index() == 0 and result["eval"]:
@@ -308,11 +267,10 @@ class DetectTask:
 
     @cached_property
     def model(self) -> OpenVocabDetector:
-        pcfg = self.pretrained.config
         det = self.settings["det"]
         image = self.pretrained_settings["model.image"]
         img = vit_variant(image.variant)
-        grid = pcfg.pp.image_size // img["patch_size"]
+        grid = self.pretrained_settings["pp"].image_size // img["patch_size"]
         _check(
             det.image_size % img["patch_size"] == 0,
             "det.image_size",
@@ -343,7 +301,7 @@ class DetectTask:
                 if self.rcnn.rpn.objectness == "centerness" and self.rcnn.rpn.box_coding == "linear"
                 else 0.0
             ),
-            embed_dim=int(pcfg.model.embed_dim),
+            embed_dim=self.pretrained_settings["model"].embed_dim,
             head_conv_dim=head.conv_dim,
             head_num_convs=head.num_convs,
             head_fc_dim=head.fc_dim,
@@ -369,7 +327,8 @@ class DetectTask:
     def tokenizer(self):
         """The pretrained text tower's tokenizer."""
         pcfg = ml_collections.ConfigDict(self.pretrained.config.to_dict())
-        pcfg.data.data_dir = pcfg.data.get("data_dir") or self.config.data.data_dir
+        data_dir = self.pretrained_settings["data"].data_dir or self.settings["data"].data_dir
+        pcfg.data.data_dir = data_dir
         return sources.tokenizer_for(pcfg)
 
     @cached_property
@@ -411,7 +370,7 @@ class DetectTask:
 
     def _compute_base_vocabulary(self) -> dict[str, Any]:
         table = self.table
-        novel = set(self.config.data.novel_frequencies)
+        novel = set(self.settings["data"].novel_frequencies)
         base = [(cid, name) for cid, name, freq in table if freq not in novel]
         emb, valid = self.vocabulary([n for _, n in base])
         return dict(
@@ -431,7 +390,7 @@ class DetectTask:
 
     def _compute_full_vocabulary(self) -> dict[str, Any]:
         table = self.table
-        novel = set(self.config.data.novel_frequencies)
+        novel = set(self.settings["data"].novel_frequencies)
         names = [n for _, n, _ in table]
         if self.settings["text"].classifier:
             emb, valid = self._saved_classifier(names)
@@ -469,7 +428,7 @@ class DetectTask:
             if int(self.config.total_steps) == 0:
                 return detection_input.NoBatches()
             raise ValueError(
-                f"config key `data.name` = {self.config.data.name!r} is for evaluation only "
+                f"config key `data.name` = {self.settings['data'].name!r} is for evaluation only "
                 "(no training data): set total_steps=0 and init.detector_workdir"
             )
         return detection_input.DetectionBatches(
@@ -482,8 +441,8 @@ class DetectTask:
             scale_range=det.scale_range,
             flip=det.flip,
             mask_stride=det.mask_stride,
-            with_masks=sources.detection_has_masks(self.config.data),
-            num_workers=int(self.config.data.get("num_workers") or 1),
+            with_masks=self.settings["data"].has_masks,
+            num_workers=self.settings["data"].num_workers,
             process_index=process_index,
             process_count=process_count,
         )
@@ -501,7 +460,7 @@ class DetectTask:
             "masks": sds((b, m, ms, ms), jnp.uint8),
             "image_info": sds((b, 4), jnp.float32),
         }
-        if not sources.detection_has_masks(self.config.data):
+        if not self.settings["data"].has_masks:
             del shapes["masks"]
         return shapes
 

@@ -48,7 +48,6 @@ def evaluate(task, trainer, params) -> dict[str, float]:
     ("fused", "detector_only"); segm only for datasets with masks. Writes
     `detections_<variant>.json` and a rendered PNG.
     """
-    config = task.config
     data = task.data
     source = data.eval
     table = task.table
@@ -58,7 +57,7 @@ def evaluate(task, trainer, params) -> dict[str, float]:
     subset = _Subset(source, num)
     gt = data.ground_truth(num)
     category_ids = list(data.eval_ids)
-    novel = set(config.data.novel_frequencies)
+    novel = set(task.settings["data"].novel_frequencies)
     base_ids = {eid for eid, (_, _, f) in zip(category_ids, table) if f not in novel}
     novel_ids = set(category_ids) - base_ids
     vlm_params = vlm_tower_params(task.pretrained.params)

@@ -54,12 +54,13 @@ def validate_config(
 
     p = cc.Problems()
     run = run_problems(p, config)
-    if check_files:
-        _check_pretrain_data(p, config)
 
-    # model, loss, cpe, pp, tokenizer, eval and optim: the typed sections check their fields.
+    # data, model, loss, cpe, pp, tokenizer, eval and optim: the typed sections check their
+    # fields.
     sections = resolve_sections(PRETRAIN_SECTIONS, config, p)
     sections["run"] = run
+    if check_files:
+        _check_inputs(p, sections)
     pp, cpe, image = sections["pp"], sections["cpe"], sections["model.image"]
     patch = None if image is None else vit_variant(image.variant)["patch_size"]
     variant = None if image is None else image.variant
@@ -84,71 +85,29 @@ def validate_config(
     return sections
 
 
-def _check_pretrain_data(p: Any, config: ml_collections.ConfigDict) -> None:
-    """Dataset name, the paths and names that dataset needs, retrieval data and tokenizer file.
-
-    Mirrors what `data.sources.image_text_data` reads, so a missing file is reported before
-    anything is built. Remote paths (gs://...) and file patterns are not checked on disk.
-    """
+def _check_inputs(p: Any, sections: dict[str, Any]) -> None:
+    """The fields the training and retrieval data need, and the tokenizer file, so that a
+    missing file is reported before anything is built. Remote paths (gs://...) and file
+    patterns are not checked on disk."""
     from rovit_jax import config_check as cc
 
-    name = cc.check_choice(
-        p,
-        config,
-        "data.name",
-        sources.PRETRAIN_DATASETS,
-        why=f"choose one of {sources.PRETRAIN_DATASETS}",
-    )
-    _check_image_text_fields(p, config, "data", name)
-    eval_name = cc.config_get(config, "data.eval.name", "")
-    if eval_name in ("", None):
-        if name == "web_shards":
-            p.add(
-                "data.eval.name",
-                eval_name,
-                f"is required with data.name='web_shards' (choose one of {sources.PRETRAIN_DATASETS})",
-            )
-    elif (
-        cc.check_choice(
-            p,
-            config,
-            "data.eval.name",
-            sources.PRETRAIN_DATASETS,
-            why=f"choose one of {sources.PRETRAIN_DATASETS}, or '' for the training data",
+    data, retrieval, tok = sections["data"], sections["data.eval"], sections["tokenizer"]
+    if data is not None:
+        data.input_problems(p)
+        if retrieval is not None:
+            sources.retrieval_problems(p, data, retrieval)
+    if tok is None:
+        return  # its problems are reported with the tokenizer section
+    if tok.model_path:
+        cc.path_problems(
+            p, "tokenizer.model_path", tok.model_path, kind="file", needed_for="the tokenizer"
         )
-        is not None
-    ):
-        _check_image_text_fields(p, config, "data.eval", eval_name)
-
-    model_path = cc.config_get(config, "tokenizer.model_path", "")
-    if not isinstance(model_path, str):
-        model_path = None  # its type is reported with the tokenizer section
-    if model_path:
-        cc.check_path(p, config, "tokenizer.model_path", kind="file", needed_for="the tokenizer")
-    elif model_path is not None and name not in (None, "shapes_world"):
+    elif data is not None and data.name != "shapes_world":
         p.add(
             "tokenizer.model_path",
-            model_path,
-            f"is required (a SentencePiece .model file) for data.name={name!r}",
+            tok.model_path,
+            f"is required (a SentencePiece .model file) for data.name={data.name!r}",
         )
-
-
-def _check_image_text_fields(p: Any, config: ml_collections.ConfigDict, prefix: str, name) -> None:
-    """The fields `prefix` (data or data.eval) needs for dataset `name` (see data.sources)."""
-    from rovit_jax import config_check as cc
-
-    needed_for = f"{prefix}.name={name!r}"
-    if name == "tfds":
-        cc.check_str(
-            p, config, f"{prefix}.tfds_name", nonempty=True, why=f"is required for {needed_for}"
-        )
-    elif name == "web_shards":
-        files = cc.config_get(config, "data.train_files", "")
-        if not files:
-            p.add("data.train_files", files, f"is required for {needed_for}")
-    elif name in ("coco_captions", "karpathy"):
-        cc.check_path(p, config, f"{prefix}.annotations", kind="file", needed_for=needed_for)
-        cc.check_path(p, config, f"{prefix}.images", kind="dir", needed_for=needed_for)
 
 
 def build_model(
@@ -224,7 +183,7 @@ class PretrainTask:
             seed=int(self.config.seed),
             crop_scale=pp.crop_scale,
             flip=pp.flip,
-            num_workers=int(self.config.data.get("num_workers") or 1),
+            num_workers=self.settings["data"].num_workers,
             process_index=process_index,
             process_count=process_count,
         )
