@@ -1,46 +1,53 @@
 r"""The paper's ablations in miniature, on the shapes world, from scratch, in one command.
 
-  python benchmarks/ablations.py --out benchmarks/results/ablations          # full: <= 90 min, 2 cores
-  python benchmarks/ablations.py --out /tmp/abl --mode small --seeds 0       # seconds-long smoke run
+  python benchmarks/ablations.py --out benchmarks/results/ablations --readme README.md  # <= 2 h
+  python benchmarks/ablations.py --out /tmp/abl --mode small                            # minutes
 
-What it runs (every run a normal `rovit_jax.train.loop.run` of the project's shapes configs):
-  1. pretraining with CPE {on, off} x loss {focal, sigmoid, softmax}, for each seed;
-  2. detection finetuning of every pretrained backbone twice: backbone FROZEN (the paper's probe of
-     pretraining quality; the backbone's backward pass is not even computed) and backbone trained
-     at 0.1x the learning rate (the recipe);
-  3. binary objectness instead of centerness on the backbone variant with the best mean finetuned
-     detector-only AP_r (the centerness runs are those of step 2).
-Then it writes, into --out: `ablations.json` (every run's metrics, the per-variant mean and
-standard deviation over seeds, paired per-seed deltas with a t-test, the command line, seeds,
-budgets, library versions, worker time per stage and the wall time of every invocation),
-`ablations.md` (the tables) and `ablations.png` (AP_r per variant with error bars, with and
-without VLM score fusion).
+The plan is fixed before any run (PLANS, COMPARISONS below; README "Ablations in miniature"):
+no variant is added, dropped or chosen after seeing results. Every run is a normal
+`rovit_jax.train.loop.run` of the quick-start configs (configs/shapes_pretrain.py,
+configs/shapes_detect.py), scaled only by the budget knobs of BUDGETS:
+  * pretraining steps (batch, model and schedule as configs/shapes_pretrain.py);
+  * detection steps and batch (every other detection setting as configs/shapes_detect.py);
+  * box AP only: the mask head is not trained (`data.with_masks=False`); the questions are about
+    box AP_r;
+  * evaluation on the first `eval_images` test images, each scored once for both the fused and
+    the detector-only variant.
 
-Seeds: seed s pretrains with seed s and finetunes that backbone with seed s, so a variant's
-spread covers both stages. Runs are scheduled on `--workers` processes with one XLA thread each
-(on 2 cores two small runs side by side beat one run on two threads); a finished run keeps a
-`result.json` (with the budget it was made with) in its workdir, so an interrupted sweep
-resumes where it stopped, and a run made under another budget is refused, not reused.
+Runs (full plan):
+  1. pretraining of four backbones, CPE + focal, no CPE + focal, CPE + softmax, CPE + sigmoid,
+     5 seeds each;
+  2. detection from each backbone's final checkpoint: CPE + focal and no CPE + focal with the
+     backbone FROZEN (the paper's probe of pretraining quality; no backward pass through it) and
+     FINETUNED (the recipe's backbone learning rate); the softmax and sigmoid backbones
+     finetuned; binary objectness instead of centerness on CPE + focal, finetuned;
+  3. the pretraining-length curve: CPE + focal and no CPE + focal detectors, frozen and
+     finetuned, from the checkpoint at half of the same pretraining runs (seeds 0-2; the final
+     checkpoint is step 2's detectors). That checkpoint is a point along one cosine schedule,
+     not a separately scheduled shorter run.
+Seed s pretrains with seed s and finetunes that backbone with seed s, so comparisons are paired
+by seed and a variant's spread covers both stages.
 
-The miniature (the choices, and why they keep the paper's question meaningful):
-  - Pretraining sees whole 128 px scenes resized to 64 px (an 8x8 grid of 8 px patches); CPE
-    crops from the position embedding upsampled to the 32x32 grid of detection (the paper's
-    14x14 -> 64x64 at 224 -> 1024 px). Detection runs at 256 px, where every object is a region of
-    a larger image than pretraining ever saw; the PE is interpolated to that grid in both the CPE
-    and the no-CPE variants.
-  - Novel categories are the world's 8 rare shapes (a category is a silhouette; each object's
-    colour is random and never named): named in pretraining captions, held out of detection
-    training, evaluated with LVIS's protocol (AP_r = AP on them).
-  - Boxes only (no mask head) and a narrow detector (FPN 128 channels, 2 head convs of 64,
-    32 sampled RoIs and 64 anchors per image) trained 160 steps of 4 images at lr 1e-3, to afford
-    3 seeds of every variant; evaluation scores 80 test images once for both the fused and the
-    detector-only variant.
+Statistics, per comparison (COMPARISONS): the paired per-seed differences, their mean, sample
+std, 95% t confidence interval, a two-sided paired t-test, and the minimum detectable effect
+(alpha 0.05, power 0.8, from the measured std of the differences, by the noncentral t
+distribution). A paper sign is "reproduced" when the interval excludes 0 on the paper's side,
+"contradicted" when it excludes 0 on the other side, and "undecided" otherwise.
+
+Runs go on `--workers` processes with one XLA thread each (on 2 cores two runs side by side beat
+one run on two threads). A finished run keeps `result.json` (with its budget) in its workdir: an
+interrupted sweep resumes where it stopped, and a run made under another budget is refused, not
+reused. Outputs in --out: `ablations.json` (every run's metrics, command, seeds, budgets,
+versions, times, the summary), `ablations.md`, `deltas.png`, `curve.png`; with `--readme`, the
+README section between the `ablations:begin` / `ablations:end` markers is regenerated from the
+JSON (`--readme_only` regenerates it from an existing JSON without running anything).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -50,108 +57,219 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-LOSSES = ("focal", "sigmoid", "softmax")
-CPE = (True, False)
+# Backbones: name -> (CPE, pretraining loss).
+BACKBONES = {
+    "cpe-focal": (True, "focal"),
+    "nocpe-focal": (False, "focal"),
+    "cpe-softmax": (True, "softmax"),
+    "cpe-sigmoid": (True, "sigmoid"),
+}
 MODES = ("frozen", "finetune")
 OBJECTNESS = ("centerness", "binary")
 
-# Budgets per sweep mode; everything else is configs/shapes_pretrain.py and shapes_detect.py.
-BUDGETS: dict[str, dict[str, Any]] = {
-    # About 86 min on 2 cores (measured: the 18 pretraining runs 57.7 worker-minutes, so ~29 min
-    # on 2 workers; the 39 detection runs 56.8 min of wall time; see results/ablations).
-    "full": dict(
-        pretrain_steps=300,
-        detect_steps=160,
-        detect_warmup=20,
-        detect_lr=1e-3,
-        eval_images=80,
-        tiny=False,
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a sweep runs: written before the runs, never changed by their results."""
+
+    seeds: tuple[int, ...]
+    backbones: tuple[str, ...]
+    # (backbone, mode, objectness) detectors from each backbone's final checkpoint.
+    detectors: tuple[tuple[str, str, str], ...]
+    curve_seeds: tuple[int, ...]
+    curve_backbones: tuple[str, ...]
+    curve_fractions: tuple[float, ...]  # of pretraining steps; 1.0 = the detectors above
+
+
+_MAIN_DETECTORS = (
+    ("cpe-focal", "frozen", "centerness"),
+    ("nocpe-focal", "frozen", "centerness"),
+    ("cpe-focal", "finetune", "centerness"),
+    ("nocpe-focal", "finetune", "centerness"),
+    ("cpe-softmax", "finetune", "centerness"),
+    ("cpe-sigmoid", "finetune", "centerness"),
+    ("cpe-focal", "finetune", "binary"),
+)
+PLANS = {
+    "full": Plan(
+        seeds=(0, 1, 2, 3, 4),
+        backbones=tuple(BACKBONES),
+        detectors=_MAIN_DETECTORS,
+        curve_seeds=(0, 1, 2),
+        curve_backbones=("cpe-focal", "nocpe-focal"),
+        # One point besides the final checkpoint: a second one (1/4) would take the sweep past
+        # its 2-hour budget (12 more detection runs, about 40 worker-minutes).
+        curve_fractions=(0.5,),
     ),
-    "small": dict(
-        pretrain_steps=6, detect_steps=3, detect_warmup=1, detect_lr=1e-3, eval_images=8, tiny=True
+    # The same code paths on tiny runs: two backbones, one seed, one curve point.
+    "small": Plan(
+        seeds=(0,),
+        backbones=("cpe-focal", "nocpe-focal"),
+        detectors=tuple(d for d in _MAIN_DETECTORS if d[0] in ("cpe-focal", "nocpe-focal")),
+        curve_seeds=(0,),
+        curve_backbones=("cpe-focal",),
+        curve_fractions=(0.5,),
     ),
 }
-# Backbone learning rate as a fraction of the detector's in "finetune" mode (paper: 0.1).
-FINETUNE_BACKBONE_LR = 0.1
+
+# Budget knobs per mode (module docstring); everything else is the quick-start configs.
+BUDGETS: dict[str, dict[str, Any]] = {
+    # Measured side by side on 2 cores (one thread per run): pretraining 400 steps 146 s;
+    # a finetuned detector of 800 steps of 2 images about 245 s with its evaluation on 200
+    # images. 800 x 2 images trained more per second than 400 x 4 (box AP base 15.3 against
+    # 12.4 from the same backbone) or 1600 x 1 (17.5, in 308 s).
+    "full": dict(
+        pretrain_steps=400,
+        detect_steps=800,
+        detect_batch=2,
+        eval_images=200,
+        tiny=False,
+    ),
+    "small": dict(pretrain_steps=8, detect_steps=3, detect_batch=2, eval_images=8, tiny=True),
+}
+
+# The quick-start pipeline's box AP on base categories, detector only (README, Results: the
+# timed run of configs/shapes_detect.py); the finetuned detectors must reach half of it.
+QUICKSTART_AP_BASE = 36.5
 
 
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One pre-registered question: variant a minus variant b, paired by seed."""
+
+    mechanism: str
+    a: tuple[str, str, str]  # (backbone, mode, objectness)
+    b: tuple[str, str, str]
+    metric_a: str = "fused/bbox/APr"
+    metric_b: str = "fused/bbox/APr"
+    paper: float | None = None  # the paper's AP_r difference (ViT-B/16, LVIS), if reported
+    paper_text: str = "not reported"
+
+
+COMPARISONS = (
+    Comparison(
+        "CPE, backbone frozen",
+        ("cpe-focal", "frozen", "centerness"),
+        ("nocpe-focal", "frozen", "centerness"),
+        paper=6.5,
+        paper_text="+6.5 (9.7 -> 16.2)",
+    ),
+    Comparison(
+        "CPE, backbone finetuned",
+        ("cpe-focal", "finetune", "centerness"),
+        ("nocpe-focal", "finetune", "centerness"),
+        paper=2.4,
+        paper_text="+2.4",
+    ),
+    Comparison(
+        "focal vs softmax loss",
+        ("cpe-focal", "finetune", "centerness"),
+        ("cpe-softmax", "finetune", "centerness"),
+        paper=0.5,
+        paper_text="+0.5",
+    ),
+    Comparison(
+        "focal vs sigmoid loss",
+        ("cpe-focal", "finetune", "centerness"),
+        ("cpe-sigmoid", "finetune", "centerness"),
+    ),
+    Comparison(
+        "centerness vs binary objectness",
+        ("cpe-focal", "finetune", "centerness"),
+        ("cpe-focal", "finetune", "binary"),
+        paper=2.0,
+        paper_text="about +2",
+    ),
+    Comparison(
+        "VLM score fusion vs detector only",
+        ("cpe-focal", "finetune", "centerness"),
+        ("cpe-focal", "finetune", "centerness"),
+        metric_b="detector_only/bbox/APr",
+        paper_text="fusion is the paper's inference (no ablation number)",
+    ),
+)
+ALPHA, POWER = 0.05, 0.8
+
+
+# ---- runs ----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One training run of the sweep."""
 
     name: str  # also its workdir under <out>/runs/
     kind: str  # "pretrain" | "detect"
-    cpe: bool
-    loss: str
+    backbone: str
     seed: int
     mode: str = ""  # detect: "frozen" | "finetune"
     objectness: str = ""  # detect: "centerness" | "binary"
-
-    @property
-    def variant(self) -> str:
-        return f"{'cpe' if self.cpe else 'nocpe'}-{self.loss}"
+    pretrain_step: int = 0  # detect: the pretraining checkpoint it starts from
 
     @property
     def pretrain_name(self) -> str:
-        return f"pretrain/{self.variant}/seed{self.seed}"
+        return f"pretrain/{self.backbone}/seed{self.seed}"
 
 
-def pretrain_run(cpe: bool, loss: str, seed: int) -> Run:
-    return Run(
-        f"pretrain/{'cpe' if cpe else 'nocpe'}-{loss}/seed{seed}", "pretrain", cpe, loss, seed
-    )
+def pretrain_run(backbone: str, seed: int) -> Run:
+    return Run(f"pretrain/{backbone}/seed{seed}", "pretrain", backbone, seed)
 
 
-def detect_run(cpe: bool, loss: str, seed: int, mode: str, objectness: str = "centerness") -> Run:
-    variant = f"{'cpe' if cpe else 'nocpe'}-{loss}"
-    name = f"detect/{variant}/{mode}-{objectness}/seed{seed}"
-    return Run(name, "detect", cpe, loss, seed, mode, objectness)
+def detect_run(backbone: str, seed: int, mode: str, objectness: str, pretrain_step: int) -> Run:
+    name = f"detect/{backbone}/pre{pretrain_step}/{mode}-{objectness}/seed{seed}"
+    return Run(name, "detect", backbone, seed, mode, objectness, pretrain_step)
 
 
-def build_config(run: Run, budget: dict[str, Any], out: str, data_dir: str | None):
-    """The ml_collections config of `run` (shapes configs + the sweep's budget)."""
+def curve_steps(plan: Plan, budget: dict[str, Any]) -> list[int]:
+    """The pretraining checkpoints of the curve, the final one last."""
+    total = int(budget["pretrain_steps"])
+    return sorted({max(1, round(f * total)) for f in plan.curve_fractions} | {total})
+
+
+def plan_runs(plan: Plan, budget: dict[str, Any]) -> tuple[list[Run], list[Run]]:
+    """(pretraining runs, detection runs) of `plan`, in the order they are trained: the main
+    comparisons' detectors first, then the curve's."""
+    final = int(budget["pretrain_steps"])
+    pre = [pretrain_run(b, s) for b in plan.backbones for s in plan.seeds]
+    det = [
+        detect_run(b, s, mode, obj, final) for b, mode, obj in plan.detectors for s in plan.seeds
+    ]
+    for step in curve_steps(plan, budget)[:-1]:
+        det += [
+            detect_run(b, s, mode, "centerness", step)
+            for b in plan.curve_backbones
+            for mode in MODES
+            for s in plan.curve_seeds
+        ]
+    return pre, det
+
+
+def build_config(run: Run, budget: dict[str, Any], out: str, data_dir: str | None, plan: Plan):
+    """The config of `run`: the quick-start config with the sweep's budget knobs."""
     from rovit_jax.config_files import load_config
 
     tiny = ",tiny" if budget["tiny"] else ""
+    cpe, loss = BACKBONES[run.backbone]
     if run.kind == "pretrain":
-        c = load_config(
-            "shapes_pretrain:"
-            f"steps={budget['pretrain_steps']},loss={run.loss},cpe={run.cpe},seed={run.seed}{tiny}"
-        )
+        c = load_config(f"shapes_pretrain:loss={loss},cpe={cpe},seed={run.seed}{tiny}")
         c.total_steps = int(budget["pretrain_steps"])
-        c.checkpoint_every = c.total_steps
-        c.keep_checkpoints = 1
+        # Keep every checkpoint the curve starts from.
+        steps = curve_steps(plan, budget)
+        c.checkpoint_every = math.gcd(*steps)
+        c.keep_checkpoints = c.total_steps // c.checkpoint_every
     else:
-        c = load_config(
-            "shapes_detect:"
-            f"steps={budget['detect_steps']},objectness={run.objectness},seed={run.seed}{tiny}"
-        )
+        c = load_config(f"shapes_detect:objectness={run.objectness},seed={run.seed}{tiny}")
         c.total_steps = int(budget["detect_steps"])
+        c.batch_size = int(budget["detect_batch"])
         c.checkpoint_every = c.total_steps
         c.keep_checkpoints = 1
         c.init.run_pretraining = False
         c.init.pretrain_workdir = os.path.join(out, "runs", run.pretrain_name)
+        c.init.pretrain_step = run.pretrain_step
         c.data.with_masks = False
-        c.optim.warmup_steps = int(budget["detect_warmup"])
-        c.optim.lr = float(budget["detect_lr"])
-        # A cheaper detector than shapes_detect.py (2.5x faster steps on a CPU): the scenes hold
-        # at most 6 objects, so 32 sampled RoIs (8 positive) and 64 anchors per image still
-        # cover them, and 2 head convs instead of 4.
-        c.roi.batch_per_image = min(int(c.roi.batch_per_image), 32)
-        c.rpn.batch_per_image = min(int(c.rpn.batch_per_image), 64)
-        c.head.num_convs = min(int(c.head.num_convs), 2)
         c.eval.num_images = int(budget["eval_images"])
         c.eval.render_images = 0
-        # Fewer proposals and detections at evaluation than shapes_detect.py (1000 / 300 / 100):
-        # the scenes hold at most 6 objects.
-        c.infer.pre_nms_top_k = min(int(c.infer.pre_nms_top_k), 500)
-        c.infer.post_nms_top_k = min(int(c.infer.post_nms_top_k), 200)
-        c.infer.max_detections = min(int(c.infer.max_detections), 100)
         if run.mode == "frozen":
             c.optim.frozen = ["^backbone/"]
             c.optim.lr_mults = []
-        else:
-            c.optim.lr_mults = [("^backbone/", FINETUNE_BACKBONE_LR)]
     c.data.data_dir = data_dir
     c.log_every = max(1, c.total_steps // 4)
     c.async_checkpointing = False
@@ -182,9 +300,9 @@ def _worker_init(cache_dir: str) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def execute(args: tuple[Run, dict[str, Any], str, str | None]) -> dict[str, Any]:
-    """Runs one training run (in a worker process) and returns its metrics; resumable."""
-    run, budget, out, data_dir = args
+def execute(args: tuple[Run, dict[str, Any], str, str | None, Plan]) -> dict[str, Any]:
+    """Runs one training run (in a worker process) and returns its record; resumable."""
+    run, budget, out, data_dir, plan = args
     workdir = os.path.join(out, "runs", run.name)
     result_file = os.path.join(workdir, "result.json")
     stage_budget = run_budget(run, budget)
@@ -200,14 +318,13 @@ def execute(args: tuple[Run, dict[str, Any], str, str | None]) -> dict[str, Any]
     from rovit_jax.tasks import get_task
     from rovit_jax.train.loop import run as train
 
-    config = build_config(run, budget, out, data_dir)
+    config = build_config(run, budget, out, data_dir, plan)
     t0 = time.time()
     result = train(config, workdir, get_task(config, workdir))
-    metrics = {k: float(v) for k, v in result["eval"].items()}
     record = dict(
         run=dataclasses.asdict(run),
         budget=stage_budget,
-        metrics=metrics,
+        metrics={k: float(v) for k, v in result["eval"].items()},
         seconds=time.time() - t0,
     )
     with open(result_file + ".tmp", "w") as f:
@@ -217,52 +334,45 @@ def execute(args: tuple[Run, dict[str, Any], str, str | None]) -> dict[str, Any]
     return record
 
 
-def run_all(
-    runs: list[Run], budget, out, data_dir, workers: int, trained: list[str] | None = None
-) -> list[dict[str, Any]]:
-    """Every run's record, training those without one; appends their names to `trained`."""
-    jobs = [(r, budget, out, data_dir) for r in runs]
-    if trained is not None:
-        trained += [
-            r.name
-            for r in runs
-            if not os.path.exists(os.path.join(out, "runs", r.name, "result.json"))
-        ]
+def check_finished(runs: list[Run], budget: dict[str, Any], out: str) -> None:
+    """Refuses, before anything trains, a finished run made under another budget."""
+    for run in runs:
+        path = os.path.join(out, "runs", run.name, "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                made = json.load(f).get("budget")
+            if made != run_budget(run, budget):
+                raise SystemExit(
+                    f"{path}: made with budget {made}, this sweep's is "
+                    f"{run_budget(run, budget)}; delete that run folder (or use another --out)"
+                )
+
+
+def run_all(runs, budget, out, data_dir, plan, workers: int, trained: list[str], on_record):
+    """Trains the runs without a record (appending their names to `trained`); calls
+    `on_record(record)` for every run as it finishes (finished ones first)."""
+    todo = []
+    for r in runs:
+        if os.path.exists(os.path.join(out, "runs", r.name, "result.json")):
+            on_record(execute((r, budget, out, data_dir, plan)))
+        else:
+            todo.append((r, budget, out, data_dir, plan))
+    trained += [job[0].name for job in todo]
     cache_dir = os.path.join(out, "jax_cache")
     if workers <= 1:
         _worker_init(cache_dir)
-        return [execute(j) for j in jobs]
+        for job in todo:
+            on_record(execute(job))
+        return
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_worker_init, initargs=(cache_dir,)) as pool:
-        return pool.map(execute, jobs, chunksize=1)
+        for record in pool.imap_unordered(execute, todo, chunksize=1):
+            on_record(record)
 
 
-# ---- summary ------------------------------------------------------------------------------------
-METRICS = {
-    # column -> (stage, metric key in the run's evaluation)
-    "AP_r": ("detect", "fused/bbox/APr"),
-    "AP_base": ("detect", "fused/bbox/AP_base"),
-    "AP_r (det. only)": ("detect", "detector_only/bbox/APr"),
-    "AP_base (det. only)": ("detect", "detector_only/bbox/AP_base"),
-    "R@1": ("pretrain", "recall@1"),
-}
-
-
-# The paper's comparisons, as (mechanism, (cpe, loss) of the variant, (cpe, loss) of its baseline).
-COMPARISONS = (
-    ("CPE", (True, "focal"), (False, "focal")),
-    ("focal loss", (True, "focal"), (True, "softmax")),
-    ("focal vs sigmoid", (True, "focal"), (True, "sigmoid")),
-    ("CPE + focal", (True, "focal"), (False, "softmax")),
-)
-
-
-def _label(variant: tuple[bool, str]) -> str:
-    return f"{'CPE' if variant[0] else 'no CPE'} + {variant[1]}"
-
-
+# ---- statistics ----------------------------------------------------------------------------------
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for one value)."""
     n = len(values)
@@ -271,290 +381,327 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def recall_at_1(metrics: dict[str, float]) -> float:
-    """Mean of image->text and text->image recall@1."""
-    return 0.5 * (metrics["i2t_recall@1"] + metrics["t2i_recall@1"])
+def minimum_detectable_effect(std: float, n: int, alpha: float = ALPHA, power: float = POWER):
+    """The smallest true mean difference a two-sided paired t-test at `alpha` detects with
+    probability `power`, for differences of standard deviation `std` over `n` pairs (exact, by
+    the noncentral t distribution); None for n < 2."""
+    if n < 2:
+        return None
+    return _mde_in_std(n, alpha, power) * std
 
 
-def summarise_pretraining(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per pretraining variant: zero-shot retrieval recall@1 (mean/std over seeds), and the
-    paired per-seed R@1 differences of each mechanism."""
-    by_variant: dict[tuple[bool, str], dict[int, dict[str, float]]] = {}
-    for r in records:
-        run = r["run"]
-        if run["kind"] == "pretrain":
-            by_variant.setdefault((run["cpe"], run["loss"]), {})[run["seed"]] = r["metrics"]
-    rows = []
-    for (cpe, loss), per_seed in sorted(
-        by_variant.items(), key=lambda kv: (not kv[0][0], LOSSES.index(kv[0][1]))
-    ):
-        seeds = sorted(per_seed)
-        row = dict(cpe=cpe, loss=loss, seeds=seeds)
-        for col, fn in (
-            ("R@1", recall_at_1),
-            ("i2t R@1", lambda m: m["i2t_recall@1"]),
-            ("t2i R@1", lambda m: m["t2i_recall@1"]),
-        ):
-            vals = [100.0 * fn(per_seed[s]) for s in seeds]
-            row[col] = dict(zip(("mean", "std"), mean_std(vals)), values=vals)
-        rows.append(row)
-    r1 = {
-        (c, loss, s): 100.0 * recall_at_1(m)
-        for (c, loss), d in by_variant.items()
-        for s, m in d.items()
-    }
-    specs = [("CPE", f"{loss}: CPE vs no CPE", (True, loss), (False, loss)) for loss in LOSSES]
-    specs += [(m, f"{_label(a)} vs {_label(b)}", a, b) for m, a, b in COMPARISONS[1:]]
-    return dict(rows=rows, deltas=_paired(r1, specs))
+@functools.lru_cache(maxsize=None)
+def _mde_in_std(n: int, alpha: float, power: float) -> float:
+    from scipy import integrate, optimize, stats
+
+    df = n - 1
+    crit = stats.t.ppf(1 - alpha / 2, df)
+
+    def reach(effect_in_sd: float) -> float:
+        # P(|T| > crit) for T = (Z + nc) / sqrt(V / df), V ~ chi2(df): the noncentral t's two
+        # tails, integrated over V (scipy's nct is unstable for large noncentrality at df 1).
+        nc = effect_in_sd * math.sqrt(n)
+
+        def given(v: float) -> float:
+            c = crit * math.sqrt(v / df)
+            return (stats.norm.sf(c - nc) + stats.norm.cdf(-c - nc)) * stats.chi2.pdf(v, df)
+
+        return integrate.quad(given, 0.0, math.inf)[0]
+
+    high = 1.0  # effect in standard deviations; doubled until the power is reached
+    while reach(high) < power:
+        high *= 2.0
+    return float(optimize.brentq(lambda e: reach(e) - power, 1e-6, high))
 
 
-def _paired(values: dict[tuple, float], specs) -> list[dict[str, Any]]:
-    """Paired per-seed differences values[a + (seed,)] - values[b + (seed,)] for each spec."""
-    seeds = sorted({k[-1] for k in values})
-    out = []
-    for mech, comparison, a, b in specs:
-        diffs = [
-            values[a + (s,)] - values[b + (s,)]
-            for s in seeds
-            if a + (s,) in values and b + (s,) in values
-        ]
-        if not diffs:
-            continue
-        mean, std = mean_std(diffs)
-        out.append(
-            dict(
-                mechanism=mech,
-                comparison=comparison,
-                mean=mean,
-                std=std,
-                values=diffs,
-                verdict=verdict(diffs),
-            )
-        )
-    return out
+def paired_stats(diffs: list[float]) -> dict[str, Any]:
+    """Mean, sample std, 95% t interval, two-sided t-test p and MDE of paired differences."""
+    n = len(diffs)
+    mean, std = mean_std(diffs)
+    out: dict[str, Any] = dict(n=n, mean=mean, std=std, values=list(diffs))
+    if n < 2:
+        return dict(out, ci95=None, p=None, mde=None)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
+    if std == 0.0:
+        p = 1.0 if mean == 0.0 else 0.0
+    else:
+        p = float(stats.ttest_1samp(diffs, 0.0).pvalue)
+    return dict(out, ci95=[mean - half, mean + half], p=p, mde=minimum_detectable_effect(std, n))
 
 
-def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (variant, mode, objectness): mean/std over seeds of every METRICS column."""
-    pre = {
-        (r["run"]["cpe"], r["run"]["loss"], r["run"]["seed"]): recall_at_1(r["metrics"])
-        for r in records
-        if r["run"]["kind"] == "pretrain"
-    }
-    groups: dict[tuple, list[dict[str, Any]]] = {}
+def verdict(stat: dict[str, Any], paper: float | None) -> str:
+    """Whether the interval decides the paper's sign (module docstring)."""
+    if stat["ci95"] is None:
+        return "undecided (one seed)"
+    low, high = stat["ci95"]
+    if paper is None:
+        if low > 0 or high < 0:
+            return "positive" if low > 0 else "negative"
+        return "undecided"
+    if (low > 0 and paper > 0) or (high < 0 and paper < 0):
+        return "reproduced"
+    if low > 0 or high < 0:
+        return "contradicted"
+    return "undecided"
+
+
+# ---- summary -------------------------------------------------------------------------------------
+COLUMNS = {
+    # column -> metric key of a detection run's evaluation (in %)
+    "AP_r fused": "fused/bbox/APr",
+    "AP_r det. only": "detector_only/bbox/APr",
+    "AP_base fused": "fused/bbox/AP_base",
+    "AP_base det. only": "detector_only/bbox/AP_base",
+    "AP fused": "fused/bbox/AP",
+}
+
+
+def _detectors(records: list[dict[str, Any]]) -> dict[tuple, dict[int, dict[str, float]]]:
+    """{(backbone, pretrain_step, mode, objectness): {seed: metrics}} of the detection runs."""
+    out: dict[tuple, dict[int, dict[str, float]]] = {}
     for r in records:
         run = r["run"]
         if run["kind"] == "detect":
-            groups.setdefault((run["cpe"], run["loss"], run["mode"], run["objectness"]), []).append(
-                r
+            key = (run["backbone"], run["pretrain_step"], run["mode"], run["objectness"])
+            out.setdefault(key, {})[run["seed"]] = r["metrics"]
+    return out
+
+
+def recall_at_1(metrics: dict[str, float]) -> float:
+    """Mean of image->text and text->image recall@1, in %."""
+    return 50.0 * (metrics["i2t_recall@1"] + metrics["t2i_recall@1"])
+
+
+def summarise(records: list[dict[str, Any]], plan: Plan, budget: dict[str, Any]) -> dict[str, Any]:
+    """Tables of the sweep: retrieval per backbone, detection per variant, the comparisons and
+    the pretraining-length curve, all re-derivable from `records`."""
+    final = int(budget["pretrain_steps"])
+    pre: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r["run"]["kind"] == "pretrain":
+            pre.setdefault(r["run"]["backbone"], {})[r["run"]["seed"]] = recall_at_1(r["metrics"])
+    retrieval = []
+    for b in plan.backbones:
+        vals = [pre[b][s] for s in sorted(pre.get(b, {}))]
+        if vals:
+            m, s = mean_std(vals)
+            retrieval.append(dict(backbone=b, mean=m, std=s, values=vals))
+
+    dets = _detectors(records)
+    variants = []
+    for b, mode, obj in plan.detectors:
+        per_seed = dets.get((b, final, mode, obj), {})
+        if not per_seed:
+            continue
+        row: dict[str, Any] = dict(backbone=b, mode=mode, objectness=obj, seeds=sorted(per_seed))
+        for col, key in COLUMNS.items():
+            vals = [100.0 * per_seed[s][key] for s in sorted(per_seed)]
+            m, s = mean_std(vals)
+            row[col] = dict(mean=m, std=s, values=vals)
+        variants.append(row)
+
+    comparisons = []
+    for c in COMPARISONS:
+        a = dets.get((c.a[0], final, c.a[1], c.a[2]), {})
+        b = dets.get((c.b[0], final, c.b[1], c.b[2]), {})
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue  # not in this mode's plan
+        diffs = [100.0 * (a[s][c.metric_a] - b[s][c.metric_b]) for s in seeds]
+        stat = paired_stats(diffs)
+        comparisons.append(
+            dict(
+                dataclasses.asdict(c),
+                seeds=seeds,
+                **stat,
+                verdict=verdict(stat, c.paper),
             )
-    rows = []
-    for (cpe, loss, mode, obj), rs in sorted(groups.items(), key=lambda kv: _row_order(*kv[0])):
-        row = dict(
-            cpe=cpe,
-            loss=loss,
-            mode=mode,
-            objectness=obj,
-            seeds=sorted(r["run"]["seed"] for r in rs),
         )
-        for col, (stage, key) in METRICS.items():
-            if stage == "detect":
-                vals = [100.0 * r["metrics"][key] for r in rs]
-            else:
-                vals = [100.0 * pre[(cpe, loss, r["run"]["seed"])] for r in rs]
-            row[col] = dict(zip(("mean", "std"), mean_std(vals)), values=vals)
-        rows.append(row)
-    return dict(rows=rows)
+
+    curve = []
+    for b in plan.curve_backbones:
+        for mode in MODES:
+            for step in curve_steps(plan, budget):
+                per_seed = dets.get((b, step, mode, "centerness"), {})
+                seeds = [s for s in plan.curve_seeds if s in per_seed]
+                if not seeds:
+                    continue
+                point: dict[str, Any] = dict(backbone=b, mode=mode, pretrain_step=step, seeds=seeds)
+                for col in ("AP_r fused", "AP_r det. only", "AP_base det. only"):
+                    vals = [100.0 * per_seed[s][COLUMNS[col]] for s in seeds]
+                    m, s = mean_std(vals)
+                    point[col] = dict(mean=m, std=s, values=vals)
+                curve.append(point)
+    finetuned = [r["AP_base det. only"]["mean"] for r in variants if r["mode"] == "finetune"]
+    quality = dict(
+        finetuned_ap_base_mean=sum(finetuned) / len(finetuned) if finetuned else None,
+        quickstart_ap_base=QUICKSTART_AP_BASE,
+    )
+    return dict(
+        retrieval=retrieval,
+        variants=variants,
+        comparisons=comparisons,
+        curve=curve,
+        quality=quality,
+    )
 
 
-def _row_order(cpe, loss, mode, obj):
-    return (MODES.index(mode), OBJECTNESS.index(obj), not cpe, LOSSES.index(loss))
+# ---- reports -------------------------------------------------------------------------------------
+def _pm(cell: dict[str, Any]) -> str:
+    return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
 
 
-def variant_label(row: dict[str, Any]) -> str:
-    label = _label((row["cpe"], row["loss"]))
-    if row["objectness"] != "centerness":
-        label += f", {row['objectness']} obj."
+def _ci(c: dict[str, Any]) -> str:
+    return "—" if c["ci95"] is None else f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def variant_label(backbone: str, mode: str = "", objectness: str = "centerness") -> str:
+    cpe, loss = BACKBONES[backbone]
+    label = f"{'CPE' if cpe else 'no CPE'} + {loss}"
+    if mode:
+        label += f", {mode}"
+    if objectness != "centerness":
+        label += f", {objectness} objectness"
     return label
 
 
-def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    cols = list(METRICS)
+def tables(result: dict[str, Any]) -> list[str]:
+    """The markdown tables of a sweep's JSON (shared by ablations.md and the README)."""
+    summary, meta = result["summary"], result["meta"]
+    lines = ["| mechanism | comparison (a − b) | Δ AP_r | 95% CI | p | MDE | paper | verdict |"]
+    lines.append("|---|---|---:|---|---:|---:|---|---|")
+    for c in summary["comparisons"]:
+        what = f"{variant_label(*c['a'])} − {variant_label(*c['b'])}"
+        if c["metric_a"] != c["metric_b"]:
+            what = f"{variant_label(*c['a'])}: fused − detector only"
+        lines.append(
+            f"| {c['mechanism']} | {what} | {c['mean']:+.1f} ± {c['std']:.1f} | {_ci(c)} | "
+            f"{_num(c['p'], '.3f')} | {_num(c['mde'], '.1f')} | {c['paper_text']} | "
+            f"{c['verdict']} |"
+        )
+    lines += ["", "| detector | " + " | ".join(COLUMNS) + " |"]
+    lines.append("|---|" + "---:|" * len(COLUMNS))
+    for r in summary["variants"]:
+        cells = " | ".join(_pm(r[col]) for col in COLUMNS)
+        lines.append(f"| {variant_label(r['backbone'], r['mode'], r['objectness'])} | {cells} |")
+    lines += ["", "| backbone | retrieval R@1 (%) |", "|---|---:|"]
+    for r in summary["retrieval"]:
+        lines.append(f"| {variant_label(r['backbone'])} | {_pm(r)} |")
+    if summary["curve"]:
+        lines += [
+            "",
+            "| pretraining steps | detector | AP_r fused | AP_r det. only | AP_base det. only |",
+        ]
+        lines.append("|---:|---|---:|---:|---:|")
+        for p in summary["curve"]:
+            cells = " | ".join(
+                _pm(p[c]) for c in ("AP_r fused", "AP_r det. only", "AP_base det. only")
+            )
+            lines.append(
+                f"| {p['pretrain_step']} | {variant_label(p['backbone'], p['mode'])} | {cells} |"
+            )
+    q = summary["quality"]
+    lines += [
+        "",
+        f"Finetuned detectors' box AP on base categories (detector only), averaged over "
+        f"variants: {_num(q['finetuned_ap_base_mean'], '.1f')}; the quick-start pipeline's: "
+        f"{q['quickstart_ap_base']:.1f}.",
+        f"Seeds {meta['seeds']} (curve: {meta['curve_seeds']}); budget {json.dumps(meta['budget'], sort_keys=True)}; "
+        f"wall time {meta['sweep_wall_minutes']:.1f} min over {len(meta['invocations'])} "
+        f"invocation(s), {meta['run_seconds'] / 60:.1f} worker-minutes of runs.",
+    ]
+    return lines
+
+
+README_BEGIN = "<!-- ablations:begin (generated by benchmarks/ablations.py from ablations.json) -->"
+README_END = "<!-- ablations:end -->"
+
+
+def readme_section(result: dict[str, Any]) -> str:
+    """The README's generated block (between the markers, markers included)."""
+    return "\n".join([README_BEGIN, *tables(result), README_END])
+
+
+def update_readme(path: str, result: dict[str, Any]) -> None:
+    """Replaces the generated block of README `path` (which must hold both markers)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path}: no '{README_BEGIN}' ... '{README_END}' block to replace")
+    text = text[:start] + readme_section(result) + text[end + len(README_END) :]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
     lines = [
         "# Ablations on the shapes world",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Stages: {meta['stages']}; seeds: {meta['seeds']}; budgets: {json.dumps(meta['budget'])}  ",
-        f"Time: the runs took {meta['run_seconds'] / 60:.1f} worker-minutes in all "
-        f"({meta['workers']} workers side by side on {meta['cpus']} CPU cores)"
-        + "".join(f", {k} {v:.1f}" for k, v in meta.get("worker_minutes", {}).items())
-        + "  ",
         "Libraries: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "",
         "Invocations that wrote here (finished runs are reused, not rerun):",
         "",
     ]
-    for inv in meta.get("invocations", []):
-        trained = "?" if inv.get("runs_trained") is None else inv["runs_trained"]
+    for inv in meta["invocations"]:
         lines.append(
-            f"- `{inv['command']}`: {trained} runs trained, {inv['wall_minutes']:.1f} min of "
-            "wall time"
+            f"- `{inv['command']}`: {inv['runs_trained']} runs trained, "
+            f"{inv['wall_minutes']:.1f} min of wall time"
         )
-    lines.append("")
-    if summary.get("rows"):
-        lines += [
-            "Box AP (LVIS protocol, IoU 0.5:0.95) in %, mean ± sample std over seeds; AP_r = the 8 "
-            "rare (novel) categories, held out of detection training; AP_base = the 24 base "
-            "categories; R@1 = zero-shot retrieval recall@1 of the pretrained towers (mean of "
-            "image->text and text->image, 500 test pairs). Columns without '(det. only)' use VLM "
-            "score fusion, as the paper reports.",
-        ]
-    pre = summary["pretraining"]
-    lines += ["", "## Pretraining: zero-shot retrieval recall@1 (%)", ""]
-    lines += ["| variant | R@1 (mean of both directions) | image->text | text->image | per seed |"]
-    lines.append("|---|---:|---:|---:|---|")
-    for r in pre["rows"]:
-        cells = [f"{r[c]['mean']:.2f} ± {r[c]['std']:.2f}" for c in ("R@1", "i2t R@1", "t2i R@1")]
-        per_seed = ", ".join(f"{v:.1f}" for v in r["R@1"]["values"])
-        lines.append(
-            f"| {variant_label(dict(r, objectness='centerness'))} | "
-            + " | ".join(cells)
-            + f" | {per_seed} |"
-        )
-    lines += _delta_table("R@1", pre["deltas"])
-    for mode in MODES:
-        rows = [r for r in summary.get("rows", []) if r["mode"] == mode]
-        if not rows:
-            continue
-        title = {
-            "frozen": "Backbone frozen (probe of pretraining)",
-            "finetune": f"Backbone trained at {FINETUNE_BACKBONE_LR}x learning rate",
-        }[mode]
-        lines += ["", f"## {title}", "", "| variant | " + " | ".join(cols) + " |"]
-        lines.append("|---|" + "---:|" * len(cols))
-        for r in rows:
-            cells = [f"{r[c]['mean']:.2f} ± {r[c]['std']:.2f}" for c in cols]
-            lines.append(f"| {variant_label(r)} | " + " | ".join(cells) + " |")
-    if summary.get("deltas"):
-        lines += _delta_table("AP_r (fused)", summary["deltas"])
-    if summary.get("deltas_detector_only"):
-        lines += _delta_table("AP_r (detector only)", summary["deltas_detector_only"])
-    return "\n".join(lines) + "\n"
+    lines += ["", "Box AP in % (LVIS protocol); Δ = paired per-seed difference, mean ± std.", ""]
+    return "\n".join(lines + tables(result)) + "\n"
 
 
-def _delta_table(what: str, deltas: list[dict[str, Any]]) -> list[str]:
-    lines = ["", f"### Deltas of {what}: mean ± std of the paired per-seed differences", ""]
-    lines += ["| mechanism | comparison | delta | per seed | distinguishable from seed noise |"]
-    lines.append("|---|---|---:|---|---|")
-    for d in deltas:
-        per_seed = ", ".join(f"{v:+.2f}" for v in d["values"])
-        lines.append(
-            f"| {d['mechanism']} | {d['comparison']} | {d['mean']:+.2f} ± {d['std']:.2f} "
-            f"| {per_seed} | {d['verdict']} |"
-        )
-    return lines
-
-
-def deltas(
-    records: list[dict[str, Any]], best: tuple[bool, str], column: str = "AP_r"
-) -> list[dict[str, Any]]:
-    """Paired per-seed differences of a METRICS detection column for each mechanism (the
-    paper's comparisons, in both modes, and centerness vs binary on the `best` backbone)."""
-    ap = {}
-    for r in records:
-        run = r["run"]
-        if run["kind"] == "detect":
-            key = (run["cpe"], run["loss"], run["mode"], run["objectness"], run["seed"])
-            ap[key] = 100.0 * r["metrics"][METRICS[column][1]]
-    specs = [
-        (
-            m,
-            f"{mode}: {_label(a)} vs {_label(b)}",
-            a + (mode, "centerness"),
-            b + (mode, "centerness"),
-        )
-        for mode in MODES
-        for m, a, b in COMPARISONS
-    ]
-    cpe, loss = best
-    specs.append(
-        (
-            "centerness objectness",
-            f"finetune, {_label(best)}: centerness vs binary",
-            (cpe, loss, "finetune", "centerness"),
-            (cpe, loss, "finetune", "binary"),
-        )
-    )
-    return _paired(ap, specs)
-
-
-def verdict(values: list[float]) -> str:
-    """Paired t-test at 5% (two-sided) on the per-seed differences; 'n < 2' when untestable."""
-    n = len(values)
-    if n < 2:
-        return "n < 2"
-    mean, std = mean_std(values)
-    if std == 0.0:
-        return "yes" if mean != 0 else "no"
-    from scipy import stats
-
-    p = float(stats.ttest_1samp(values, 0.0).pvalue)
-    return f"{'yes' if p < 0.05 else 'no'} (p = {p:.2f})"
-
-
-def plot(summary: dict[str, Any], path: str) -> None:
+def plot(result: dict[str, Any], out: str) -> None:
+    """deltas.png (each comparison's mean and 95% CI, the paper's figure) and curve.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not summary.get("rows"):
-        _plot_pretraining(summary["pretraining"]["rows"], path, plt)
-        return
-    rows = summary["rows"]
-    fig, axes = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
-    colours = {"frozen": "#4c72b0", "finetune": "#dd8452"}
-    for ax, column, what in (
-        (axes[0], "AP_r", "with VLM score fusion"),
-        (axes[1], "AP_r (det. only)", "detector only"),
-    ):
-        for i, r in enumerate(rows):
-            m, s = r[column]["mean"], r[column]["std"]
-            ax.bar(i, m, yerr=s, capsize=4, color=colours[r["mode"]])
-            ax.plot([i] * len(r[column]["values"]), r[column]["values"], "k.", ms=4)
-        ax.set_ylabel(f"box AP_r (novel), %\n{what}")
-    labels = [f"{variant_label(r)}\n{r['mode']}" for r in rows]
-    axes[1].set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
-    axes[0].set_title("Shapes-world ablations: mean ± std over seeds (dots: seeds)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    axes[0].legend(handles, ["backbone frozen", "backbone 0.1x lr"], loc="upper left")
+    summary = result["summary"]
+    comps = summary["comparisons"]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(comps) + 1.5))
+    for i, c in enumerate(comps):
+        y = len(comps) - 1 - i
+        if c["ci95"] is not None:
+            ax.plot(c["ci95"], [y, y], color="#4c72b0", lw=2)
+        ax.plot(c["values"], [y] * len(c["values"]), "k.", ms=4, alpha=0.6)
+        ax.plot([c["mean"]], [y], "o", color="#4c72b0")
+        if c["paper"] is not None:
+            ax.plot([c["paper"]], [y], "x", color="#dd8452", ms=9, mew=2)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(comps)), [c["mechanism"] for c in reversed(comps)], fontsize=8)
+    ax.set_xlabel("Δ box AP_r (points): mean, 95% CI, seeds (dots); paper (x)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(os.path.join(out, "deltas.png"), dpi=110)
     plt.close(fig)
 
-
-def _plot_pretraining(rows: list[dict[str, Any]], path: str, plt) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, r in enumerate(rows):
-        ax.bar(
-            i,
-            r["R@1"]["mean"],
-            yerr=r["R@1"]["std"],
-            capsize=4,
-            color="#4c72b0" if r["cpe"] else "#999999",
-        )
-        ax.plot([i] * len(r["R@1"]["values"]), r["R@1"]["values"], "k.", ms=4)
-    ax.set_xticks(
-        range(len(rows)),
-        [variant_label(dict(r, objectness="centerness")) for r in rows],
-        rotation=30,
-        ha="right",
-        fontsize=8,
-    )
-    ax.set_ylabel("zero-shot retrieval R@1, %")
-    ax.set_title("Shapes-world pretraining: mean ± std over seeds (dots: seeds)")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, mode in zip(axes, MODES):
+        for b, colour in (("cpe-focal", "#4c72b0"), ("nocpe-focal", "#999999")):
+            pts = [p for p in summary["curve"] if p["backbone"] == b and p["mode"] == mode]
+            if pts:
+                x = [p["pretrain_step"] for p in pts]
+                m = [p["AP_r fused"]["mean"] for p in pts]
+                s = [p["AP_r fused"]["std"] for p in pts]
+                ax.errorbar(
+                    x, m, yerr=s, marker="o", capsize=3, color=colour, label=variant_label(b)
+                )
+        ax.set_title(f"backbone {mode}")
+        ax.set_xlabel("pretraining steps")
+    axes[0].set_ylabel("box AP_r fused (%), mean ± std")
+    axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(os.path.join(out, "curve.png"), dpi=110)
     plt.close(fig)
 
 
@@ -562,16 +709,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": sys.version.split()[0]}
-    for name in (
-        "jax",
-        "jaxlib",
-        "flax",
-        "optax",
-        "orbax-checkpoint",
-        "numpy",
-        "tensorflow-cpu",
-        "faster-coco-eval",
-    ):
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "faster-coco-eval"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -579,32 +717,80 @@ def versions() -> dict[str, str]:
     return out
 
 
+# ---- driver --------------------------------------------------------------------------------------
+def _previous_invocations(out: str) -> list[dict[str, Any]]:
+    path = os.path.join(out, "ablations.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(json.load(f)["meta"].get("invocations", []))
+
+
+def write(out: str, records, plan: Plan, budget, mode: str, this, previous) -> dict[str, Any]:
+    """Writes ablations.json / .md / deltas.png / curve.png into `out`; returns the JSON.
+
+    `this`: this invocation (command, wall minutes, runs trained so far); `previous`: the
+    invocations recorded before it.
+    """
+    invocations = list(previous) + [this]
+    records = sorted(records, key=lambda r: r["run"]["name"])
+    meta = dict(
+        command=this["command"],
+        mode=mode,
+        seeds=list(plan.seeds),
+        curve_seeds=list(plan.curve_seeds),
+        plan=dataclasses.asdict(plan),
+        comparisons=[dataclasses.asdict(c) for c in COMPARISONS],
+        budget=budget,
+        versions=versions(),
+        cpus=os.cpu_count(),
+        # Every invocation that trained runs into `out`, oldest first: the sweep's wall time is
+        # their sum, and survives reruns that only regenerate the tables.
+        invocations=invocations,
+        sweep_wall_minutes=sum(i["wall_minutes"] for i in invocations if i["runs_trained"]),
+        runs_planned=sum(len(x) for x in plan_runs(plan, budget)),
+        runs_finished=len(records),
+        run_seconds=sum(r["seconds"] for r in records),
+    )
+    result = dict(meta=meta, summary=summarise(records, plan, budget), runs=records)
+    tmp = os.path.join(out, "ablations.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(out, "ablations.json"))
+    with open(os.path.join(out, "ablations.md"), "w") as f:
+        f.write(markdown(result))
+    plot(result, out)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for runs/ and the result files")
-    parser.add_argument("--mode", choices=sorted(BUDGETS), default="full")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--mode", choices=sorted(PLANS), default="full")
     parser.add_argument("--workers", type=int, default=2, help="runs side by side")
-    parser.add_argument("--losses", default=",".join(LOSSES))
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR)")
+    parser.add_argument("--readme", default=None, help="README whose generated block to update")
     parser.add_argument(
-        "--stop_after",
-        choices=("pretrain", "all"),
-        default="all",
-        help="'pretrain': run and report only the pretraining stage (rerun without it to go on)",
+        "--readme_only",
+        action="store_true",
+        help="regenerate --readme from --out's ablations.json; run nothing",
     )
     args = parser.parse_args(argv)
-
-    seeds = [int(s) for s in args.seeds.split(",")]
-    losses = [s for s in args.losses.split(",") if s]
-    for loss in losses:
-        if loss not in LOSSES:
-            parser.error(f"--losses: unknown loss {loss!r}; choose from {LOSSES}")
-    budget = dict(BUDGETS[args.mode])
     out = os.path.abspath(args.out)
+    if args.readme_only:
+        if not args.readme:
+            parser.error("--readme_only needs --readme")
+        with open(os.path.join(out, "ablations.json")) as f:
+            result = json.load(f)
+        update_readme(args.readme, result)
+        return result
+
+    plan, budget = PLANS[args.mode], dict(BUDGETS[args.mode])
     os.makedirs(out, exist_ok=True)
+    pre, det = plan_runs(plan, budget)
+    check_finished(pre + det, budget, out)
     # Every worker: one XLA thread, one device (the sweep's parallelism is across runs). Other
-    # XLA flags of the caller (an optimisation level, say) are kept.
+    # XLA flags of the caller are kept.
     forced = (
         "--xla_force_host_platform_device_count=1",
         "--xla_cpu_multi_thread_eigen=false",
@@ -614,92 +800,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(names)]
     os.environ["XLA_FLAGS"] = " ".join([*forced, *kept])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = "python benchmarks/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
 
     # The world and tokenizer are built once, before the workers race to build them.
     from rovit_jax.data import sources
 
-    probe = build_config(pretrain_run(True, "focal", seeds[0]), budget, out, args.data_dir)
-    sources.tokenizer_for(probe)
-
-    variants = [(cpe, loss) for cpe in CPE for loss in losses]
-    pre = [pretrain_run(cpe, loss, s) for cpe, loss in variants for s in seeds]
+    sources.tokenizer_for(build_config(pre[0], budget, out, args.data_dir, plan))
+    previous = _previous_invocations(out)
     trained: list[str] = []
-    records = run_all(pre, budget, out, args.data_dir, args.workers, trained)
-    summary: dict[str, Any] = dict(pretraining=summarise_pretraining(records))
-    if args.stop_after == "pretrain":
-        return _write(out, summary, records, args, argv, seeds, budget, t0, trained)
-    det = [
-        detect_run(cpe, loss, s, mode) for mode in MODES for cpe, loss in variants for s in seeds
-    ]
-    records += run_all(det, budget, out, args.data_dir, args.workers, trained)
+    records: dict[str, dict[str, Any]] = {}
+    result: dict[str, Any] = {}
 
-    # The best backbone by the detector's own AP_r: fused scores also carry the frozen VLM's
-    # region scores, which are near chance at this pretraining budget (README, vlm_probe).
-    best_row = max(
-        (r for r in summarise(records)["rows"] if r["mode"] == "finetune"),
-        key=lambda r: r["AP_r (det. only)"]["mean"],
-    )
-    best = (best_row["cpe"], best_row["loss"])
-    binary = [detect_run(*best, s, "finetune", "binary") for s in seeds]
-    records += run_all(binary, budget, out, args.data_dir, args.workers, trained)
+    def on_record(record: dict[str, Any]) -> None:
+        # The files are rewritten after every finished run, so an interrupted sweep's results
+        # so far are always on disk.
+        records[record["run"]["name"]] = record
+        done = [n for n in trained if n in records]
+        this = dict(
+            command=command,
+            wall_minutes=(time.time() - t0) / 60.0,
+            runs_trained=len(done),
+            worker_minutes_trained=sum(records[n]["seconds"] for n in done) / 60.0,
+        )
+        result.update(write(out, records.values(), plan, budget, args.mode, this, previous))
 
-    summary.update(summarise(records))
-    summary["best_backbone"] = dict(cpe=best[0], loss=best[1])
-    summary["deltas"] = deltas(records, best)
-    summary["deltas_detector_only"] = deltas(records, best, "AP_r (det. only)")
-    return _write(out, summary, records, args, argv, seeds, budget, t0, trained)
-
-
-def _previous_invocations(out: str) -> list[dict[str, Any]]:
-    """The invocation history of an earlier ablations.json in `out` (older files: their one)."""
-    path = os.path.join(out, "ablations.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        meta = json.load(f)["meta"]
-    if "invocations" in meta:
-        return list(meta["invocations"])
-    return [dict(command=meta["command"], wall_minutes=meta["wall_minutes"], runs_trained=None)]
-
-
-def _write(out, summary, records, args, argv, seeds, budget, t0, trained) -> dict[str, Any]:
-    """Writes ablations.json / .md / .png into `out`; returns the JSON's content."""
-    command = "python benchmarks/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    wall_minutes = (time.time() - t0) / 60.0
-    by_name = {r["run"]["name"]: r for r in records}
-    this = dict(
-        command=command,
-        wall_minutes=wall_minutes,
-        runs_trained=len(trained),
-        worker_minutes_trained=sum(by_name[n]["seconds"] for n in trained) / 60.0,
-    )
-    meta = dict(
-        command=command,
-        stages="pretraining only" if args.stop_after == "pretrain" else "all",
-        seeds=seeds,
-        budget=budget,
-        finetune_backbone_lr=FINETUNE_BACKBONE_LR,
-        versions=versions(),
-        cpus=os.cpu_count(),
-        workers=args.workers,
-        wall_minutes=wall_minutes,
-        run_seconds=sum(r["seconds"] for r in records),
-        worker_minutes={
-            kind: sum(r["seconds"] for r in records if r["run"]["kind"] == kind) / 60.0
-            for kind in ("pretrain", "detect")
-        },
-        # Every invocation that wrote into `out`, oldest first: the sweep's measured wall time
-        # survives reruns that only regenerate the tables from finished runs.
-        invocations=_previous_invocations(out) + [this],
-    )
-    result = dict(meta=meta, summary=summary, runs=records)
-    with open(os.path.join(out, "ablations.json"), "w") as f:
-        json.dump(result, f, indent=1, sort_keys=True)
-    with open(os.path.join(out, "ablations.md"), "w") as f:
-        f.write(markdown(summary, meta))
-    plot(summary, os.path.join(out, "ablations.png"))
-    print(markdown(summary, meta))
+    run_all(pre, budget, out, args.data_dir, plan, args.workers, trained, on_record)
+    run_all(det, budget, out, args.data_dir, plan, args.workers, trained, on_record)
+    print(markdown(result))
+    if args.readme:
+        with open(os.path.join(out, "ablations.json")) as f:
+            update_readme(args.readme, json.load(f))  # rendered from the file, as the test reads it
     return result
 
 

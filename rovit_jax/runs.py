@@ -273,12 +273,15 @@ def load_run(workdir: str, *, step: int | None = None) -> LoadedRun:
             f"detection run {workdir}: {pretrain_workdir} is a {pcfg.task!r} run, not a "
             "pretraining run"
         )
-    params, got = load_run_params(workdir, step)
-    pparams, pstep = load_run_params(pretrain_workdir)
     from rovit_jax.config_sections import resolved_sections
     from rovit_jax.data.settings import DetectionDataSettings
+    from rovit_jax.detection.settings import InitSettings
 
-    data = resolved_sections((DetectionDataSettings,), config)["data"]
+    sections = resolved_sections((DetectionDataSettings, InitSettings), config)
+    data = sections["data"]
+    params, got = load_run_params(workdir, step)
+    # The towers the detector was finetuned from (and fuses with): its configured checkpoint.
+    pparams, pstep = load_run_params(pretrain_workdir, sections["init"].pretrain_step)
     tokenizer = load_tokenizer(pcfg, data.data_dir)
     return LoadedRun(
         "detect", workdir, config, params, got, pretrain_workdir, pcfg, pparams, pstep, tokenizer

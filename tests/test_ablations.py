@@ -1,10 +1,7 @@
-"""The ablation sweep (benchmarks/ablations.py) in its small mode, end to end, in a subprocess.
-
-One seed and one loss keep it to 7 tiny runs: pretraining with and without CPE, each backbone
-finetuned frozen and at 0.1x learning rate, and binary objectness on the best backbone. The
-summary, the deltas and the tables are re-derived here from the per-run records; the frozen
-probe must leave the pretrained image tower untouched.
-"""
+"""The ablation sweep (benchmarks/ablations.py): its statistics on constructed records with known
+answers, and its small mode end to end in a subprocess (the plan's runs, the tables re-derived
+from the per-run records, frozen and curve detectors starting from the right checkpoints,
+resuming, the README block generated from the JSON)."""
 
 import importlib.util
 import json
@@ -22,139 +19,6 @@ from rovit_jax.train.checkpoint import load_params
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ablations")
-    data_dir = tmp_path_factory.mktemp("tfds_ablations")
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "benchmarks", "ablations.py"),
-        f"--out={out}",
-        "--mode=small",
-        "--seeds=0",
-        "--losses=focal",
-        "--workers=1",
-        f"--data_dir={data_dir}",
-    ]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    with open(out / "ablations.json") as f:
-        return out, json.load(f), cmd, env
-
-
-def test_sweep_runs_every_variant_once(sweep):
-    _, result, _, _ = sweep
-    names = sorted(r["run"]["name"] for r in result["runs"])
-    assert names == sorted(
-        [
-            "pretrain/cpe-focal/seed0",
-            "pretrain/nocpe-focal/seed0",
-            "detect/cpe-focal/frozen-centerness/seed0",
-            "detect/nocpe-focal/frozen-centerness/seed0",
-            "detect/cpe-focal/finetune-centerness/seed0",
-            "detect/nocpe-focal/finetune-centerness/seed0",
-            f"detect/{_best(result)}-focal/finetune-binary/seed0",
-        ]
-    )
-    for r in result["runs"]:
-        for v in r["metrics"].values():
-            assert np.isfinite(v)
-    meta = result["meta"]
-    assert meta["seeds"] == [0] and meta["budget"]["tiny"] is True
-    assert "jax" in meta["versions"] and "--mode=small" in meta["command"]
-
-
-def _best(result):
-    return "cpe" if result["summary"]["best_backbone"]["cpe"] else "nocpe"
-
-
-def _records(result):
-    return {r["run"]["name"]: r["metrics"] for r in result["runs"]}
-
-
-def test_summary_and_deltas_rederived_from_the_runs(sweep):
-    out, result, _, _ = sweep
-    rec = _records(result)
-    rows = result["summary"]["rows"]
-    assert len(rows) == 5
-    for row in rows:
-        variant = f"{'cpe' if row['cpe'] else 'nocpe'}-{row['loss']}"
-        det = rec[f"detect/{variant}/{row['mode']}-{row['objectness']}/seed0"]
-        pre = rec[f"pretrain/{variant}/seed0"]
-        assert row["AP_r"]["mean"] == pytest.approx(100 * det["fused/bbox/APr"])
-        assert row["AP_base (det. only)"]["mean"] == pytest.approx(
-            100 * det["detector_only/bbox/AP_base"]
-        )
-        r1 = 50 * (pre["i2t_recall@1"] + pre["t2i_recall@1"])
-        assert row["R@1"]["mean"] == pytest.approx(r1)
-    # The best backbone is the finetuned variant with the highest detector-only AP_r.
-    finetuned = [r for r in rows if r["mode"] == "finetune" and r["objectness"] == "centerness"]
-    best = max(finetuned, key=lambda r: r["AP_r (det. only)"]["mean"])
-    assert result["summary"]["best_backbone"] == dict(cpe=best["cpe"], loss=best["loss"])
-    for key, metric in (("deltas", "fused"), ("deltas_detector_only", "detector_only")):
-        deltas = {d["comparison"]: d for d in result["summary"][key]}
-        for mode in ("frozen", "finetune"):
-            d = deltas[f"{mode}: CPE + focal vs no CPE + focal"]
-            want = 100 * (
-                rec[f"detect/cpe-focal/{mode}-centerness/seed0"][f"{metric}/bbox/APr"]
-                - rec[f"detect/nocpe-focal/{mode}-centerness/seed0"][f"{metric}/bbox/APr"]
-            )
-            assert d["values"] == [pytest.approx(want)]
-    # The markdown table shows the JSON's numbers; the plot is a real image.
-    table = (out / "ablations.md").read_text()
-    for row in rows:
-        assert f"{row['AP_r']['mean']:.2f} ± {row['AP_r']['std']:.2f}" in table
-    with Image.open(out / "ablations.png") as im:
-        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
-
-
-def test_frozen_probe_keeps_the_pretrained_backbone(sweep):
-    out, _, _, _ = sweep
-    runs = out / "runs"
-    pretrained, _ = load_params(str(runs / "pretrain/cpe-focal/seed0"))
-    frozen, _ = load_params(str(runs / "detect/cpe-focal/frozen-centerness/seed0"))
-    tuned, _ = load_params(str(runs / "detect/cpe-focal/finetune-centerness/seed0"))
-    same = jax.tree.map(np.array_equal, frozen["backbone"], pretrained["img"])
-    assert all(jax.tree.leaves(same))
-    moved = jax.tree.map(np.array_equal, tuned["backbone"], pretrained["img"])
-    assert not all(jax.tree.leaves(moved))
-
-
-def test_rerun_resumes_from_finished_runs(sweep):
-    out, result, cmd, env = sweep
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "[ablations]" not in r.stdout  # no run was trained again
-    with open(out / "ablations.json") as f:
-        again = json.load(f)
-    assert _records(again) == _records(result)
-    # The first invocation's measured time survives the rerun, which trained nothing.
-    first, rerun = again["meta"]["invocations"]
-    assert first == result["meta"]["invocations"][0]
-    assert first["runs_trained"] == 7 and rerun["runs_trained"] == 0
-    assert first["wall_minutes"] == result["meta"]["wall_minutes"]
-    assert first["worker_minutes_trained"] == pytest.approx(
-        sum(r["seconds"] for r in result["runs"]) / 60
-    )
-
-
-def test_a_run_made_with_another_budget_is_not_reused(sweep):
-    out, _, cmd, env = sweep
-    path = out / "runs/detect/cpe-focal/frozen-centerness/seed0/result.json"
-    original = path.read_text()
-    record = json.loads(original)
-    record["budget"]["detect_steps"] += 1
-    path.write_text(json.dumps(record))
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    finally:
-        path.write_text(original)
-    assert r.returncode != 0
-    assert str(path) in r.stderr and "detect_steps" in r.stderr
-    assert "[ablations]" not in r.stdout  # it stopped before training anything
-
-
 def _driver():
     spec = importlib.util.spec_from_file_location(
         "ablations_driver", os.path.join(REPO, "benchmarks", "ablations.py")
@@ -165,65 +29,203 @@ def _driver():
     return module
 
 
-def test_statistics_on_constructed_records_match_scipy():
-    """The driver's summary, paired deltas and verdicts on made-up records of 4 seeds, against
-    numpy and scipy (no training: the pure part of the sweep)."""
+ab = _driver()
+
+
+# ---- statistics on constructed records -----------------------------------------------------------
+def test_paired_statistics_match_scipy():
     from scipy import stats
 
-    ab = _driver()
+    a = np.array([31.0, 27.5, 35.2, 29.9, 33.1])
+    b = np.array([28.2, 27.9, 30.1, 26.0, 31.5])
+    got = ab.paired_stats(list(a - b))
+    assert got["mean"] == pytest.approx(np.mean(a - b))
+    assert got["std"] == pytest.approx(np.std(a - b, ddof=1))
+    assert got["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    low, high = stats.t.interval(0.95, 4, loc=np.mean(a - b), scale=stats.sem(a - b))
+    assert got["ci95"] == pytest.approx([low, high])
+    one = ab.paired_stats([1.5])
+    assert one["ci95"] is None and one["p"] is None and one["mde"] is None
+
+
+def test_a_planted_effect_is_found_and_no_effect_mostly_is_not():
     rng = np.random.default_rng(0)
-    seeds = [0, 1, 2, 3]
-    # AP_r per (cpe, loss, mode, objectness, seed): CPE adds 5 points with noise 1, focal 0.
-    records, table = [], {}
-    for cpe in (True, False):
-        for loss in ("focal", "softmax"):
-            for seed in seeds:
-                recall = {"i2t_recall@1": rng.uniform(), "t2i_recall@1": rng.uniform()}
-                run = ab.pretrain_run(cpe, loss, seed)
-                records.append({"run": vars(run), "metrics": recall})
-                for mode in ("frozen", "finetune"):
-                    for obj in ("centerness", "binary"):
-                        ap = 0.10 + 0.05 * cpe + 0.01 * rng.normal()
-                        table[(cpe, loss, mode, obj, seed)] = 100 * ap
-                        metrics = {key: ap for _, key in ab.METRICS.values() if key != "recall@1"}
-                        run = ab.detect_run(cpe, loss, seed, mode, obj)
-                        records.append({"run": vars(run), "metrics": metrics})
+    planted = ab.paired_stats(list(3.0 + rng.normal(0, 1, 5)))
+    assert planted["p"] < 0.05 and planted["ci95"][0] > 0
+    assert ab.verdict(planted, paper=2.4) == "reproduced"
+    assert ab.verdict(planted, paper=-1.0) == "contradicted"
+    assert ab.verdict(planted, paper=None) == "positive"
+    # No effect: a paired t-test at 5% rejects about 5% of the time.
+    null = [ab.paired_stats(list(rng.normal(0, 1, 5)))["p"] for _ in range(400)]
+    assert np.mean(np.array(null) > 0.05) > 0.9
+    undecided = ab.paired_stats([0.5, -0.4, 0.2, -0.1, 0.3])
+    assert ab.verdict(undecided, paper=2.4) == "undecided"
 
-    rows = ab.summarise(records)["rows"]
-    row = next(
-        r
-        for r in rows
-        if r["cpe"]
-        and r["loss"] == "focal"
-        and r["mode"] == "frozen"
-        and r["objectness"] == "centerness"
-    )
-    want = [table[(True, "focal", "frozen", "centerness", s)] for s in seeds]
-    assert row["AP_r"]["mean"] == pytest.approx(np.mean(want))
-    assert row["AP_r"]["std"] == pytest.approx(np.std(want, ddof=1))
 
-    deltas = {d["comparison"]: d for d in ab.deltas(records, (True, "focal"))}
-    for mode in ("frozen", "finetune"):
-        cpe = deltas[f"{mode}: CPE + focal vs no CPE + focal"]
-        diff = [
-            table[(True, "focal", mode, "centerness", s)]
-            - table[(False, "focal", mode, "centerness", s)]
-            for s in seeds
-        ]
-        assert cpe["values"] == pytest.approx(diff)
-        assert cpe["std"] == pytest.approx(np.std(diff, ddof=1))
-        p = stats.ttest_rel(
-            [table[(True, "focal", mode, "centerness", s)] for s in seeds],
-            [table[(False, "focal", mode, "centerness", s)] for s in seeds],
-        ).pvalue
-        assert cpe["verdict"] == f"{'yes' if p < 0.05 else 'no'} (p = {p:.2f})"
-        assert p < 0.05  # 5 points against noise of 1.4: detected
-    assert "focal vs sigmoid" not in {d["mechanism"] for d in deltas.values()}  # no sigmoid runs
-    assert deltas["finetune, CPE + focal: centerness vs binary"]["values"] == pytest.approx(
-        [
-            table[(True, "focal", "finetune", "centerness", s)]
-            - table[(True, "focal", "finetune", "binary", s)]
-            for s in seeds
-        ]
+def test_minimum_detectable_effect_has_the_stated_power():
+    """At the MDE, a simulated paired t-test at 5% rejects in about 80% of repetitions."""
+    from scipy import stats
+
+    n, std = 5, 2.0
+    mde = ab.minimum_detectable_effect(std, n)
+    # Larger than the z-approximation's (1.96 + 0.84) * std / sqrt(n): the t test pays for
+    # estimating the std from 5 values.
+    assert mde > 2.80 * std / np.sqrt(n)
+    rng = np.random.default_rng(1)
+    diffs = mde + rng.normal(0, std, (4000, n))
+    p = stats.ttest_1samp(diffs, 0.0, axis=1).pvalue
+    assert 0.77 < np.mean(p < 0.05) < 0.83
+    assert ab.minimum_detectable_effect(std, 20) < mde  # more seeds detect smaller effects
+
+
+def _constructed_records(plan, budget, effect_of_cpe: float):
+    """Records of `plan` with AP_r = 20 + effect_of_cpe (CPE backbones) + seed noise."""
+    rng = np.random.default_rng(2)
+    pre, det = ab.plan_runs(plan, budget)
+    records = []
+    for run in pre:
+        recall = {"i2t_recall@1": rng.uniform(), "t2i_recall@1": rng.uniform()}
+        records.append({"run": vars(run), "metrics": recall, "seconds": 1.0})
+    for run in det:
+        cpe, _ = ab.BACKBONES[run.backbone]
+        ap = (20.0 + effect_of_cpe * cpe + rng.normal(0, 0.5)) / 100
+        metrics = {key: ap for key in ab.COLUMNS.values()}
+        metrics["detector_only/bbox/APr"] = ap - 0.05
+        records.append({"run": vars(run), "metrics": metrics, "seconds": 1.0})
+    return records
+
+
+def test_summary_on_constructed_records():
+    plan, budget = ab.PLANS["full"], ab.BUDGETS["full"]
+    records = _constructed_records(plan, budget, effect_of_cpe=4.0)
+    summary = ab.summarise(records, plan, budget)
+    comps = {c["mechanism"]: c for c in summary["comparisons"]}
+    assert list(comps) == [c.mechanism for c in ab.COMPARISONS]  # the plan, in its order
+    frozen = comps["CPE, backbone frozen"]
+    by_name = {r["run"]["name"]: r["metrics"] for r in records}
+    final = budget["pretrain_steps"]
+    want = [
+        100
+        * (
+            by_name[f"detect/cpe-focal/pre{final}/frozen-centerness/seed{s}"]["fused/bbox/APr"]
+            - by_name[f"detect/nocpe-focal/pre{final}/frozen-centerness/seed{s}"]["fused/bbox/APr"]
+        )
+        for s in plan.seeds
+    ]
+    assert frozen["values"] == pytest.approx(want) and frozen["verdict"] == "reproduced"
+    assert comps["focal vs softmax loss"]["verdict"] == "undecided"  # both CPE: no effect
+    assert comps["VLM score fusion vs detector only"]["mean"] == pytest.approx(5.0)
+    # The curve: every planned point, 3 seeds each.
+    steps = ab.curve_steps(plan, budget)
+    assert steps == [200, 400]
+    assert len(summary["curve"]) == 2 * 2 * 2
+    assert all(p["seeds"] == [0, 1, 2] for p in summary["curve"])
+    finetuned = [r for r in summary["variants"] if r["mode"] == "finetune"]
+    assert summary["quality"]["finetuned_ap_base_mean"] == pytest.approx(
+        np.mean([r["AP_base det. only"]["mean"] for r in finetuned])
     )
-    assert ab.verdict([1.0]) == "n < 2" and ab.verdict([2.0, 2.0]) == "yes"
+
+
+def test_plan_has_five_seeds_and_every_mechanism():
+    plan = ab.PLANS["full"]
+    pre, det = ab.plan_runs(plan, ab.BUDGETS["full"])
+    assert len(plan.seeds) >= 5 and len(plan.curve_seeds) >= 3
+    assert len(pre) == 4 * 5 and len(det) == 7 * 5 + 2 * 2 * 1 * 3
+    planned = {d for d in plan.detectors}
+    for c in ab.COMPARISONS:
+        assert c.a in planned and c.b in planned
+
+
+# ---- the small mode, end to end -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablations")
+    data_dir = tmp_path_factory.mktemp("tfds_ablations")
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "ablations.py"),
+        f"--out={out}",
+        "--mode=small",
+        "--workers=1",
+        f"--data_dir={data_dir}",
+    ]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(out / "ablations.json") as f:
+        return out, json.load(f), cmd, env
+
+
+def test_sweep_runs_the_plan_once_and_rederives_its_tables(sweep):
+    out, result, _, _ = sweep
+    plan, budget = ab.PLANS["small"], ab.BUDGETS["small"]
+    pre, det = ab.plan_runs(plan, budget)
+    assert sorted(r["run"]["name"] for r in result["runs"]) == sorted(r.name for r in pre + det)
+    for r in result["runs"]:
+        assert all(np.isfinite(v) for v in r["metrics"].values())
+    assert result["summary"] == json.loads(json.dumps(ab.summarise(result["runs"], plan, budget)))
+    meta = result["meta"]
+    assert meta["runs_finished"] == meta["runs_planned"] == len(pre + det)
+    assert meta["seeds"] == [0] and meta["budget"] == budget and "jax" in meta["versions"]
+    table = (out / "ablations.md").read_text()
+    for row in result["summary"]["variants"]:
+        assert ab._pm(row["AP_r fused"]) in table
+    for name in ("deltas.png", "curve.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_frozen_and_curve_detectors_start_from_their_checkpoints(sweep):
+    out, _, _, _ = sweep
+    runs = out / "runs"
+    final, half = ab.curve_steps(ab.PLANS["small"], ab.BUDGETS["small"])[::-1]
+    pretrained, step = load_params(str(runs / "pretrain/cpe-focal/seed0"))
+    assert step == final
+    earlier, _ = load_params(str(runs / "pretrain/cpe-focal/seed0"), half)
+    frozen, _ = load_params(str(runs / f"detect/cpe-focal/pre{final}/frozen-centerness/seed0"))
+    tuned, _ = load_params(str(runs / f"detect/cpe-focal/pre{final}/finetune-centerness/seed0"))
+    curve, _ = load_params(str(runs / f"detect/cpe-focal/pre{half}/frozen-centerness/seed0"))
+
+    def same(a, b):
+        return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+    assert same(frozen["backbone"], pretrained["img"])
+    assert not same(tuned["backbone"], pretrained["img"])
+    assert same(curve["backbone"], earlier["img"]) and not same(earlier["img"], pretrained["img"])
+
+
+def test_rerun_resumes_and_the_readme_block_is_the_json(sweep, tmp_path):
+    out, result, cmd, env = sweep
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n\n{ab.README_BEGIN}\nstale\n{ab.README_END}\n\nafter\n")
+    r = subprocess.run(
+        cmd + [f"--readme={readme}"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[ablations]" not in r.stdout  # no run was trained again
+    with open(out / "ablations.json") as f:
+        again = json.load(f)
+    assert again["runs"] == result["runs"]
+    first, rerun = again["meta"]["invocations"]
+    assert first == result["meta"]["invocations"][0] and rerun["runs_trained"] == 0
+    assert again["meta"]["sweep_wall_minutes"] == pytest.approx(first["wall_minutes"])
+    text = readme.read_text()
+    assert ab.readme_section(again) in text and "stale" not in text
+    assert text.startswith("# x\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+
+
+def test_a_run_made_with_another_budget_is_refused_before_training(sweep):
+    out, _, cmd, env = sweep
+    final = ab.BUDGETS["small"]["pretrain_steps"]
+    path = out / f"runs/detect/cpe-focal/pre{final}/frozen-centerness/seed0/result.json"
+    original = path.read_text()
+    record = json.loads(original)
+    record["budget"]["detect_steps"] += 1
+    path.write_text(json.dumps(record))
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        path.write_text(original)
+    assert r.returncode != 0
+    assert str(path) in r.stderr and "detect_steps" in r.stderr
+    assert "[ablations]" not in r.stdout

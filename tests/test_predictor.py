@@ -331,3 +331,37 @@ def test_cli_bad_input_exits_2_with_one_line(run_dir, tmp_path):
     )
     assert predict.main(["--checkpoint", str(tmp_path), "--query", "x"] + base) == 2
     assert not (tmp_path / "o.png").exists()
+
+
+def test_init_pretrain_step_picks_the_pretraining_checkpoint(run_dir, tmp_path):
+    """`init.pretrain_step` names the pretraining checkpoint a detector starts from; the loaded
+    run (what Predictor fuses with) reads that checkpoint too, not the pretraining run's latest."""
+    import shutil
+
+    from conftest import _save_run
+
+    from rovit_jax.runs import load_run, read_run_config
+    from rovit_jax.tasks.detect import DetectTask
+    from rovit_jax.train.checkpoint import load_params
+
+    det = tmp_path / "det"
+    shutil.copytree(run_dir, det)
+    pretrain = det / "pretrain"
+    first, first_step = load_params(str(pretrain))
+    later = jax.tree.map(lambda x: np.asarray(x) + 1.0, first)
+    _save_run(str(pretrain), read_run_config(str(pretrain)), later, first_step + 8)
+
+    def leaves_equal(a, b):
+        return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+    assert leaves_equal(load_run(str(det)).pretrain_params, later)  # default: the latest
+    config = read_run_config(str(det))
+    config.init.pretrain_step = first_step
+    config.init.pretrain_workdir = str(pretrain)
+    with open(det / "config.json", "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    loaded = load_run(str(det))
+    assert loaded.pretrain_step == first_step and leaves_equal(loaded.pretrain_params, first)
+    config.init.run_pretraining = False
+    task = DetectTask(ml_collections.ConfigDict(config.to_dict()), str(det), check_files=False)
+    assert leaves_equal(task.pretrained.params, first)

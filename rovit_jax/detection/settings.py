@@ -243,6 +243,9 @@ class InitSettings(Section):
     # A pretraining run's workdir ("" = <workdir>/pretrain); with run_pretraining, a missing
     # pretraining run is trained first from the config's `pretrain` section.
     pretrain_workdir: str = setting("", older="")
+    # The pretraining checkpoint to start from; None = the run's latest (e.g. a point of a
+    # pretraining-length curve: benchmarks/ablations.py).
+    pretrain_step: int | None = setting(None, min_value=0, older=None)
     run_pretraining: bool = setting(False, older=False)
     # A finetuned detector run to start from (evaluation with another vocabulary, e.g.
     # LVIS -> Objects365 transfer with total_steps = 0); "" = from the pretrained backbone.

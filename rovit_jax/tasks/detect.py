@@ -251,7 +251,7 @@ class DetectTask:
                 f"config key `init.pretrain_workdir`: no pretraining run in {workdir!r} "
                 "(set init.run_pretraining=True to train one first)"
             )
-        return load_pretrained_towers(workdir)
+        return load_pretrained_towers(workdir, step=self.settings["init"].pretrain_step)
 
     @cached_property
     def two_tower(self):
