@@ -43,6 +43,7 @@ __all__ = [
     "detection_data",
     "image_text_data",
     "shapes_builder",
+    "text_tokenizer",
     "tokenizer_for",
 ]
 
@@ -75,16 +76,21 @@ def shapes_builder(world: WorldSettings, data_dir: str | None = None):
 
 def tokenizer_for(pretrain_config: ml_collections.ConfigDict):
     """The text tokenizer of a pretraining config (shapes world: trained on its captions)."""
-    from rovit_jax.data import tokenizer as tok_lib
     from rovit_jax.pretrain_settings import TokenizerSettings
 
-    sections = resolved_sections(
-        (ImageTextDataSettings, WorldSettings, TokenizerSettings), pretrain_config
-    )
-    data, tok = sections["data"], sections["tokenizer"]
+    classes = (ImageTextDataSettings, WorldSettings, TokenizerSettings)
+    return text_tokenizer(resolved_sections(classes, pretrain_config))
+
+
+def text_tokenizer(settings: Mapping[str, Any]):
+    """The text tokenizer of a pretraining config's typed sections ("data", "data.world",
+    "tokenizer"): `tokenizer.model_path`, or for the shapes world one trained on its captions."""
+    from rovit_jax.data import tokenizer as tok_lib
+
+    data, tok = settings["data"], settings["tokenizer"]
     if data.name == "shapes_world" and not tok.model_path:
         tokenizer = tok_lib.shapes_tokenizer(
-            shapes_builder(sections["data.world"], data.data_dir),
+            shapes_builder(settings["data.world"], data.data_dir),
             max_len=tok.max_len,
             vocab_size=tok.vocab_size,
         )
@@ -201,16 +207,14 @@ def retrieval_problems(
     merged.input_problems(problems, prefix="data.eval")
 
 
-def image_text_data(config: ml_collections.ConfigDict) -> ImageTextData:
-    """Tokenizer, training source and retrieval-evaluation data of a pretraining config."""
-    sections = resolved_sections(
-        (ImageTextDataSettings, WorldSettings, RetrievalDataSettings), config
-    )
-    data, world, retrieval = sections["data"], sections["data.world"], sections["data.eval"]
+def image_text_data(settings: Mapping[str, Any]) -> ImageTextData:
+    """Tokenizer, training source and retrieval-evaluation data of a pretraining config's typed
+    sections (`pretrain_settings`: "data", "data.world", "data.eval", "tokenizer")."""
+    data, world, retrieval = settings["data"], settings["data.world"], settings["data.eval"]
     problems = cc.Problems()
     retrieval_problems(problems, data, retrieval)
     problems.raise_if_any()
-    tokenizer = tokenizer_for(config)
+    tokenizer = text_tokenizer(settings)
     train, _, _ = _image_text_source(data, world, data.train_split, "data", evaluation=False)
     evaluated_data, split = data.for_retrieval(retrieval)
     prefix = "data.eval" if retrieval.name else "data"
@@ -274,10 +278,10 @@ def _first_images(gt: Mapping[str, Any], image_ids: list[int]) -> dict[str, Any]
     return out
 
 
-def detection_data(config: ml_collections.ConfigDict, *, need_train: bool = True) -> DetectionData:
-    """Readers, category table and evaluation protocol of a detection config."""
-    sections = resolved_sections((DetectionDataSettings, WorldSettings), config)
-    data: DetectionDataSettings = sections["data"]
+def detection_data(settings: Mapping[str, Any], *, need_train: bool = True) -> DetectionData:
+    """Readers, category table and evaluation protocol of a detection config's typed sections
+    (`detection_settings`: "data", "data.world")."""
+    data: DetectionDataSettings = settings["data"]
     problems = cc.Problems()
     data.input_problems(problems, need_train=need_train)
     problems.raise_if_any()
@@ -285,7 +289,7 @@ def detection_data(config: ml_collections.ConfigDict, *, need_train: bool = True
     if name == "shapes_world":
         from rovit_jax.data.shapes_detection import ShapesDetectionSource
 
-        builder = shapes_builder(sections["data.world"], data.data_dir)
+        builder = shapes_builder(settings["data.world"], data.data_dir)
         table = CategoryTable.from_records(builder.info.metadata["categories"])
         evaluation = ShapesDetectionSource(builder, data.eval_split)
         return DetectionData(

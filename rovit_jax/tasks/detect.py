@@ -316,7 +316,7 @@ class DetectTask:
     @cached_property
     def data(self) -> sources.DetectionData:
         """Readers, category table and evaluation protocol (see data.sources)."""
-        return sources.detection_data(self.config)
+        return sources.detection_data(self.settings)
 
     @property
     def table(self) -> list[tuple[int, str, str]]:

@@ -171,7 +171,7 @@ class PretrainTask:
     @cached_property
     def _data(self) -> sources.ImageTextData:
         """Tokenizer, training source and retrieval-evaluation data (see data.sources)."""
-        return sources.image_text_data(self.config)
+        return sources.image_text_data(self.settings)
 
     def train_batches(self, process_index: int, process_count: int) -> image_text.PretrainBatches:
         pp = self.settings["pp"]
