@@ -612,6 +612,7 @@ def tables(result: dict[str, Any]) -> list[str]:
         f"Finetuned detectors' box AP on base categories (detector only), averaged over "
         f"variants: {_num(q['finetuned_ap_base_mean'], '.1f')}; the quick-start pipeline's: "
         f"{q['quickstart_ap_base']:.1f}.",
+        f"Runs finished: {meta['runs_finished']} of the {meta['runs_planned']} planned.",
         f"Seeds {meta['seeds']} (curve: {meta['curve_seeds']}); budget {json.dumps(meta['budget'], sort_keys=True)}; "
         f"wall time {meta['sweep_wall_minutes']:.1f} min over {len(meta['invocations'])} "
         f"invocation(s), {meta['run_seconds'] / 60:.1f} worker-minutes of runs.",

@@ -229,3 +229,12 @@ def test_a_run_made_with_another_budget_is_refused_before_training(sweep):
     assert r.returncode != 0
     assert str(path) in r.stderr and "detect_steps" in r.stderr
     assert "[ablations]" not in r.stdout
+
+
+def test_readme_block_equals_the_committed_json():
+    """The README's generated ablation block is exactly what the committed JSON renders."""
+    with open(os.path.join(REPO, "benchmarks/results/ablations/ablations.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert ab.readme_section(result) in readme
