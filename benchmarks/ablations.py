@@ -31,7 +31,9 @@ by seed and a variant's spread covers both stages.
 Statistics, per comparison (COMPARISONS): the paired per-seed differences, their mean, sample
 std, 95% t confidence interval, a two-sided paired t-test, and the minimum detectable effect
 (alpha 0.05, power 0.8, from the measured std of the differences, by the noncentral t
-distribution). A paper sign is "reproduced" when the interval excludes 0 on the paper's side,
+distribution). After the runs, a bootstrap over the evaluation images splits each comparison's
+spread into the part the test images drawn contribute and the seeds' own (`eval_noise`), which
+gives the minimum detectable effect at other evaluation-set sizes. A paper sign is "reproduced" when the interval excludes 0 on the paper's side,
 "contradicted" when it excludes 0 on the other side, and "undecided" otherwise.
 
 Runs go on `--workers` processes with one XLA thread each (on 2 cores two runs side by side beat
@@ -54,6 +56,8 @@ import os
 import sys
 import time
 from typing import Any
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -447,6 +451,124 @@ def verdict(stat: dict[str, Any], paper: float | None) -> str:
     return "undecided"
 
 
+# ---- how much of the spread is which test images were drawn ----------------------------------
+BOOTSTRAP_DRAWS = 40  # resamples of the evaluation images per detector
+NOISE_IMAGES = (200, 500, 1000)  # evaluation-set sizes the minimum detectable effect is given for
+
+
+def bootstrap_ap_r(gt: dict[str, Any], detections: list[dict], draws: np.ndarray) -> np.ndarray:
+    """AP_r (LVIS protocol) of `detections` on each bootstrap draw of the evaluation images.
+
+    Args:
+      gt: LVIS ground truth of the evaluated images.
+      detections: LVIS results on them.
+      draws: int [num_draws, num_images] indices into gt["images"]; an image drawn twice counts
+        twice (its copies get ids of their own).
+
+    Returns:
+      float [num_draws], in %. Only the rare categories' annotations and detections are kept:
+      AP_r is a mean over those categories, each evaluated on its own.
+    """
+    from rovit_jax.evaluation.detection import evaluate_lvis
+
+    rare = {c["id"] for c in gt["categories"] if c["frequency"] == "r"}
+    images = gt["images"]
+    anns: dict[Any, list] = {im["id"]: [] for im in images}
+    for a in gt["annotations"]:
+        if a["category_id"] in rare:
+            anns[a["image_id"]].append(a)
+    dets: dict[Any, list] = {im["id"]: [] for im in images}
+    for d in detections:
+        if d["category_id"] in rare and d["image_id"] in dets:
+            dets[d["image_id"]].append({k: d[k] for k in ("category_id", "bbox", "score")})
+    out = []
+    for draw in draws:
+        imgs, a_out, d_out = [], [], []
+        for k, i in enumerate(draw):
+            src = images[int(i)]
+            imgs.append(dict(src, id=k))
+            a_out += [
+                dict(a, image_id=k, id=len(a_out) + j + 1) for j, a in enumerate(anns[src["id"]])
+            ]
+            d_out += [dict(d, image_id=k) for d in dets[src["id"]]]
+        drawn = dict(gt, images=imgs, annotations=a_out)
+        out.append(100.0 * evaluate_lvis(drawn, d_out)["APr"] if d_out else 0.0)
+    return np.asarray(out)
+
+
+def noise_split(diffs: list[float], eval_vars: list[float], eval_images: int) -> dict[str, Any]:
+    """The measured std of per-seed differences `diffs`, split into the part that comes from
+    the evaluation images drawn (`eval_vars`: each seed's bootstrap variance of its difference)
+    and the seeds' own part, with the minimum detectable effect at NOISE_IMAGES evaluation
+    images (and with infinitely many, where only the seeds' part is left)."""
+    _, std = mean_std(diffs)
+    eval_std = math.sqrt(sum(eval_vars) / len(eval_vars))
+    seed_std = math.sqrt(max(std**2 - eval_std**2, 0.0))
+    n = len(diffs)
+    mde = {
+        str(m): minimum_detectable_effect(math.sqrt(seed_std**2 + eval_std**2 * eval_images / m), n)
+        for m in NOISE_IMAGES
+    }
+    mde["infinite"] = minimum_detectable_effect(seed_std, n)
+    return dict(std=std, eval_std=eval_std, seed_std=seed_std, mde=mde)
+
+
+def eval_noise(
+    out: str, records: list[dict[str, Any]], budget: dict[str, Any], data_dir: str | None
+) -> dict[str, Any]:
+    """Per comparison, the part of its seed-to-seed spread that comes from which evaluation
+    images were drawn, and the minimum detectable effect at other evaluation-set sizes.
+
+    Each final-checkpoint detector's AP_r is recomputed on BOOTSTRAP_DRAWS resamples of its
+    evaluation images, the same resamples for every detector, so a comparison's per-seed
+    difference has a bootstrap spread (`eval_std`, root mean square over seeds). The rest of
+    the measured spread is the seeds' own (`seed_std`). With n evaluation images the
+    differences would spread by sqrt(seed_std^2 + eval_std^2 * eval_images / n).
+    """
+    from rovit_jax.data import sources
+    from rovit_jax.detection.settings import detection_settings
+
+    config = build_config(
+        detect_run("cpe-focal", 0, "finetune", "centerness", int(budget["pretrain_steps"])),
+        budget,
+        out,
+        data_dir,
+        PLANS["small" if budget["tiny"] else "full"],
+    )
+    n = int(budget["eval_images"])
+    gt = sources.detection_data(detection_settings(config), need_train=False).ground_truth(n)
+    num_images = len(gt["images"])
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, num_images, size=(BOOTSTRAP_DRAWS, num_images))
+    final = int(budget["pretrain_steps"])
+    cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def boot(run_name: str, variant: str) -> np.ndarray:
+        if (run_name, variant) not in cache:
+            path = os.path.join(out, "runs", run_name, f"detections_{variant}.json")
+            with open(path) as f:
+                cache[(run_name, variant)] = bootstrap_ap_r(gt, json.load(f)["detections"], draws)
+        return cache[(run_name, variant)]
+
+    metrics = {r["run"]["name"]: r["metrics"] for r in records}
+    result = []
+    for c in COMPARISONS:
+        pairs = []
+        for seed in sorted({r["run"]["seed"] for r in records}):
+            a = detect_run(c.a[0], seed, c.a[1], c.a[2], final).name
+            b = detect_run(c.b[0], seed, c.b[1], c.b[2], final).name
+            if a in metrics and b in metrics:
+                pairs.append((a, b))
+        if len(pairs) < 2:
+            continue
+        va = "fused" if c.metric_a.startswith("fused") else "detector_only"
+        vb = "fused" if c.metric_b.startswith("fused") else "detector_only"
+        diffs = [100.0 * (metrics[a][c.metric_a] - metrics[b][c.metric_b]) for a, b in pairs]
+        eval_vars = [float(np.var(boot(a, va) - boot(b, vb), ddof=1)) for a, b in pairs]
+        result.append(dict(mechanism=c.mechanism, **noise_split(diffs, eval_vars, n)))
+    return dict(draws=BOOTSTRAP_DRAWS, eval_images=n, comparisons=result)
+
+
 # ---- summary -------------------------------------------------------------------------------------
 COLUMNS = {
     # column -> metric key of a detection run's evaluation (in %)
@@ -606,6 +728,23 @@ def tables(result: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {p['pretrain_step']} | {variant_label(p['backbone'], p['mode'])} | {cells} |"
             )
+    noise = result.get("eval_noise")
+    if noise:
+        sizes = [k for k in noise["comparisons"][0]["mde"]] if noise["comparisons"] else []
+        lines += [
+            "",
+            f"| mechanism | std of Δ | from the {noise['eval_images']} test images drawn "
+            "(bootstrap) | from the seeds | "
+            + " | ".join(f"MDE at {k} images" for k in sizes)
+            + " |",
+        ]
+        lines.append("|---|---:|---:|---:|" + "---:|" * len(sizes))
+        for c in noise["comparisons"]:
+            cells = " | ".join(_num(c["mde"][k], ".1f") for k in sizes)
+            lines.append(
+                f"| {c['mechanism']} | {c['std']:.1f} | {c['eval_std']:.1f} | "
+                f"{c['seed_std']:.1f} | {cells} |"
+            )
     q = summary["quality"]
     lines += [
         "",
@@ -754,6 +893,12 @@ def write(out: str, records, plan: Plan, budget, mode: str, this, previous) -> d
         run_seconds=sum(r["seconds"] for r in records),
     )
     result = dict(meta=meta, summary=summarise(records, plan, budget), runs=records)
+    save(out, result)
+    return result
+
+
+def save(out: str, result: dict[str, Any]) -> None:
+    """ablations.json (replaced atomically), ablations.md and the plots."""
     tmp = os.path.join(out, "ablations.json.tmp")
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1, sort_keys=True)
@@ -761,7 +906,6 @@ def write(out: str, records, plan: Plan, budget, mode: str, this, previous) -> d
     with open(os.path.join(out, "ablations.md"), "w") as f:
         f.write(markdown(result))
     plot(result, out)
-    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -828,6 +972,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     run_all(pre, budget, out, args.data_dir, plan, args.workers, trained, on_record)
     run_all(det, budget, out, args.data_dir, plan, args.workers, trained, on_record)
+    result["eval_noise"] = eval_noise(out, list(records.values()), budget, args.data_dir)
+    save(out, result)
     print(markdown(result))
     if args.readme:
         with open(os.path.join(out, "ablations.json")) as f:

@@ -78,6 +78,71 @@ def test_minimum_detectable_effect_has_the_stated_power():
     assert ab.minimum_detectable_effect(std, 20) < mde  # more seeds detect smaller effects
 
 
+def _lvis_case(rng, num_images: int = 12):
+    """A small LVIS ground truth (one rare, one common, one frequent category) and noisy
+    detections of every object plus a few false positives."""
+    from rovit_jax.evaluation.detection import make_lvis_gt
+
+    cats = [dict(id=1, frequency="r"), dict(id=2, frequency="c"), dict(id=3, frequency="f")]
+    images = [dict(id=i + 1, height=100, width=100) for i in range(num_images)]
+    anns, dets = [], []
+    for im in images:
+        for _ in range(rng.integers(1, 4)):
+            x, y = rng.uniform(0, 60, 2)
+            w, h = rng.uniform(15, 40, 2)
+            cat = int(rng.integers(1, 4))
+            anns.append(dict(image_id=im["id"], category_id=cat, bbox=[x, y, w, h]))
+            jitter = rng.normal(0, 4, 4)
+            dets.append(
+                dict(
+                    image_id=im["id"],
+                    category_id=cat,
+                    bbox=[x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
+                    score=float(rng.uniform(0.3, 1.0)),
+                )
+            )
+        dets.append(dict(image_id=im["id"], category_id=1, bbox=[5.0, 5.0, 20.0, 20.0], score=0.5))
+    return make_lvis_gt(images, cats, anns), dets
+
+
+def test_bootstrap_ap_r_redraws_the_evaluation_images():
+    from rovit_jax.evaluation.detection import evaluate_lvis
+
+    rng = np.random.default_rng(3)
+    gt, dets = _lvis_case(rng)
+    n = len(gt["images"])
+    same = ab.bootstrap_ap_r(gt, dets, np.arange(n)[None])
+    assert same[0] == pytest.approx(100 * evaluate_lvis(gt, dets)["APr"])
+    # An image drawn twice: its copies count as two images, which leaves AP unchanged; and
+    # alone, it scores as that image evaluated on its own.
+    rare_images = {a["image_id"] for a in gt["annotations"] if a["category_id"] == 1}
+    i = next(k for k, im in enumerate(gt["images"]) if im["id"] in rare_images)
+    image_id = gt["images"][i]["id"]
+    one = dict(gt, images=[gt["images"][i]])
+    one["annotations"] = [a for a in gt["annotations"] if a["image_id"] == image_id]
+    alone = 100 * evaluate_lvis(one, [d for d in dets if d["image_id"] == image_id])["APr"]
+    twice = ab.bootstrap_ap_r(gt, dets, np.array([[i, i], [i, i]]))
+    assert ab.bootstrap_ap_r(gt, dets, np.array([[i]]))[0] == pytest.approx(alone)
+    assert twice == pytest.approx([alone, alone])
+    perfect = [dict(a, score=1.0) for a in gt["annotations"]]
+    draws = rng.integers(0, n, (5, n))
+    assert np.all(ab.bootstrap_ap_r(gt, perfect, draws) == pytest.approx(100.0))
+
+
+def test_noise_split_of_a_constructed_spread():
+    diffs = [1.0, 3.0, 2.0, 4.0, 0.0]
+    std = np.std(diffs, ddof=1)
+    # All of the spread from the images drawn: more images would shrink the MDE to 0.
+    split = ab.noise_split(diffs, [std**2] * 5, eval_images=200)
+    assert split["seed_std"] == pytest.approx(0.0) and split["mde"]["infinite"] == 0.0
+    assert split["mde"]["200"] == pytest.approx(ab.minimum_detectable_effect(std, 5))
+    assert split["mde"]["1000"] == pytest.approx(split["mde"]["200"] / np.sqrt(5))
+    # None of it: the MDE does not depend on the evaluation-set size.
+    split = ab.noise_split(diffs, [0.0] * 5, eval_images=200)
+    assert split["seed_std"] == pytest.approx(std)
+    assert split["mde"]["1000"] == pytest.approx(split["mde"]["infinite"])
+
+
 def _constructed_records(plan, budget, effect_of_cpe: float):
     """Records of `plan` with AP_r = 20 + effect_of_cpe (CPE backbones) + seed noise."""
     rng = np.random.default_rng(2)
