@@ -514,7 +514,11 @@ def noise_split(diffs: list[float], eval_vars: list[float], eval_images: int) ->
 
 
 def eval_noise(
-    out: str, records: list[dict[str, Any]], budget: dict[str, Any], data_dir: str | None
+    out: str,
+    records: list[dict[str, Any]],
+    plan: Plan,
+    budget: dict[str, Any],
+    data_dir: str | None,
 ) -> dict[str, Any]:
     """Per comparison, the part of its seed-to-seed spread that comes from which evaluation
     images were drawn, and the minimum detectable effect at other evaluation-set sizes.
@@ -533,7 +537,7 @@ def eval_noise(
         budget,
         out,
         data_dir,
-        PLANS["small" if budget["tiny"] else "full"],
+        plan,
     )
     n = int(budget["eval_images"])
     gt = sources.detection_data(detection_settings(config), need_train=False).ground_truth(n)
@@ -972,7 +976,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     run_all(pre, budget, out, args.data_dir, plan, args.workers, trained, on_record)
     run_all(det, budget, out, args.data_dir, plan, args.workers, trained, on_record)
-    result["eval_noise"] = eval_noise(out, list(records.values()), budget, args.data_dir)
+    result["eval_noise"] = eval_noise(out, list(records.values()), plan, budget, args.data_dir)
     save(out, result)
     print(markdown(result))
     if args.readme:
