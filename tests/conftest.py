@@ -140,3 +140,66 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
+# ---- a local Google Cloud Storage server -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """`gs://<bucket>` on a local GCS emulator (PyPI `gcp-storage-emulator`, in memory).
+
+    Clients find it the standard way, through the environment (inherited by subprocesses):
+    `STORAGE_EMULATOR_HOST` for gcsfs (every file the project reads or writes in a bucket) and
+    `TENSORSTORE_GCS_HTTP_URL` for tensorstore (orbax's arrays). gcsfs's lookup of a bucket's
+    layout uses a control-plane API the emulator lacks, so it is switched off here.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bucket = "rovit-test"
+    server = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator"),
+            "start",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--in-memory",
+            f"--default-bucket={bucket}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError(f"the GCS emulator did not start on port {port}") from None
+            time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield f"gs://{bucket}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.terminate()
+        server.wait(timeout=10)
