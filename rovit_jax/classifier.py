@@ -15,14 +15,14 @@ its names must be the evaluation vocabulary's, in order.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import io
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from rovit_jax import paths
 from rovit_jax.data.categories import Category, CategoryTable
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier
 from rovit_jax.runs import read_pretraining_config
@@ -58,7 +58,7 @@ def read_vocabulary(spec: str) -> CategoryTable:
 
     if spec in vocabularies.VOCABULARY_NAMES:
         return vocabularies.vocabulary(spec)
-    if not os.path.isfile(spec):
+    if not paths.isfile(spec):
         raise FileNotFoundError(
             f"vocabulary {spec!r} is neither a built-in name {vocabularies.VOCABULARY_NAMES} "
             "nor an existing file"
@@ -67,21 +67,23 @@ def read_vocabulary(spec: str) -> CategoryTable:
         from rovit_jax.data.coco import load_json
 
         return CategoryTable.from_coco_json(load_json(spec, "vocabulary JSON"))
-    with open(spec, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
+    names = [line.strip() for line in paths.read_text(spec).splitlines() if line.strip()]
     if not names:
         raise ValueError(f"vocabulary file {spec} holds no names")
     return CategoryTable(tuple(Category(i + 1, n) for i, n in enumerate(names)))
 
 
 def save_classifier(prefix: str, embeddings: np.ndarray, meta: dict[str, Any]) -> None:
-    """Writes `<prefix>.npy` (float32 [K, E]) and `<prefix>.json` (meta with "names")."""
+    """Writes `<prefix>.npy` (float32 [K, E]) and `<prefix>.json` (meta with "names").
+
+    `prefix` may be local or a bucket URL; each file is written all-or-nothing.
+    """
     if len(meta["names"]) != len(embeddings):
         raise ValueError(f"{len(meta['names'])} names for {len(embeddings)} embeddings")
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    np.save(prefix + ".npy", np.asarray(embeddings, np.float32))
-    with open(prefix + ".json", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(embeddings, np.float32))
+    paths.write_bytes(prefix + ".npy", buffer.getvalue())
+    paths.write_json(prefix + ".json", meta, indent=1, ensure_ascii=False)
 
 
 def load_classifier(prefix: str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -90,11 +92,10 @@ def load_classifier(prefix: str) -> tuple[np.ndarray, dict[str, Any]]:
         if prefix.endswith(ext):
             prefix = prefix[: -len(ext)]
     for ext in (".npy", ".json"):
-        if not os.path.isfile(prefix + ext):
+        if not paths.isfile(prefix + ext):
             raise FileNotFoundError(f"text classifier file not found: {prefix + ext}")
-    embeddings = np.load(prefix + ".npy")
-    with open(prefix + ".json", encoding="utf-8") as f:
-        meta = json.load(f)
+    embeddings = np.load(io.BytesIO(paths.read_bytes(prefix + ".npy")), allow_pickle=False)
+    meta = paths.read_json(prefix + ".json")
     if embeddings.ndim != 2 or len(embeddings) != len(meta.get("names", ())):
         raise ValueError(
             f"text classifier {prefix}: {embeddings.shape} embeddings for "

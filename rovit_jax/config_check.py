@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from rovit_jax import paths
 from rovit_jax.train.mesh import BATCH_AXES
 
 # Reprs of offending values are cut to this many characters (a config list can be long).
@@ -287,11 +288,6 @@ def _check_regex(problems: Problems, key: str, pattern: Any) -> bool:
     return True
 
 
-def is_remote(path: str) -> bool:
-    """Whether `path` names a remote filesystem (gs://, s3://, ...), whose files are not checked."""
-    return "://" in path
-
-
 def check_path(
     problems: Problems,
     config: Any,
@@ -317,13 +313,14 @@ def path_problems(
     needed_for: str,
     must_exist: bool = True,
 ) -> str | None:
-    """Checks that config key `key`'s `value` names a path: set, and (local paths) an existing
-    file or directory. Returns the path, or None with the problem added.
+    """Checks that config key `key`'s `value` names a path: set, and an existing file or
+    directory, local or in a bucket (through rovit_jax.paths, as the readers will open it).
+    Returns the path, or None with the problem added.
 
     Args:
       kind: "file" or "dir".
       needed_for: what needs the path, quoted in the problem (e.g. "data.name='lvis'").
-      must_exist: check local paths on disk; remote paths (gs://...) are never checked here.
+      must_exist: check that it exists (a store that cannot be reached is a problem too).
     """
     if kind not in ("file", "dir"):
         raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
@@ -334,8 +331,12 @@ def path_problems(
         problems.add(key, value, f"must be a path (a string), needed for {needed_for}")
         return None
     path = os.fspath(value)
-    if must_exist and not is_remote(path):
-        exists = os.path.isfile(path) if kind == "file" else os.path.isdir(path)
+    if must_exist:
+        try:
+            exists = paths.isfile(path) if kind == "file" else paths.isdir(path)
+        except Exception as e:  # noqa: BLE001 - any failure to reach the store is reported alike
+            problems.add(key, value, f"cannot be checked ({type(e).__name__}: {e})")
+            return None
         if not exists:
             what = "file" if kind == "file" else "directory"
             problems.add(key, value, f"no such {what} (needed for {needed_for})")

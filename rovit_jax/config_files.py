@@ -18,12 +18,13 @@ which imports the file next to it by path, so no config touches `sys.path`.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import types
 from typing import Any
 
 import ml_collections
+
+from rovit_jax import paths
 
 __all__ = ["CONFIG_DIR", "load_config", "load_sibling", "apply_overrides", "config_path"]
 
@@ -56,8 +57,15 @@ def load_sibling(file: str, name: str) -> types.ModuleType:
 def config_path(name_or_path: str) -> str:
     """A config file's path: an existing path as given, else `CONFIG_DIR/<name>[.py]`.
 
+    A run's `config.json` may also be in a bucket (`gs://.../config.json`); Python config files
+    are code, imported from local disk.
+
     Raises FileNotFoundError naming both places looked in.
     """
+    if paths.is_remote(name_or_path) and name_or_path.endswith(".json"):
+        if paths.isfile(name_or_path):
+            return name_or_path
+        raise FileNotFoundError(f"no config file {name_or_path!r}")
     if os.path.isfile(name_or_path):
         return name_or_path
     shipped = os.path.join(CONFIG_DIR, name_or_path)
@@ -102,13 +110,13 @@ def load_config(spec: str, **overrides: Any) -> ml_collections.ConfigDict:
       ValueError: the file is not a config (no `get_config`).
       KeyError: an override names a block the config does not have.
     """
-    name, _, arg = spec.partition(":")
-    path = config_path(name)
+    scheme, sep, rest = spec.rpartition("://")  # a bucket's config.json: gs://.../config.json
+    name, _, arg = rest.partition(":")
+    path = config_path(scheme + sep + name)
     if path.endswith(".json"):
         if arg:
             raise ValueError(f"config {spec!r}: a config.json takes no argument")
-        with open(path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+        config = ml_collections.ConfigDict(paths.read_json(path))
     else:
         module = _import_file(path)
         if not callable(getattr(module, "get_config", None)):

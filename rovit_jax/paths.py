@@ -50,21 +50,25 @@ PathLike = str | os.PathLike
 __all__ = [
     "absolute",
     "exists",
+    "find",
     "glob",
     "is_remote",
     "isdir",
     "isfile",
     "listdir",
     "local_file",
+    "local_output",
     "makedirs",
     "open_file",
     "path",
     "read_bytes",
     "read_json",
+    "read_range",
     "read_text",
     "remove",
     "rename",
     "size",
+    "version",
     "write_bytes",
     "write_json",
     "write_text",
@@ -115,9 +119,34 @@ def glob(pattern: PathLike) -> list[str]:
     return sorted(os.path.join(folder, q.name) for q in path(folder).glob(name))
 
 
+def find(p: PathLike) -> list[str]:
+    """Sorted paths of every file under folder `p`, at any depth."""
+    p = absolute(p)
+    if not is_remote(p):
+        return sorted(os.path.join(d, n) for d, _, names in os.walk(p) for n in names)
+    fs, key = fsspec.core.url_to_fs(p)
+    protocol = p.split("://", 1)[0]
+    return sorted(f"{protocol}://{k}" for k in fs.find(key))
+
+
 def size(p: PathLike) -> int:
     """Size of file `p` in bytes."""
     return int(path(p).stat().length)
+
+
+def version(p: PathLike) -> tuple[int, str]:
+    """(size, a token that changes whenever file `p` is rewritten), for caches of its contents.
+
+    Local: the modification time in nanoseconds. In a bucket: the object's generation (a new one
+    per upload; epath's modification time has 1 s resolution, too coarse for a rewrite).
+    """
+    if not is_remote(p):
+        st = os.stat(absolute(p))
+        return st.st_size, str(st.st_mtime_ns)
+    fs, key = fsspec.core.url_to_fs(os.fspath(p))
+    info = fs.info(key)
+    token = info.get("generation") or info.get("etag") or info.get("mtime")
+    return int(info.get("size") or 0), str(token)
 
 
 def makedirs(p: PathLike) -> None:
@@ -137,6 +166,21 @@ def open_file(p: PathLike, mode: str = "r", encoding: str | None = None) -> IO[A
 
 def read_bytes(p: PathLike) -> bytes:
     return path(p).read_bytes()
+
+
+def read_range(p: PathLike, offset: int, length: int) -> bytes:
+    """The `length` bytes of file `p` from byte `offset` (fewer where the file ends first).
+
+    A URL is read with one ranged request for exactly these bytes: a file object on a URL buffers
+    megabytes ahead of each read, which random access (one record here, one there) pays for on
+    every read.
+    """
+    if not is_remote(p):
+        with open(absolute(p), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    fs, key = fsspec.core.url_to_fs(os.fspath(p))
+    return fs.cat_file(key, start=offset, end=offset + length)
 
 
 def read_text(p: PathLike) -> str:
@@ -210,3 +254,31 @@ def local_file(p: PathLike) -> Iterator[str]:
         with open(local, "wb") as f:
             f.write(read_bytes(p))
         yield local
+
+
+@contextlib.contextmanager
+def local_output(p: PathLike) -> Iterator[str]:
+    """A local name to write file or folder `p` at, for writers that only write local files.
+
+    Local `p`: its absolute path (parent folders made). URL: a name in a temporary folder whose
+    file, or folder tree, is uploaded to `p` when the block ends without an error (each file
+    all-or-nothing; empty folders do not exist in a bucket). TensorFlow's own gs:// support is
+    not used: it ignores the storage emulator.
+    """
+    if not is_remote(p):
+        local = absolute(p)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        yield local
+        return
+    p = os.fspath(p).rstrip("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(p))
+        yield local
+        fs, key = fsspec.core.url_to_fs(p)
+        if os.path.isfile(local):
+            fs.put_file(local, key)
+            return
+        for folder, _, names in os.walk(local):
+            for name in names:
+                rel = os.path.relpath(os.path.join(folder, name), local)
+                fs.put_file(os.path.join(folder, name), f"{key}/{rel}")

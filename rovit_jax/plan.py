@@ -48,7 +48,6 @@ with `scan_layers` the FLOPs per device count one block per tower instead of all
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -60,6 +59,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from rovit_jax import paths  # noqa: E402
 
 GIB = 2**30
 # The CPU compiler's default schedule favours thread parallelism over memory (see the docstring).
@@ -489,8 +490,7 @@ def main(argv):
     versions = ", ".join(f"{k} {v}" for k, v in result.versions.items())
     print(f"[rovit_jax.plan] {command}\n{versions}\n{result.format()}", flush=True)
     if fl.json:
-        with open(fl.json, "w") as f:
-            json.dump(dict(result.to_dict(), command=command), f, indent=2)
+        paths.write_json(fl.json, dict(result.to_dict(), command=command), indent=2)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ is a folder that receives one PNG per image (named after the image) and a progre
 The PNG shows translucent masks, boxes and a filled tag "<query> <score>" per detection; the JSON
 holds, per image, the boxes (y0, x0, y1, x1 in original pixels), scores, labels (query indices),
 names and masks as COCO run-length encodings (pycocotools `mask.decode` reads them).
+Images, `--out` and `--json` may be local paths or bucket URLs (gs://...).
 Bad input (a missing or unreadable image, a checkpoint that is not a detection run, an empty or
 too long query) ends with exit code 2 and a one-line message.
 """
@@ -15,13 +16,14 @@ too long query) ends with exit code 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from rovit_jax import paths
 
 __all__ = ["detections_to_json", "expand_images", "main", "mask_to_rle"]
 
@@ -56,24 +58,24 @@ def expand_images(specs: Sequence[str]) -> tuple[list[str], bool]:
     """(image paths, whether a folder was given): folders are replaced by their image files."""
     from rovit_jax.inference.images import list_images
 
-    paths, folder = [], False
+    files, folder = [], False
     for spec in specs:
-        if os.path.isdir(spec):
-            paths += list_images(spec)
+        if paths.isdir(spec):
+            files += list_images(spec)
             folder = True
-        elif os.path.isfile(spec):
-            paths.append(spec)
+        elif paths.isfile(spec):
+            files.append(spec)
         else:
             raise FileNotFoundError(f"image file or folder not found: {spec}")
-    return paths, folder
+    return files, folder
 
 
 def _output_paths(images: list[str], out: str, many: bool) -> list[str]:
     if not many:
-        if os.path.isdir(out):
+        if paths.isdir(out):
             raise ValueError(f"--out {out} is a folder; give a .png file for one image")
         return [out if out.lower().endswith(".png") else out + ".png"]
-    if os.path.exists(out) and not os.path.isdir(out):
+    if paths.exists(out) and not paths.isdir(out):
         raise ValueError(f"--out {out} is a file; with several images --out must be a folder")
     names, seen = [], set()
     for path in images:
@@ -117,14 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         images, folder = expand_images(args.image)
         many = folder or len(images) > 1
         outputs = _output_paths(images, args.out, many)
-        if args.json and os.path.isdir(args.json):
+        if args.json and paths.isdir(args.json):
             raise ValueError(f"--json {args.json} is a folder; give a file name")
     except (OSError, ValueError) as e:
         return _fail(e)
 
     from tqdm import tqdm
 
-    from rovit_jax.detection.render import draw_detections
+    from rovit_jax.detection.render import draw_detections, save_png
     from rovit_jax.inference import Predictor
     from rovit_jax.inference.images import load_image
 
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e)
 
     if many:
-        os.makedirs(args.out, exist_ok=True)
+        paths.makedirs(args.out)
     records = []
     with tqdm(total=len(images), unit="image", disable=not many, file=sys.stderr) as bar:
         for start in range(0, len(images), predictor.max_batch):
@@ -157,20 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (OSError, ValueError) as e:
                 return _fail(e)
             for path, array, det, out in zip(chunk, arrays, dets, outputs[start:]):
-                parent = os.path.dirname(os.path.abspath(out))
-                os.makedirs(parent, exist_ok=True)
-                draw_detections(
+                drawing = draw_detections(
                     array, det.boxes, det.scores, det.labels, args.query, masks=det.masks
-                ).save(out)
+                )
+                save_png(drawing, out)
                 records.append(detections_to_json(det, path, out))
                 if not many:
                     print(f"{path}: {len(det)} detections -> {out}")
             bar.update(len(chunk))
     if args.json:
-        parent = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(parent, exist_ok=True)
         result = {
-            "checkpoint": os.path.abspath(args.checkpoint),
+            "checkpoint": paths.absolute(args.checkpoint),
             "step": predictor.run.step,
             "queries": list(args.query),
             "score_threshold": args.threshold,
@@ -178,8 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "box_format": "y0, x0, y1, x1 in original image pixels",
             "images": records,
         }
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f)
+        paths.write_json(args.json, result)
         print(f"wrote {args.json}")
     if many:
         total = sum(len(r["scores"]) for r in records)

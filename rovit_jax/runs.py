@@ -12,13 +12,13 @@ parameters are orbax array checkpoints, tokenizers are SentencePiece protobufs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, NamedTuple
 
 import ml_collections
 
+from rovit_jax import paths
 from rovit_jax.detection.text_classifier import clean_name
 
 __all__ = [
@@ -95,19 +95,18 @@ class LoadedRun:
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config of the run in `workdir`; clear errors when it is not a run."""
-    workdir = os.fspath(workdir)
-    if not os.path.isdir(workdir):
+    workdir = paths.absolute(workdir)
+    if not paths.isdir(workdir):
         raise FileNotFoundError(
             f"checkpoint directory {workdir} does not exist; expected {EXPECTED}"
         )
     path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise CheckpointKindError(
             f"{workdir} is not a training run: it has no config.json; expected {EXPECTED}"
         )
     try:
-        with open(path, encoding="utf-8") as f:
-            config = ml_collections.ConfigDict(json.load(f))
+        config = ml_collections.ConfigDict(paths.read_json(path))
     except (OSError, ValueError) as e:
         raise CheckpointKindError(f"{path} is not a readable run config: {e}") from None
     task = config.get("task")
@@ -166,7 +165,7 @@ def resolve_pretrain_workdir(workdir: str, config: ml_collections.ConfigDict) ->
     nested = os.path.join(workdir, "pretrain")
     candidates = [configured, nested] if configured else [nested]
     for path in candidates:
-        if os.path.isfile(os.path.join(path, "config.json")):
+        if paths.isfile(os.path.join(path, "config.json")):
             return path
     raise FileNotFoundError(
         f"detection run {workdir}: its pretraining run is not at "
@@ -199,7 +198,7 @@ def load_tokenizer(pretrain_config: ml_collections.ConfigDict, data_dir: str | N
         path = os.path.join(
             os.fspath(builder.data_dir), "tokenizer", f"unigram_{tok.vocab_size}.model"
         )
-        if os.path.isfile(path):
+        if paths.isfile(path):
             return SentencePieceTokenizer(path, tok.max_len)
         logging.warning(
             "tokenizer %s not found: rebuilding the shapes world under %s to retrain it",
@@ -258,7 +257,7 @@ def load_run(workdir: str, *, step: int | None = None) -> LoadedRun:
         pretraining run cannot be found (each message names the directory).
       CheckpointKindError (a ValueError): `workdir` is not a training run.
     """
-    workdir = os.path.abspath(os.fspath(workdir))
+    workdir = paths.absolute(workdir)
     config = read_run_config(workdir)
     if config.task == "pretrain":
         params, got = load_run_params(workdir, step)

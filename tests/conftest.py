@@ -147,7 +147,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-    """`gs://<bucket>` on a local GCS emulator (PyPI `gcp-storage-emulator`, in memory).
+    """`gs://<bucket>` on a local GCS emulator (PyPI `gcp-storage-emulator`, in memory; started
+    through tests/gcs_emulator.py, which adds the generation headers tensorstore reads).
 
     Clients find it the standard way, through the environment (inherited by subprocesses):
     `STORAGE_EMULATOR_HOST` for gcsfs (every file the project reads or writes in a bucket) and
@@ -164,14 +165,7 @@ def gcs_bucket():
         port = s.getsockname()[1]
     bucket = "rovit-test"
     server = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator"),
-            "start",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            "--in-memory",
-            f"--default-bucket={bucket}",
-        ],
+        [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(port), bucket],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

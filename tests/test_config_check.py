@@ -6,6 +6,7 @@ import ml_collections
 import pytest
 
 from rovit_jax import config_check as cc
+from rovit_jax import paths
 from rovit_jax.config_files import load_config
 from rovit_jax.detect_config import detect_defaults
 from rovit_jax.pretrain_config import pretrain_defaults
@@ -138,7 +139,7 @@ def test_pretrain_wrong_types_are_reported_not_crashed_on():
     )
 
 
-def test_pretrain_paths_needed_by_the_dataset(tmp_path):
+def test_pretrain_paths_needed_by_the_dataset(tmp_path, gcs_bucket):
     c = pretrain_defaults()
     c.data.name = "coco_captions"
     c.data.annotations = str(tmp_path / "missing.json")
@@ -154,16 +155,18 @@ def test_pretrain_paths_needed_by_the_dataset(tmp_path):
     (tmp_path / "images").mkdir()
     c.data.annotations = str(tmp_path / "captions.json")
     c.data.images = str(tmp_path / "images")
-    c.tokenizer.model_path = "gs://bucket/spm.model"  # remote: not checked here
+    c.tokenizer.model_path = f"{gcs_bucket}/check/spm.model"  # in a bucket: checked there too
+    paths.write_bytes(c.tokenizer.model_path, b"not read by validation")
     pretrain.validate_config(c)
-    c.tokenizer.model_path = str(tmp_path / "spm.model")  # local and missing
-    assert [k for k, _, _ in _raised(pretrain.validate_config, c).problems] == [
-        "tokenizer.model_path"
-    ]
+    for missing in (str(tmp_path / "spm.model"), f"{gcs_bucket}/check/none.model"):
+        c.tokenizer.model_path = missing
+        (problem,) = _raised(pretrain.validate_config, c).problems
+        assert problem[:2] == ("tokenizer.model_path", missing)
+        assert "no such file" in problem[2]
     # web shards need their files and an evaluation dataset.
     w = pretrain_defaults()
     w.data.name = "web_shards"
-    w.tokenizer.model_path = "gs://bucket/spm.model"
+    w.tokenizer.model_path = f"{gcs_bucket}/check/spm.model"
     assert sorted(k for k, _, _ in _raised(pretrain.validate_config, w).problems) == [
         "data.eval.name",
         "data.train_files",

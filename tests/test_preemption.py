@@ -227,7 +227,8 @@ def test_sigterm_then_kill_during_save_then_resume_equals_straight_run(
     assert any(os.path.basename(killed[0]) in line for line in warnings), warnings
     assert any(bad in line and "cannot be restored" in line for line in warnings), warnings
     assert f"resumed from step {stopped}" in text
-    assert os.path.isdir(bad + ".unusable-0") and not os.path.exists(killed[0])
+    aside = os.path.join(workdir, "unusable_checkpoints", f"{paused + 1}.0")
+    assert os.path.isdir(aside) and not os.path.exists(bad) and not os.path.exists(killed[0])
     _assert_same_params(workdir, straight[task], total)
 
 

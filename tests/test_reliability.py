@@ -311,8 +311,8 @@ def test_half_written_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
     for name in (os.path.basename(tmp), os.path.join(root, "4"), os.path.join(root, "3")):
         assert name in text, (name, text)
     # The unusable step directories are set aside, so their steps can be saved again.
-    assert os.path.isdir(os.path.join(root, "3.unusable-0"))
-    assert os.path.isdir(os.path.join(root, "4.unusable-0"))
+    aside = os.path.join(workdir, "unusable_checkpoints")
+    assert sorted(os.listdir(aside)) == ["3.0", "4.0"]
     ckpt.save(3, _small_state(3), {"next_step": 3})
     ckpt.save(4, _small_state(4), {"next_step": 4})
     ckpt.close()

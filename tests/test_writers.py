@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 
 from rovit_jax.data.detection_example import (
@@ -10,7 +11,7 @@ from rovit_jax.data.detection_example import (
     DROP_REASONS,
 )
 from rovit_jax.data.image_text import PRETRAIN_SKIP_REASONS
-from rovit_jax.train.writers import create_writer
+from rovit_jax.train.writers import EventFileWriter, create_writer
 
 SCALARS = {
     "train/loss": 1.25,
@@ -69,3 +70,36 @@ def test_non_chief_hosts_only_log(tmp_path, caplog):
     assert len(_logged(caplog, writer, 3)) == 1
     writer.close()
     assert list(tmp_path.iterdir()) == []  # no event file
+
+
+def _read_events(logdir):
+    """(step, tag, value) of every scalar TensorBoard's own reader finds in `logdir`."""
+    from tensorboard.util import tensor_util
+
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return sorted(
+        (e.step, tag, float(tensor_util.make_ndarray(e.tensor_proto)))
+        for tag in acc.Tags()["tensors"]
+        if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+        for e in acc.Tensors(tag)
+    )
+
+
+def test_event_files_hold_every_scalar_exactly_across_rollovers(tmp_path):
+    # A tiny rollover size forces a new file after each write: TensorBoard must still read
+    # every value, in order, from the files together (and CRCs must be right, or it drops them).
+    writer = EventFileWriter(str(tmp_path), rollover_bytes=64)
+    expected = []
+    for step in range(5):
+        values = {"train/loss": 1.0 / (step + 1), "lr": step * 0.25}
+        writer.write_scalars(step, values)
+        expected += [(step, k, float(np.float32(v))) for k, v in values.items()]
+    writer.write_hparams({"model.width": 64, "name": "x", "mesh": (("data", 8),)})
+    writer.close()
+    assert len([p for p in tmp_path.iterdir() if "tfevents" in p.name]) >= 5
+    assert _read_events(tmp_path) == sorted(expected)
+    acc = event_accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    (hparams_tag,) = [t for t in acc.Tags()["tensors"] if t.startswith("_hparams_")]
+    assert acc.SummaryMetadata(hparams_tag).plugin_data.plugin_name == "hparams"

@@ -3,6 +3,9 @@
   python -m rovit_jax.data check --format coco --annotations instances_val2017.json \\
       --images val2017 --render 4 --out /some/folder
 
+Every path may also be a URL (`gs://bucket/coco/val2017`); the shapes data dir is handed to
+tensorflow-datasets as it is.
+
 Formats and what --annotations / --images mean:
   coco, lvis, objects365   instances JSON / image folder
   coco-captions            captions JSON / image folder
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from rovit_jax import paths
 from rovit_jax.data.categories import CategoryTable
 from rovit_jax.data.detection_example import InvalidExampleError
 from rovit_jax.data.image_text import CorruptImageError, decode_image
@@ -193,10 +197,10 @@ def render_detection_samples(
     source: Any, table: CategoryTable, num: int, out_dir: str, prefix: str
 ) -> list[str]:
     """Writes `num` examples with their boxes and category names; returns the PNG paths."""
-    from rovit_jax.detection.render import render_detections
+    from rovit_jax.detection.render import draw_detections, save_png
 
     names = table.by_id()
-    paths = []
+    written = []
     for i in _sample_indices(len(source), num):
         try:
             ex = source[i]
@@ -209,24 +213,26 @@ def render_detection_samples(
         labels = np.asarray(ex["labels"]).tolist()
         label_names = [names[c].name if c in names else str(c) for c in labels]
         path = os.path.join(out_dir, f"{prefix}_{i:06d}_id{int(ex.get('image_id', i))}.png")
-        render_detections(
+        drawn = draw_detections(
             image,
             boxes,
             np.ones(len(labels)),
             np.arange(len(labels)),
             label_names,
-            path,
             max_boxes=max(len(labels), 1),
             min_score=0.0,
             upscale=max(1, 256 // max(h, w)),
         )
-        paths.append(path)
-    return paths
+        save_png(drawn, path)
+        written.append(path)
+    return written
 
 
 def render_caption_samples(source: Any, num: int, out_dir: str, prefix: str) -> list[str]:
     """Writes `num` images (long side at most 384 px) with their caption underneath."""
-    paths = []
+    from rovit_jax.detection.render import save_png
+
+    written = []
     for i in _sample_indices(len(source), num):
         try:
             ex = source[i]
@@ -242,9 +248,9 @@ def render_caption_samples(source: Any, num: int, out_dir: str, prefix: str) -> 
         for k, line in enumerate(lines):
             draw.text((3, image.height + 3 + 14 * k), line, fill=(0, 0, 0))
         path = os.path.join(out_dir, f"{prefix}_{i:06d}.png")
-        canvas.save(path)
-        paths.append(path)
-    return paths
+        save_png(canvas, path)
+        written.append(path)
+    return written
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -299,13 +305,13 @@ def run_check(args: argparse.Namespace) -> None:
     if hasattr(source, "undecodable_captions"):
         print(f"non_utf8_captions: {source.undecodable_captions} of first {checked}")
     if args.render:
-        os.makedirs(args.out, exist_ok=True)
+        paths.makedirs(args.out)
         prefix = args.format.replace("-", "_")
         if detection:
-            paths = render_detection_samples(source, table, args.render, args.out, prefix)
+            written = render_detection_samples(source, table, args.render, args.out, prefix)
         else:
-            paths = render_caption_samples(source, args.render, args.out, prefix)
-        print(f"rendered: {len(paths)} -> {args.out}")
+            written = render_caption_samples(source, args.render, args.out, prefix)
+        print(f"rendered: {len(written)} -> {args.out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,8 @@ Detection sources produce the example dicts of `detection_input` (see its module
    "labels": int32 [N] dataset category ids, "masks": bool [N, H, W] (with_masks only)}
 
 Conventions shared by every COCO-format reader (COCO, LVIS, Objects365):
+  * the JSON and the image folder may be local or in a bucket (`gs://bucket/coco/val2017`):
+    every file is read through `rovit_jax.paths`;
   * images are served in increasing image-id order, whatever the JSON order; an image's
     instances keep their order in the JSON;
   * boxes: JSON [x, y, w, h] pixels -> (y / H, x / W, (y + h) / H, (x + w) / W) with H, W the
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from rovit_jax import paths
 from rovit_jax.data.categories import (
     COCO_CATEGORIES,
     OV_COCO_BASE,
@@ -55,21 +58,21 @@ from rovit_jax.data.image_text import DEFAULT_MAX_PIXELS, CorruptImageError, dec
 
 
 def load_json(path: str | os.PathLike, what: str = "annotation JSON") -> Any:
-    """Loads a JSON file; FileNotFoundError / ValueError naming the file."""
+    """Loads a JSON file (local or URL); FileNotFoundError / ValueError naming the file."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
 
 
 def check_dir(path: str | os.PathLike, what: str = "image folder") -> str:
-    """Returns `path` as str; FileNotFoundError naming it if it is not a directory."""
+    """Returns `path` as str; FileNotFoundError naming it if it is not a directory (or a bucket
+    folder: a URL prefix holding objects)."""
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
 
@@ -83,13 +86,20 @@ def require_keys(data: Any, keys: Sequence[str], where: str) -> None:
             raise ValueError(f"{where} has no {key!r} key (keys: {sorted(data)})")
 
 
-def read_image_file(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decoded uint8 [H, W, 3] image at `path`; CorruptImageError naming the file otherwise."""
+def read_image_bytes(path: str) -> bytes:
+    """The encoded bytes of image file `path` (local or URL); CorruptImageError naming it when
+    it cannot be read, so the batcher substitutes the example instead of stopping the run."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        return paths.read_bytes(path)
+    except FileNotFoundError:  # the same words for a file and an object (gcsfs names its API URL)
+        raise CorruptImageError(f"image file not found: {path}") from None
     except OSError as e:
         raise CorruptImageError(f"cannot read image file {path}: {e}") from e
+
+
+def read_image_file(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decoded uint8 [H, W, 3] image at `path`; CorruptImageError naming the file otherwise."""
+    data = read_image_bytes(path)
     try:
         return decode_image(data, max_pixels=max_pixels)
     except CorruptImageError as e:
@@ -261,7 +271,7 @@ class CocoStyleDetectionSource:
             os.path.join(self.image_dir, p) for p in self._relative_paths(self._images[index])
         ]
         for path in candidates:
-            if os.path.isfile(path):
+            if paths.isfile(path):
                 return path
         tried = "" if len(candidates) < 2 else f" (also tried {', '.join(candidates[1:])})"
         first = candidates[0] if candidates else self.image_dir
@@ -395,12 +405,7 @@ class CocoCaptionsSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         k, c = self._pairs[int(index)]
         path = os.path.join(self.image_dir, self._files[k])
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise CorruptImageError(f"cannot read image file {path}: {e}") from e
-        return {"image": data, "caption": self._captions[k][c]}
+        return {"image": read_image_bytes(path), "caption": self._captions[k][c]}
 
     def captions(self) -> list[str]:
         """Every example's caption, in example order (no image is read)."""

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from rovit_jax.data.coco import check_dir, load_json, require_keys
+from rovit_jax import paths
+from rovit_jax.data.coco import check_dir, load_json, read_image_bytes, require_keys
 from rovit_jax.data.image_text import CorruptImageError
 
 
@@ -108,12 +109,8 @@ class KarpathyCaptionsSource:
         """Encoded bytes of image `image_index` (imgid order); CorruptImageError if missing."""
         candidates = self._paths[image_index]
         for path in candidates:
-            if os.path.isfile(path):
-                try:
-                    with open(path, "rb") as f:
-                        return f.read()
-                except OSError as e:
-                    raise CorruptImageError(f"cannot read image file {path}: {e}") from e
+            if paths.isfile(path):
+                return read_image_bytes(path)
         raise CorruptImageError(f"image file not found: {' or '.join(candidates)}")
 
     def __getitem__(self, index: int) -> dict[str, Any]:

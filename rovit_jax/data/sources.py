@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from rovit_jax import config_check as cc
+from rovit_jax import paths
 from rovit_jax.config_sections import resolved_sections
 from rovit_jax.data import image_text
 from rovit_jax.data.categories import CategoryTable
@@ -100,7 +101,7 @@ def text_tokenizer(settings: Mapping[str, Any]):
                 "config key `tokenizer.model_path` is required (a SentencePiece .model file) "
                 f"for data.name={data.name!r}"
             )
-        if not os.path.isfile(tok.model_path):
+        if not paths.isfile(tok.model_path):
             raise FileNotFoundError(f"config key `tokenizer.model_path`: no file {tok.model_path}")
         tokenizer = tok_lib.SentencePieceTokenizer(tok.model_path, tok.max_len)
     if tokenizer.vocab_size > tok.vocab_size:

@@ -11,12 +11,12 @@ import os
 import re
 import tempfile
 import unicodedata
-import uuid
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
-from etils import epath
+
+from rovit_jax import paths
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 _MAX_PIECE_LENGTH = 16
@@ -53,15 +53,14 @@ class SentencePieceTokenizer:
         """Loads the model.
 
         Args:
-          model_path: path of a `.model` file (local or any filesystem etils.epath understands).
+          model_path: path or URL (`gs://...`) of a `.model` file.
           max_len: output length L of `encode` (BOS included), >= 1.
         """
         if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 1:
             raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
-        path = epath.Path(model_path)
-        if not path.exists():
+        if not paths.isfile(model_path):
             raise FileNotFoundError(f"SentencePiece model not found: {model_path}")
-        self._sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
+        self._sp = spm.SentencePieceProcessor(model_proto=paths.read_bytes(model_path))
         if self._sp.pad_id() != PAD_ID:
             raise ValueError(
                 f"model {model_path} has pad_id={self._sp.pad_id()}; this project pads with id 0, "
@@ -149,8 +148,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
 
     Args:
       texts: training sentences (str or UTF-8 bytes).
-      model_prefix: output prefix on the local filesystem; writes `<prefix>.model` and
-        `<prefix>.vocab` (parent folders are created).
+      model_prefix: output prefix, local or a URL (`gs://...`); writes `<prefix>.vocab`, then
+        `<prefix>.model` (each all-or-nothing; parent folders are created).
       vocab_size: maximum number of pieces (>= 8).
     """
     if (
@@ -164,15 +163,16 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
     corpus = [t for t in (_normalise(x) for x in texts) if t.strip()]
     if not corpus:
         raise ValueError("texts is empty: nothing to train a tokenizer on")
-    parent = os.path.dirname(os.path.abspath(model_prefix))
-    os.makedirs(parent, exist_ok=True)
+    # SentencePiece only writes local files: it trains in a private folder, and the results are
+    # then copied to `model_prefix`, the model last (its presence means the pair is complete).
     with tempfile.TemporaryDirectory() as tmp:
         seed_file = os.path.join(tmp, "seed_pieces.tsv")
         with open(seed_file, "w", encoding="utf-8") as f:
             f.writelines(f"{piece}\t{score}\n" for piece, score in _seed_pieces(corpus))
+        local_prefix = os.path.join(tmp, "spm")
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(corpus),
-            model_prefix=model_prefix,
+            model_prefix=local_prefix,
             model_type="unigram",
             vocab_size=int(vocab_size),
             hard_vocab_limit=False,
@@ -189,6 +189,9 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
             num_threads=1,
             minloglevel=2,
         )
+        for suffix in (".vocab", ".model"):
+            with open(local_prefix + suffix, "rb") as f:
+                paths.write_bytes(model_prefix + suffix, f.read())
     return model_prefix + ".model"
 
 
@@ -205,7 +208,8 @@ def shapes_tokenizer(
     """Tokenizer for a built shapes-world dataset, trained once on its train captions.
 
     The model is cached beside the dataset files, in `<builder.data_dir>/tokenizer/`; later calls
-    (and other processes) load it from there.
+    (and other processes) load it from there. Processes that train it at the same time write
+    the same (deterministic) bytes, each all-or-nothing, so a reader never sees a partial file.
 
     Args:
       builder: a prepared shapes-world tfds builder (see shapes_tfds.build_shapes_world).
@@ -217,27 +221,10 @@ def shapes_tokenizer(
             f"dataset {builder.info.full_name} is not built under "
             f"{builder.data_dir}; call build_shapes_world first"
         )
-    folder = epath.Path(builder.data_dir) / "tokenizer"
-    model = folder / f"unigram_{vocab_size}.model"
-    if not model.exists():
+    prefix = os.path.join(os.fspath(builder.data_dir), "tokenizer", f"unigram_{vocab_size}")
+    model = prefix + ".model"
+    if not paths.isfile(model):
         # Category names are added so every category word is a piece even for tiny builds.
         names = [c["name"] for c in builder.info.metadata.get("categories", [])]
-        with tempfile.TemporaryDirectory() as tmp:
-            local = train_sentencepiece(
-                _train_captions(builder) + names,
-                os.path.join(tmp, "unigram"),
-                vocab_size=vocab_size,
-            )
-            folder.mkdir(parents=True, exist_ok=True)
-            # Write-then-rename so a concurrent reader never sees a partial file.
-            partial = folder / f".{model.name}.{uuid.uuid4().hex}.partial"
-            partial.write_bytes(epath.Path(local).read_bytes())
-            try:
-                partial.rename(model)
-            except FileExistsError:
-                # Another process trained the same (deterministic) model meanwhile: keep theirs.
-                partial.unlink(missing_ok=True)
-            (folder / f"unigram_{vocab_size}.vocab").write_bytes(
-                epath.Path(local[: -len(".model")] + ".vocab").read_bytes()
-            )
-    return SentencePieceTokenizer(os.fspath(model), max_len)
+        train_sentencepiece(_train_captions(builder) + names, prefix, vocab_size=vocab_size)
+    return SentencePieceTokenizer(model, max_len)

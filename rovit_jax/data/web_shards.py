@@ -7,6 +7,9 @@ bytes start — and then reads any record with one seek, so the deterministic ba
 `image_text` get random access without TensorFlow (the Example is parsed by a small protobuf
 reader here, too).
 
+Shards may be local files or objects in a bucket (`gs://bucket/shards/*.tfrecord`), read through
+`rovit_jax.paths`: indexing streams each shard once, and each record is then one ranged read.
+
 TFRecord framing, per record: uint64 length (little endian), uint32 masked CRC-32C of those 8
 bytes, `length` data bytes, uint32 masked CRC-32C of the data. Indexing checks every length CRC
 (so a corrupt or compressed file fails loudly instead of yielding garbage offsets); the data CRC
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from rovit_jax import paths
 from rovit_jax.data.image_text import CorruptImageError
 
 SHARD_EXTENSIONS = (".tfrecord", ".tfrecords", ".tfrec")
@@ -69,12 +73,14 @@ def index_tfrecord(path: str | os.PathLike) -> np.ndarray:
         gives — or a truncated record), naming the file and the byte offset.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"TFRecord shard not found: {path}")
-    size = os.path.getsize(path)
+    size = paths.size(path)
     entries: list[tuple[int, int]] = []
     pos = 0
-    with open(path, "rb") as f:
+    # A sequential scan: a file object on a URL buffers ahead, so the headers of the following
+    # records arrive with few requests (about one per buffer of the file).
+    with paths.open_file(path, "rb") as f:
         while pos < size:
             f.seek(pos)
             header = f.read(12)
@@ -97,10 +103,12 @@ def index_tfrecord(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_record(path: str, offset: int, length: int) -> bytes:
-    """The `length` data bytes at `offset` of a TFRecord file (from `index_tfrecord`)."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
+    """The `length` data bytes at `offset` of a TFRecord file (from `index_tfrecord`).
+
+    One ranged read of exactly these bytes (one request for a URL): examples are read in random
+    order, so buffering ahead, or keeping files open, would fetch bytes no one asked for.
+    """
+    data = paths.read_range(path, offset, length)
     if len(data) != length:
         raise ValueError(f"{path}: short read at byte {offset} ({len(data)} of {length} bytes)")
     return data
@@ -221,24 +229,18 @@ def expand_shards(pattern_or_files: str | os.PathLike | Sequence[str | os.PathLi
     """Shard paths, sorted and deduplicated.
 
     Accepts a folder (its *.tfrecord / *.tfrecords / *.tfrec files), a glob pattern, a pattern
-    with "{000..099}" ranges, or a list of paths. FileNotFoundError names what matched nothing.
+    with "{000..099}" ranges, or a list of paths; local or URLs (`gs://bucket/shards/*.tfrecord`,
+    wildcards in the last component only). FileNotFoundError names what matched nothing.
     """
     if isinstance(pattern_or_files, (str, os.PathLike)):
         pattern = os.fspath(pattern_or_files)
-        if os.path.isdir(pattern):
-            files = [
-                os.path.join(pattern, n)
-                for n in os.listdir(pattern)
-                if n.endswith(SHARD_EXTENSIONS) and os.path.isfile(os.path.join(pattern, n))
-            ]
-            if not files:
-                raise FileNotFoundError(f"no {'/'.join(SHARD_EXTENSIONS)} shards in {pattern}")
-            return sorted(set(files))
+        if paths.isdir(pattern):
+            return _folder_shards(pattern)
         files = []
         for p in _expand_ranges(pattern):
             if glob.has_magic(p):
-                files.extend(glob.glob(p))
-            elif os.path.isfile(p):
+                files.extend(_glob_shards(p, pattern))
+            elif paths.isfile(p):
                 files.append(p)
             elif p != pattern:
                 raise FileNotFoundError(f"TFRecord shard not found: {p} (from {pattern})")
@@ -247,11 +249,36 @@ def expand_shards(pattern_or_files: str | os.PathLike | Sequence[str | os.PathLi
         return sorted(set(files))
     files = [os.fspath(p) for p in pattern_or_files]
     for p in files:
-        if not os.path.isfile(p):
+        if not paths.isfile(p):
             raise FileNotFoundError(f"TFRecord shard not found: {p}")
     if not files:
         raise ValueError("the list of TFRecord shards is empty")
     return sorted(set(files))
+
+
+def _folder_shards(folder: str) -> list[str]:
+    """The *.tfrecord / *.tfrecords / *.tfrec files of `folder`, sorted."""
+    files = [
+        os.path.join(folder, n)
+        for n in paths.listdir(folder)
+        if n.endswith(SHARD_EXTENSIONS) and paths.isfile(os.path.join(folder, n))
+    ]
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(SHARD_EXTENSIONS)} shards in {folder}")
+    return sorted(set(files))
+
+
+def _glob_shards(pattern: str, given: str) -> list[str]:
+    """Files matching glob `pattern` (one expansion of the `given` pattern).
+
+    Object stores have no folders to walk, so a URL may have wildcards in its last component
+    only; elsewhere they would silently match nothing, hence the error.
+    """
+    if paths.is_remote(pattern) and glob.has_magic(os.path.dirname(pattern)):
+        raise ValueError(
+            f"shard pattern {given}: a URL may have wildcards in its last path component only"
+        )
+    return paths.glob(pattern)
 
 
 def host_shard_files(files: Sequence[str], process_index: int, process_count: int) -> list[str]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from rovit_jax import paths
 
 __all__ = [
     "PALETTE",
@@ -14,6 +17,7 @@ __all__ = [
     "one_label_per_object",
     "render_detection_grid",
     "render_detections",
+    "save_png",
 ]
 
 # Distinct, saturated colours (Tableau 10); a detection's colour is chosen by its label.
@@ -131,6 +135,13 @@ def draw_detections(
     return im
 
 
+def save_png(image: Image.Image, path: str) -> None:
+    """Writes PIL `image` as a PNG file at `path` (local or a bucket URL), all-or-nothing."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    paths.write_bytes(path, buffer.getvalue())
+
+
 def render_detections(
     image: np.ndarray,
     boxes: np.ndarray,
@@ -145,7 +156,7 @@ def render_detections(
     masks: np.ndarray | None = None,
 ) -> None:
     """Writes `image` (uint8 [H, W, 3]) with the top boxes ([N, 4] yxyx pixels) and labels."""
-    draw_detections(
+    drawn = draw_detections(
         image,
         boxes,
         scores,
@@ -155,7 +166,8 @@ def render_detections(
         max_boxes=max_boxes,
         min_score=min_score,
         upscale=upscale,
-    ).save(path)
+    )
+    save_png(drawn, path)
 
 
 def one_label_per_object(
@@ -244,4 +256,4 @@ def render_detection_grid(
     sheet = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
     for k, im in enumerate(drawn):
         sheet.paste(im, ((k % columns) * (w + gap), (k // columns) * (h + gap)))
-    sheet.save(path)
+    save_png(sheet, path)

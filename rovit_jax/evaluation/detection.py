@@ -18,7 +18,6 @@ converted by `detections_to_results` / `annotations_from_arrays`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 from pycocotools import mask as mask_utils
+
+from rovit_jax import paths
 
 IOU_TYPES = ("bbox", "segm")
 FREQUENCIES = ("r", "c", "f")
@@ -72,8 +73,7 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
 def load_ground_truth(gt: GroundTruth) -> Mapping[str, Any]:
     """Returns the ground-truth dict from a JSON path, or `gt` itself if it is already a dict."""
     if isinstance(gt, (str, os.PathLike)):
-        with open(gt, encoding="utf-8") as f:
-            data = json.load(f)
+        data = paths.read_json(gt)
     elif isinstance(gt, Mapping):
         data = gt
     else:
@@ -596,15 +596,11 @@ def write_results(
 ) -> None:
     """Writes `{"metrics": {...}, "detections": [...]}` (detections only if given) as JSON.
 
-    numpy scalars/arrays and bytes RLE counts are converted. The file is written to a temporary
-    name and renamed, so a reader never sees a partial file. Parent directories are created.
+    numpy scalars/arrays and bytes RLE counts are converted. `path` may be local or a bucket
+    URL; the write is all-or-nothing (a reader never sees a partial file) and parent
+    directories are created.
     """
     payload: dict[str, Any] = {"metrics": dict(metrics)}
     if detections is not None:
         payload["detections"] = list(detections)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, default=_to_json)
-    os.replace(tmp, path)
+    paths.write_json(path, payload, default=_to_json)

@@ -8,17 +8,18 @@ Parameters are baked into the artifact as constants (the simplest thing to serve
 inputs); the run is not needed to call it. The batch dimension is symbolic by default, so any
 batch size runs without re-exporting (the platform's compiler still compiles once per size).
 A JSON beside it (`<out_path>.json`) describes inputs, outputs, preprocessing and the tokenizer.
+`out_path` may be local or a bucket URL (gs://...).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from rovit_jax import paths
 from rovit_jax.export.serving import (
     check_export_args,
     export_params,
@@ -67,9 +68,7 @@ def export_jax(
         jax.ShapeDtypeStruct((int(max_queries),), jnp.bool_),
     )
     exported = jax.export.export(jax.jit(detector))(*args)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "wb") as f:
-        f.write(exported.serialize())
+    paths.write_bytes(out_path, bytes(exported.serialize()))
     write_metadata(
         out_path + ".json",
         predictor,
@@ -84,10 +83,9 @@ def export_jax(
 
 def load_jax_export(path: str) -> Callable[..., Any]:
     """`(images, text_embeddings, text_valid) -> outputs dict` from `export_jax`'s file."""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"jax.export artifact not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = paths.read_bytes(path)
     try:
         exported = jax.export.deserialize(bytearray(data))
     except Exception as e:  # noqa: BLE001 - flatbuffer errors have many types

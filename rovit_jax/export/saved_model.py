@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from rovit_jax import paths
 from rovit_jax.export.serving import (
     check_export_args,
     export_params,
@@ -83,7 +84,8 @@ def export_saved_model(
     fusion: bool = True,
     step: int | None = None,
 ) -> dict[str, Any]:
-    """Writes the SavedModel of run `workdir`'s detector to `out_dir`; returns its metadata.
+    """Writes the SavedModel of run `workdir`'s detector to `out_dir` (local or a bucket URL);
+    returns its metadata.
 
     Args:
       image_size: canvas S (default the run's `det.image_size`).
@@ -157,19 +159,23 @@ def export_saved_model(
 
     module.serving_default = serving_default
     module.embed_text = embed_text
-    os.makedirs(out_dir, exist_ok=True)
-    with _tf_readable_stablehlo():  # tracing (inside save) serializes the StableHLO
-        tf.saved_model.save(
-            module,
-            out_dir,
-            signatures={"serving_default": serving_default, "embed_text": embed_text},
+    # TensorFlow writes local folders only (its own gs:// client bypasses the project's path
+    # layer): a bucket destination is written locally, then uploaded whole.
+    with paths.local_output(out_dir) as local_dir:
+        os.makedirs(local_dir, exist_ok=True)
+        with _tf_readable_stablehlo():  # tracing (inside save) serializes the StableHLO
+            tf.saved_model.save(
+                module,
+                local_dir,
+                signatures={"serving_default": serving_default, "embed_text": embed_text},
+            )
+        meta = write_metadata(
+            os.path.join(local_dir, METADATA_NAME),
+            predictor,
+            fmt="saved_model",
+            max_queries=q,
+            batch_size=batch_size,
+            parameters="tf.Variables in the SavedModel",
+            extra={"signatures": ["serving_default", "embed_text"]},
         )
-    return write_metadata(
-        os.path.join(out_dir, METADATA_NAME),
-        predictor,
-        fmt="saved_model",
-        max_queries=q,
-        batch_size=batch_size,
-        parameters="tf.Variables in the SavedModel",
-        extra={"signatures": ["serving_default", "embed_text"]},
-    )
+    return meta

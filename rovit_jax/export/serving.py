@@ -15,14 +15,13 @@ model cannot tell which free-text queries were training categories.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from rovit_jax import paths
 from rovit_jax.runs import vlm_tower_params
 
 __all__ = [
@@ -85,7 +84,8 @@ def write_metadata(
     parameters: str,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Writes the export's JSON: shapes, preprocessing, and the text tower's tokenizer.
+    """Writes the export's JSON (`path`, local or a bucket URL): shapes, preprocessing, and the
+    text tower's tokenizer.
 
     The SentencePiece model is copied beside it as `<path minus .json>.tokenizer.model` when the
     tokenizer has one; "text.vocabulary" lists its pieces in id order.
@@ -104,9 +104,9 @@ def write_metadata(
         "classifier": "embed each query in every template, average, L2-normalise",
     }
     model_path = getattr(tok, "model_path", None)
-    if model_path and os.path.isfile(model_path):
+    if model_path and paths.isfile(model_path):
         dest = os.path.splitext(path)[0] + ".tokenizer.model"
-        shutil.copyfile(model_path, dest)
+        paths.write_bytes(dest, paths.read_bytes(model_path))
         text["sentencepiece_model"] = os.path.basename(dest)
     if hasattr(tok, "piece"):
         text["vocabulary"] = [tok.piece(i) for i in range(int(tok.vocab_size))]
@@ -141,8 +141,7 @@ def write_metadata(
         "text": text,
     }
     meta.update(extra or {})
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
+    paths.write_json(path, meta, indent=1, ensure_ascii=False)
     return meta
 
 

@@ -9,6 +9,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from rovit_jax import paths
 from rovit_jax.data.image_text import (
     DEFAULT_MAX_PIXELS,
     MIN_IMAGE_SIDE,
@@ -53,8 +54,8 @@ def load_image(image: ImageLike) -> np.ndarray:
     """One image as uint8 [H, W, 3] RGB.
 
     Accepts a uint8 [H, W, 3] array (returned as is), a PIL image (any mode, converted to RGB)
-    or the path of an image file (EXIF orientation applied). The header is checked before the
-    pixels are decoded, so decompression bombs are refused.
+    or the path of an image file, local or a bucket URL (EXIF orientation applied). The header
+    is checked before the pixels are decoded, so decompression bombs are refused.
 
     Raises:
       FileNotFoundError: a path that does not exist (the message names it).
@@ -74,12 +75,12 @@ def load_image(image: ImageLike) -> np.ndarray:
         return _from_pil(image, "PIL image")
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
-        if not os.path.exists(path):
+        if not paths.exists(path):
             raise FileNotFoundError(f"image file not found: {path}")
-        if os.path.isdir(path):
+        if paths.isdir(path):
             raise IsADirectoryError(f"{path} is a folder, not an image file")
         try:
-            with Image.open(path) as im:
+            with paths.open_file(path, "rb") as f, Image.open(f) as im:
                 what = f"image file {path}"
                 _check_size(im.height, im.width, what)
                 im.load()
@@ -110,14 +111,15 @@ def as_image_list(images: Any) -> tuple[list[Any], bool]:
 
 
 def list_images(folder: str) -> list[str]:
-    """Image files directly in `folder` (by extension, case-insensitive), sorted by name."""
-    if not os.path.isdir(folder):
+    """Image files directly in `folder` (local or a bucket URL; by extension, case-insensitive),
+    sorted by name."""
+    if not paths.isdir(folder):
         raise FileNotFoundError(f"image folder not found: {folder}")
-    paths = [
+    files = [
         os.path.join(folder, name)
-        for name in sorted(os.listdir(folder))
-        if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, name))
+        for name in paths.listdir(folder)
+        if name.lower().endswith(IMAGE_EXTENSIONS) and paths.isfile(os.path.join(folder, name))
     ]
-    if not paths:
+    if not files:
         raise ValueError(f"folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return paths
+    return files

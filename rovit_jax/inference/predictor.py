@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from rovit_jax import paths
 from rovit_jax.data.detection_input import eval_detection_batches
 from rovit_jax.data.image_text import DEFAULT_MAX_PIXELS, preprocess_image
 from rovit_jax.detection import rcnn
@@ -134,7 +135,7 @@ class Predictor:
         self._tower_image_size = pretrained["pp"].image_size  # whole-image embeddings
         self._tower_params = jax.device_put(run.pretrain_params)
         self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-        self._image_cache: dict[tuple[str, int, int], np.ndarray] = {}
+        self._image_cache: dict[tuple[str, int, str], np.ndarray] = {}
         self._long_tokenizer = None
         self.task = None
         self.has_masks = False
@@ -486,32 +487,34 @@ class Predictor:
         """The `k` images most similar to `query`: [(path, cosine similarity)], best first.
 
         `folder_or_paths` is a folder (its image files, see `images.list_images`) or a list of
-        image paths. Image embeddings are cached per file (path, size, modification time), so
-        asking a folder again embeds only new or changed files.
+        image paths, local or bucket URLs. Image embeddings are cached per file (path, size,
+        modification time or object generation), so asking a folder again embeds only new or
+        changed files.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         if isinstance(folder_or_paths, (str, os.PathLike)):
             folder = os.fspath(folder_or_paths)
-            paths = list_images(folder) if os.path.isdir(folder) else [folder]
+            files = list_images(folder) if paths.isdir(folder) else [folder]
         else:
-            paths = [os.fspath(p) for p in folder_or_paths]
-            if not paths:
+            files = [os.fspath(p) for p in folder_or_paths]
+            if not files:
                 raise ValueError("the list of image paths is empty")
         keys = []
-        for p in paths:
-            if not os.path.isfile(p):
+        for p in files:
+            if not paths.isfile(p):
                 raise FileNotFoundError(f"image file not found: {p}")
-            st = os.stat(p)
-            keys.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+            # (size, modification time or a bucket object's generation): a rewritten file is
+            # embedded again.
+            keys.append((paths.absolute(p), *paths.version(p)))
         todo = [i for i, key in enumerate(keys) if key not in self._image_cache]
         for chunk in _chunks(todo, self.max_batch):
-            emb = self._embed_arrays([load_image(paths[i]) for i in chunk])
+            emb = self._embed_arrays([load_image(files[i]) for i in chunk])
             for i, row in zip(chunk, emb):
                 self._image_cache[keys[i]] = row
         zimg = np.stack([self._image_cache[key] for key in keys])
         (ztxt,) = self.embed_texts([query])
         sims = zimg.astype(np.float64) @ ztxt.astype(np.float64)
         order = np.argsort(-sims, kind="stable")[:k]
-        logging.debug("retrieved %d of %d images for %r", len(order), len(paths), query)
-        return [(paths[i], float(sims[i])) for i in order]
+        logging.debug("retrieved %d of %d images for %r", len(order), len(files), query)
+        return [(files[i], float(sims[i])) for i in order]

@@ -8,7 +8,8 @@ Import public weights into a pretraining workdir (step-0 checkpoint; see interop
 
 The config must describe the checkpoint's architecture (variant, patch size, embed_dim,
 vocabulary size, pooling); position embeddings are resized to its grid. The import report is
-printed and written to WORKDIR/import_report.{txt,json}.
+printed and written to WORKDIR/import_report.{txt,json}. Weight files, workdirs and output
+folders may be bucket URLs (gs://...).
 
 Export a pretraining run's towers (latest checkpoint, or --step):
 
@@ -21,12 +22,13 @@ DIR/text_tower.safetensors and DIR/text_tower.json (layouts in interop.timm_expo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from rovit_jax import paths  # noqa: E402
 
 
 def _grid(text: str | None) -> tuple[int, int] | None:
@@ -65,18 +67,15 @@ def _import(args: argparse.Namespace) -> int:
     elif args.source_format == "open_clip":
         model_cfg = None
         if args.open_clip_config:
-            with open(args.open_clip_config) as f:
-                model_cfg = json.load(f)
+            model_cfg = paths.read_json(args.open_clip_config)
         params, report = iw.import_open_clip(
             args.weights, config, model_cfg=model_cfg, source_grid=grid
         )
     else:
         params, report = iw.import_big_vision(args.weights, config, source_grid=grid)
     step_dir = write_init_workdir(config, params, args.out)
-    with open(os.path.join(args.out, "import_report.txt"), "w") as f:
-        f.write(str(report) + "\n")
-    with open(os.path.join(args.out, "import_report.json"), "w") as f:
-        json.dump(report.to_dict(), f, indent=2)
+    paths.write_text(os.path.join(args.out, "import_report.txt"), str(report) + "\n")
+    paths.write_json(os.path.join(args.out, "import_report.json"), report.to_dict(), indent=2)
     print(str(report) if args.verbose else report.summary())
     for note in [] if args.verbose else report.notes:
         print(f"  note: {note}")
@@ -95,15 +94,13 @@ def _export(args: argparse.Namespace) -> int:
     from rovit_jax.runs import load_pretrained_towers
 
     config, params, step = load_pretrained_towers(args.checkpoint, step=args.step)
-    os.makedirs(args.out, exist_ok=True)
+    paths.makedirs(args.out)
     image_path = os.path.join(args.out, "image_tower.safetensors")
     text_path = os.path.join(args.out, "text_tower.safetensors")
     kwargs = export_image_tower_safetensors(params, config, image_path)
     settings = export_text_tower_safetensors(params, config, text_path)
-    with open(os.path.join(args.out, "timm_kwargs.json"), "w") as f:
-        json.dump(kwargs, f, indent=2)
-    with open(os.path.join(args.out, "text_tower.json"), "w") as f:
-        json.dump(settings, f, indent=2)
+    paths.write_json(os.path.join(args.out, "timm_kwargs.json"), kwargs, indent=2)
+    paths.write_json(os.path.join(args.out, "text_tower.json"), settings, indent=2)
     print(f"exported step {step} of {args.checkpoint}: {image_path}, {text_path}")
     return 0
 

@@ -8,7 +8,7 @@ Accepted formats (chosen by extension):
                                Python object is refused
   .npz                         NumPy archives read with ``allow_pickle=False`` (big_vision)
 
-Pickle files (.pkl, .pickle) are refused outright.
+Pickle files (.pkl, .pickle) are refused outright. A path may be local or a bucket URL (gs://...).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from rovit_jax import paths
 
 __all__ = ["load_tensors", "to_numpy_dict", "SAFETENSORS_EXTS", "TORCH_EXTS", "NPZ_EXTS"]
 
@@ -67,7 +69,7 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     # The torch framework reads every dtype (numpy has no bfloat16).
-    with safe_open(path, framework="pt") as f:
+    with paths.local_file(path) as local, safe_open(local, framework="pt") as f:
         return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
 
 
@@ -75,7 +77,8 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with paths.local_file(path) as local:
+            obj = torch.load(local, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{path} holds Python objects other than tensors (it needs a full unpickle); refusing "
@@ -90,7 +93,7 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with paths.local_file(path) as local, np.load(local, allow_pickle=False) as data:
             return {k: _to_numpy(data[k]) for k in data.files}
     except ValueError as e:
         raise ValueError(
@@ -110,7 +113,7 @@ def load_tensors(
     if isinstance(path_or_state_dict, Mapping):
         return to_numpy_dict(path_or_state_dict)
     path = os.fspath(path_or_state_dict)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"no weight file {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext in PICKLE_EXTS:

@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 import numpy as np
 
+from rovit_jax import paths
 from rovit_jax.interop.torch_layout import (
     TIMM_BLOCK,
     block_to_torch,
@@ -142,10 +142,10 @@ def _encoder_to_torch(encoder: dict[str, Any], depth: int) -> dict[str, np.ndarr
 def _save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
     from safetensors.numpy import save_file
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # np.array copies into a C-contiguous array and, unlike ascontiguousarray, keeps 0-d shapes.
     tensors = {k: np.array(v, dtype=np.float32, order="C") for k, v in tensors.items()}
-    save_file(tensors, path, metadata=metadata)
+    with paths.local_output(path) as local:  # safetensors writes local files only
+        save_file(tensors, local, metadata=metadata)
 
 
 def export_image_tower_safetensors(params_img: Any, config: Any, path: str) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def export_image_tower_safetensors(params_img: Any, config: Any, path: str) -> d
         ...}; its projection is then written too, as ``rovit.img_proj.weight``). Scanned trees
         (``Transformer/encoderblock`` with a leading depth axis) are accepted.
       config: a pretraining config, a TwoTower or a ViT describing the tower.
-      path: output .safetensors file.
+      path: output .safetensors file (local or a bucket URL).
 
     Returns:
       The timm kwargs (also stored in the file's metadata under ``timm_kwargs``).
@@ -236,7 +236,7 @@ def export_text_tower_safetensors(params: Any, config: Any, path: str) -> dict[s
       params: a two-tower parameter tree ({txt, txt_proj, t, b?, ...}) or the text tower's own
         parameters (then no projection and logit scale are written).
       config: a pretraining config or a TwoTower.
-      path: output .safetensors file.
+      path: output .safetensors file (local or a bucket URL).
 
     Returns:
       The text tower settings (also stored in the file's metadata under ``text_tower``).
@@ -289,9 +289,9 @@ def read_export(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Reads a file written by this module: (tensors, metadata with JSON fields parsed)."""
     from safetensors import safe_open
 
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"no exported file {path}")
-    with safe_open(path, framework="numpy") as f:
+    with paths.local_file(path) as local, safe_open(local, framework="numpy") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         raw = dict(f.metadata() or {})
     meta: dict[str, Any] = {}

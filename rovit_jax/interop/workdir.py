@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from rovit_jax import paths
 from rovit_jax.interop.towers import flatten
 
 __all__ = ["check_new_workdir", "write_init_workdir"]
@@ -43,8 +44,8 @@ def _check_same_structure(params: Any, abstract: Any) -> None:
 
 def check_new_workdir(workdir: str) -> None:
     """FileExistsError when `workdir` already holds checkpoints (a run would resume from them)."""
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    ckpt_dir = os.path.join(paths.absolute(workdir), "checkpoints")
+    if paths.isdir(ckpt_dir) and paths.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; choose a new workdir")
 
 
@@ -54,7 +55,7 @@ def write_init_workdir(config: ml_collections.ConfigDict, params: Any, workdir: 
     Args:
       config: the pretraining config the run will be launched with.
       params: a full two-tower parameter tree for that config (numpy or jax arrays).
-      workdir: output directory; must not hold checkpoints yet.
+      workdir: output directory, local or a bucket URL; must not hold checkpoints yet.
 
     Returns:
       The step directory written (``<workdir>/checkpoints/0``).
@@ -91,13 +92,12 @@ def write_init_workdir(config: ml_collections.ConfigDict, params: Any, workdir: 
         "skipped": 0,
         "counts": {},
     }
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     checkpointer = Checkpointer(workdir, keep=int(config.keep_checkpoints), async_save=False)
     try:
         checkpointer.save(0, state, input_state)
         checkpointer.wait()
     finally:
         checkpointer.close()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     return checkpointer.step_path(0)

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from rovit_jax import paths
 from rovit_jax.config_sections import resolve_sections
 from rovit_jax.data import sources
 from rovit_jax.detection import rcnn
@@ -234,7 +235,7 @@ class DetectTask:
 
     def _compute_pretrained(self) -> PretrainedTowers:
         workdir = self.pretrain_workdir
-        has_run = os.path.exists(os.path.join(workdir, "config.json"))
+        has_run = paths.exists(os.path.join(workdir, "config.json"))
         if self.settings["init"].run_pretraining:
             from rovit_jax.tasks.pretrain import PretrainTask
             from rovit_jax.train.loop import run

@@ -9,10 +9,17 @@ its contents are incomplete or damaged, restoring it raises and the relaunch cra
 - a WARNING naming every half-written directory found at start-up; temporary ones are then
   deleted (orbax's `cleanup_tmp_directories`);
 - a step directory without the files of a finished save (commit marker, step metadata, both
-  items), or one that fails to restore, is reported, moved aside to `<step>.unusable-<n>` (out
-  of orbax's sight, so that step can be saved again) and the previous step is used instead.
+  items), or one that fails to restore, is reported, moved aside to
+  `<workdir>/unusable_checkpoints/<step>.<n>` (out of orbax's sight, so that step can be saved
+  again, and kept for inspection) and the previous step is used instead.
 
 A relaunch after any crash therefore resumes from the last complete checkpoint, or starts afresh.
+
+In a bucket (`gs://`) orbax writes a step straight into `<step>/` (object stores cannot rename a
+folder atomically) and the commit marker last, so a killed save there leaves a step directory
+without it: reported and moved aside as above (the move copies, then deletes). The set-aside
+folder is outside `checkpoints/` because in a bucket orbax deletes every folder there that lacks
+a commit marker, whatever its name. Every file access goes through `rovit_jax.paths`.
 """
 
 from __future__ import annotations
@@ -26,13 +33,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rovit_jax import paths
+
 ITEMS = ("state", "input")
 TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix for directories being written
 # Files every finished step directory holds: orbax writes the commit marker just before the
 # final rename (and as the very last file on GCS), the step metadata when the save starts.
 COMMIT_MARKER = "commit_success.txt"
 STEP_METADATA = "_CHECKPOINT_METADATA"
-UNUSABLE_MARKER = ".unusable-"
+UNUSABLE_DIR = "unusable_checkpoints"  # beside checkpoints/, where orbax never looks
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -45,15 +54,16 @@ def _is_step_name(name: str) -> bool:
 
 def step_problem(path: str) -> str | None:
     """Why the step directory `path` is not a complete checkpoint, or None if it looks complete."""
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         return "not a directory"
-    if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
+    names = set(paths.listdir(path))
+    if COMMIT_MARKER not in names:
         return f"no commit marker {COMMIT_MARKER}"
-    if not os.path.exists(os.path.join(path, STEP_METADATA)):
+    if STEP_METADATA not in names:
         return f"no step metadata {STEP_METADATA}"
     for item in ITEMS:
         item_dir = os.path.join(path, item)
-        if not os.path.isdir(item_dir) or not os.listdir(item_dir):
+        if item not in names or not paths.isdir(item_dir) or not paths.listdir(item_dir):
             return f"no `{item}` item"
     return None
 
@@ -61,12 +71,12 @@ def step_problem(path: str) -> str | None:
 def scan(directory: str) -> tuple[list[int], list[tuple[str, str]]]:
     """Complete steps (ascending) and `(path, reason)` of half-written directories in `directory`.
 
-    Directories moved aside earlier (`*.unusable-*`) and unrelated files are not reported.
+    Unrelated files are not reported.
     """
     steps, bad = [], []
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         return steps, bad
-    for name in sorted(os.listdir(directory)):
+    for name in paths.listdir(directory):
         path = os.path.join(directory, name)
         if TMP_MARKER in name:
             bad.append((path, "an interrupted save (temporary directory)"))
@@ -101,7 +111,7 @@ class Checkpointer:
     def __init__(
         self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
     ):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = os.path.join(paths.absolute(workdir), "checkpoints")
         self.read_only = read_only
         _, bad = scan(self.directory)
         for path, reason in bad:
@@ -123,7 +133,7 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory,
+            paths.path(self.directory),
             options=options,
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
@@ -225,22 +235,26 @@ class Checkpointer:
             return []
         return [k for k in abstract_state if k not in tree]
 
-    def _set_aside(self, paths: list[str]) -> None:
-        """Renames unusable step directories out of orbax's sight (`<step>.unusable-<n>`).
+    def _set_aside(self, step_dirs: list[str]) -> None:
+        """Moves unusable step directories out of orbax's sight, to
+        `<workdir>/unusable_checkpoints/<step>.<n>` (n counts earlier ones of that step).
 
         Collective: every process calls it; process 0 renames, the others wait for it.
         """
         if self.read_only:
             return
         if jax.process_index() == 0:
-            for path in paths:
-                if not os.path.exists(path):
+            for path in step_dirs:
+                if not paths.exists(path):
                     continue
+                aside = os.path.join(os.path.dirname(self.directory), UNUSABLE_DIR)
                 n = 0
-                while os.path.exists(f"{path}{UNUSABLE_MARKER}{n}"):
+                while paths.exists(os.path.join(aside, f"{os.path.basename(path)}.{n}")):
                     n += 1
-                os.rename(path, f"{path}{UNUSABLE_MARKER}{n}")
-                logging.warning("moved %s to %s%s%d", path, path, UNUSABLE_MARKER, n)
+                target = os.path.join(aside, f"{os.path.basename(path)}.{n}")
+                paths.makedirs(aside)
+                paths.rename(path, target)
+                logging.warning("moved %s to %s", path, target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -281,8 +295,8 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
 
     Raises FileNotFoundError naming the directory when it holds no usable checkpoint.
     """
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    directory = os.path.join(paths.absolute(workdir), "checkpoints")
+    if not paths.isdir(directory):
         raise FileNotFoundError(f"no checkpoint directory {directory}")
     ckpt = Checkpointer(workdir, read_only=True)
     steps = ckpt.all_steps()

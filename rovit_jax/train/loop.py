@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from clu import parameter_overview, periodic_actions
 
+from rovit_jax import paths
 from rovit_jax.data.stream import Batches
 from rovit_jax.run_config import run_settings
 from rovit_jax.train import guards, preemption
@@ -61,14 +62,14 @@ def _run(
     mesh = mesh_lib.make_mesh([tuple(a) for a in run.mesh])
     task.validate(mesh)
     total = run.total_steps
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.absolute(workdir)
+    paths.makedirs(workdir)
     is_chief = jax.process_index() == 0
     writer = create_writer(workdir, just_logging=not is_chief)
     if is_chief:
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
         # Later stages (detection finetuning, export) rebuild the model from this file.
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        paths.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
     trainer = Trainer(config, task, mesh)
     checkpointer = Checkpointer(
