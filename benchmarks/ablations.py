@@ -31,9 +31,10 @@ by seed and a variant's spread covers both stages.
 Statistics, per comparison (COMPARISONS): the paired per-seed differences, their mean, sample
 std, 95% t confidence interval, a two-sided paired t-test, and the minimum detectable effect
 (alpha 0.05, power 0.8, from the measured std of the differences, by the noncentral t
-distribution). After the runs, a bootstrap over the evaluation images splits each comparison's
-spread into the part the test images drawn contribute and the seeds' own (`eval_noise`), which
-gives the minimum detectable effect at other evaluation-set sizes. A paper sign is "reproduced" when the interval excludes 0 on the paper's side,
+distribution). After the runs, a bootstrap over the evaluation images (`eval_noise`) splits
+the uncertainty of each comparison into the seeds' own part, a seed-by-image part and the part
+shared by all seeds (which test images were drawn; invisible in the seed-to-seed spread), and
+gives the minimum detectable effect at other evaluation-set sizes (`noise_split`). A paper sign is "reproduced" when the interval excludes 0 on the paper's side,
 "contradicted" when it excludes 0 on the other side, and "undecided" otherwise.
 
 Runs go on `--workers` processes with one XLA thread each (on 2 cores two runs side by side beat
@@ -496,21 +497,43 @@ def bootstrap_ap_r(gt: dict[str, Any], detections: list[dict], draws: np.ndarray
     return np.asarray(out)
 
 
-def noise_split(diffs: list[float], eval_vars: list[float], eval_images: int) -> dict[str, Any]:
-    """The measured std of per-seed differences `diffs`, split into the part that comes from
-    the evaluation images drawn (`eval_vars`: each seed's bootstrap variance of its difference)
-    and the seeds' own part, with the minimum detectable effect at NOISE_IMAGES evaluation
-    images (and with infinitely many, where only the seeds' part is left)."""
+def noise_split(diffs: list[float], boot_diffs: np.ndarray, eval_images: int) -> dict[str, Any]:
+    """Splits the uncertainty of a comparison's mean difference by its sources.
+
+    Every detector is evaluated on the same `eval_images` test images, so a per-seed difference
+    is d_s = mu + a_s + e + g_s: a_s the seeds' own effect, e the effect of which images were
+    drawn (shared by all seeds), g_s the seed-by-image interaction. The seed-to-seed spread of
+    `diffs` (what the paired t-test sees) holds var(a) + var(g); var(e) does not show in it, yet
+    another draw of test images would move every difference together. The bootstrap separates
+    them (`boot_diffs`: float [seeds, draws], each seed's difference on the same resamples):
+    each row's variance is var(e) + var(g), the variance of the rows' mean var(e) + var(g)/n.
+
+    The minimum detectable effect at m test images uses the standard error of the mean over
+    new seeds and new images, sqrt((var(a) + var(g) M/m) / n + var(e) M/m) (M = eval_images),
+    as sqrt(n) times it in the noncentral-t formula; with infinitely many images only var(a)
+    is left. At m = M with var(e) = 0 it is the t-test's own MDE.
+    """
     _, std = mean_std(diffs)
-    eval_std = math.sqrt(sum(eval_vars) / len(eval_vars))
-    seed_std = math.sqrt(max(std**2 - eval_std**2, 0.0))
+    boot = np.asarray(boot_diffs, np.float64)
     n = len(diffs)
-    mde = {
-        str(m): minimum_detectable_effect(math.sqrt(seed_std**2 + eval_std**2 * eval_images / m), n)
-        for m in NOISE_IMAGES
-    }
-    mde["infinite"] = minimum_detectable_effect(seed_std, n)
-    return dict(std=std, eval_std=eval_std, seed_std=seed_std, mde=mde)
+    within = float(np.mean(np.var(boot, axis=1, ddof=1)))  # var(e) + var(g)
+    of_mean = float(np.var(boot.mean(axis=0), ddof=1))  # var(e) + var(g) / n
+    var_g = max((within - of_mean) * n / (n - 1), 0.0)
+    var_e = max(of_mean - var_g / n, 0.0)
+    var_a = max(std**2 - var_g, 0.0)
+
+    def mde_at(scale: float) -> float:  # scale = M / m
+        return minimum_detectable_effect(math.sqrt(var_a + var_g * scale + n * var_e * scale), n)
+
+    mde = {str(m): mde_at(eval_images / m) for m in NOISE_IMAGES}
+    mde["infinite"] = mde_at(0.0)
+    return dict(
+        std=std,
+        image_std=math.sqrt(var_e),
+        interaction_std=math.sqrt(var_g),
+        seed_std=math.sqrt(var_a),
+        mde=mde,
+    )
 
 
 def eval_noise(
@@ -568,8 +591,8 @@ def eval_noise(
         va = "fused" if c.metric_a.startswith("fused") else "detector_only"
         vb = "fused" if c.metric_b.startswith("fused") else "detector_only"
         diffs = [100.0 * (metrics[a][c.metric_a] - metrics[b][c.metric_b]) for a, b in pairs]
-        eval_vars = [float(np.var(boot(a, va) - boot(b, vb), ddof=1)) for a, b in pairs]
-        result.append(dict(mechanism=c.mechanism, **noise_split(diffs, eval_vars, n)))
+        boot_diffs = np.stack([boot(a, va) - boot(b, vb) for a, b in pairs])
+        result.append(dict(mechanism=c.mechanism, **noise_split(diffs, boot_diffs, n)))
     return dict(draws=BOOTSTRAP_DRAWS, eval_images=n, comparisons=result)
 
 
@@ -734,20 +757,20 @@ def tables(result: dict[str, Any]) -> list[str]:
             )
     noise = result.get("eval_noise")
     if noise:
-        sizes = [k for k in noise["comparisons"][0]["mde"]] if noise["comparisons"] else []
+        # In NOISE_IMAGES order (the JSON sorts keys as text), then "infinite".
+        sizes = [str(m) for m in NOISE_IMAGES] + ["infinite"] if noise["comparisons"] else []
         lines += [
             "",
-            f"| mechanism | std of Δ | from the {noise['eval_images']} test images drawn "
-            "(bootstrap) | from the seeds | "
-            + " | ".join(f"MDE at {k} images" for k in sizes)
-            + " |",
+            f"| mechanism | std of Δ over seeds | which {noise['eval_images']} images were drawn "
+            "(shared, std) | seed × image "
+            "(std) | seeds' own (std) | " + " | ".join(f"MDE at {k} images" for k in sizes) + " |",
         ]
-        lines.append("|---|---:|---:|---:|" + "---:|" * len(sizes))
+        lines.append("|---|---:|---:|---:|---:|" + "---:|" * len(sizes))
         for c in noise["comparisons"]:
             cells = " | ".join(_num(c["mde"][k], ".1f") for k in sizes)
             lines.append(
-                f"| {c['mechanism']} | {c['std']:.1f} | {c['eval_std']:.1f} | "
-                f"{c['seed_std']:.1f} | {cells} |"
+                f"| {c['mechanism']} | {c['std']:.1f} | {c['image_std']:.1f} | "
+                f"{c['interaction_std']:.1f} | {c['seed_std']:.1f} | {cells} |"
             )
     q = summary["quality"]
     lines += [

@@ -129,18 +129,33 @@ def test_bootstrap_ap_r_redraws_the_evaluation_images():
     assert np.all(ab.bootstrap_ap_r(gt, perfect, draws) == pytest.approx(100.0))
 
 
-def test_noise_split_of_a_constructed_spread():
-    diffs = [1.0, 3.0, 2.0, 4.0, 0.0]
+def test_noise_split_recovers_planted_variance_components():
+    # d[s, b] = a_s + e_b + g_sb with known variances: e shared by the seeds, g not.
+    rng = np.random.default_rng(0)
+    n, draws = 5, 40000
+    a = np.array([1.0, 3.0, 2.0, 4.0, 0.0])
+    e = rng.normal(0, 2.0, draws)
+    g = rng.normal(0, 1.0, (n, draws))
+    diffs = list(a + g[:, 0])  # the measured set: one draw's shared effect is common to all
+    split = ab.noise_split(diffs, a[:, None] + e[None, :] + g, eval_images=200)
+    assert split["image_std"] == pytest.approx(2.0, rel=0.05)
+    assert split["interaction_std"] == pytest.approx(1.0, rel=0.05)
     std = np.std(diffs, ddof=1)
-    # All of the spread from the images drawn: more images would shrink the MDE to 0.
-    split = ab.noise_split(diffs, [std**2] * 5, eval_images=200)
-    assert split["seed_std"] == pytest.approx(0.0) and split["mde"]["infinite"] == 0.0
-    assert split["mde"]["200"] == pytest.approx(ab.minimum_detectable_effect(std, 5))
-    assert split["mde"]["1000"] == pytest.approx(split["mde"]["200"] / np.sqrt(5))
-    # None of it: the MDE does not depend on the evaluation-set size.
-    split = ab.noise_split(diffs, [0.0] * 5, eval_images=200)
-    assert split["seed_std"] == pytest.approx(std)
-    assert split["mde"]["1000"] == pytest.approx(split["mde"]["infinite"])
+    assert split["seed_std"] == pytest.approx(np.sqrt(max(std**2 - 1.0, 0)), rel=0.1)
+    # More images shrink the MDE; with infinitely many only the seeds' own part is left.
+    mde = split["mde"]
+    assert mde["200"] > mde["500"] > mde["1000"] > mde["infinite"]
+    assert mde["infinite"] == pytest.approx(ab.minimum_detectable_effect(split["seed_std"], n))
+
+
+def test_noise_split_without_image_effects_is_the_t_tests_mde():
+    diffs = [1.0, 3.0, 2.0, 4.0, 0.0]
+    flat = np.repeat(np.asarray(diffs)[:, None], 7, axis=1)  # no bootstrap variation at all
+    split = ab.noise_split(diffs, flat, eval_images=200)
+    assert split["image_std"] == split["interaction_std"] == 0.0
+    assert split["seed_std"] == pytest.approx(np.std(diffs, ddof=1))
+    expected = ab.minimum_detectable_effect(np.std(diffs, ddof=1), 5)
+    assert all(v == pytest.approx(expected) for v in split["mde"].values())
 
 
 def _constructed_records(plan, budget, effect_of_cpe: float):
