@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -208,6 +209,31 @@ def images_per_second(
     return num_batches * batch_size / (time.perf_counter() - t)
 
 
+def process_scaling(
+    name: str, make_batches: Callable[[int], Any], batch_size: int, num_batches: int
+) -> dict:
+    """Images/s of `make_batches(p)` (a batcher with `worker_processes=p`) for p = 1 and 2, over
+    steps 1..num_batches after step 0 (which also starts the processes).
+
+    Raises AssertionError unless every timed batch equals the in-process batcher's.
+    """
+    reference = make_batches(0)
+    expected = [reference.batch(step) for step in range(1, num_batches + 1)]
+    row: dict[Any, Any] = dict(pipeline=name, batch=batch_size, images=num_batches * batch_size)
+    for processes in (1, 2):
+        batches = make_batches(processes)
+        batches.batch(0)
+        t = time.perf_counter()
+        got = [batches.batch(step) for step in range(1, num_batches + 1)]
+        row[processes] = num_batches * batch_size / (time.perf_counter() - t)
+        for a, b in zip(expected, got):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+        del batches  # shuts its processes down
+    print(f"  timed {name} on 1 and 2 worker processes", flush=True)
+    return row
+
+
 def _timed_batches(num_examples: int, batch_size: int, minimum: int) -> int:
     """One epoch's worth of batches after the warm-up one (at least `minimum`)."""
     return max(minimum, math.ceil(num_examples / batch_size) - 1)
@@ -307,8 +333,9 @@ def main():
             ("defaults", det_defaults.det),
             ("shapes_detect" + suffix, det_cfg.det),
         ]
-        for origin, det in det_settings:
-            batches = DetectionBatches(
+
+        def det_batches(det, **kw):
+            return DetectionBatches(
                 source,
                 global_batch=det_batch,
                 image_size=int(det.image_size),
@@ -318,7 +345,11 @@ def main():
                 scale_range=tuple(det.scale_range),
                 flip=bool(det.flip),
                 mask_stride=int(det.mask_stride),
+                **kw,
             )
+
+        for origin, det in det_settings:
+            batches = det_batches(det)
             n = _timed_batches(num_images, det_batch, minimum)
             lo, hi = det.scale_range
             rows.append(
@@ -336,9 +367,10 @@ def main():
 
         web = WebShardsImageTextSource(shards)
         pre_settings = [("defaults", pre_defaults), ("shapes_pretrain" + suffix, pre_cfg)]
-        for origin, cfg in pre_settings:
+
+        def pre_batches(cfg, **kw):
             pp = cfg.pp
-            batches = PretrainBatches(
+            return PretrainBatches(
                 web,
                 SentencePieceTokenizer(spm, max_len=int(cfg.tokenizer.max_len)),
                 global_batch=pre_batch,
@@ -346,7 +378,12 @@ def main():
                 seed=0,
                 crop_scale=None if pp.crop_scale is None else tuple(pp.crop_scale),
                 flip=bool(pp.flip),
+                **kw,
             )
+
+        for origin, cfg in pre_settings:
+            pp = cfg.pp
+            batches = pre_batches(cfg)
             n = _timed_batches(len(web), pre_batch, minimum)
             rows.append(
                 dict(
@@ -361,12 +398,41 @@ def main():
             )
             print(f"  timed {rows[-1]['pipeline']} at {rows[-1]['px']} px", flush=True)
 
+        # Worker processes (`data.worker_processes`), at the paper's sizes.
+        scaling = [
+            (
+                f"detection LSJ +masks, {int(det_defaults.det.image_size)} px",
+                lambda p: det_batches(det_defaults.det, worker_processes=p),
+                det_batch,
+                _timed_batches(num_images, det_batch, minimum),
+            ),
+            (
+                f"pretraining web shards, {int(pre_defaults.pp.image_size)} px",
+                lambda p: pre_batches(pre_defaults, worker_processes=p),
+                pre_batch,
+                # Several epochs of the small shard set: an epoch takes a fraction of a second.
+                _timed_batches(len(web), pre_batch, minimum) * (1 if quick else 8),
+            ),
+        ]
+        process_rows = [process_scaling(*s) for s in scaling]
+
     print("\ninput pipelines (images/s on this host):")
     print(f"{'pipeline':<52} {'px':>5} {'batch':>5} {'timed':>5} {'1 thread':>9} {'prefetch':>9}")
     for r in rows:
         print(
             f"{r['pipeline']:<52} {r['px']:>5} {r['batch']:>5} {r['images']:>5} "
             f"{r['direct']:>9.1f} {r['prefetched']:>9.1f}"
+        )
+
+    print("\nworker processes (data.worker_processes; images/s, batches equal to in-process):")
+    print(
+        f"{'pipeline':<44} {'batch':>5} {'timed':>5} {'1 process':>10} {'2 processes':>12} {'ratio':>6}"
+    )
+    for r in process_rows:
+        print(
+            f"{r['pipeline']:<44} {r['batch']:>5} {r['images']:>5} {r[1]:>10.1f} {r[2]:>12.1f} "
+            f"{r[2] / r[1]:>5.2f}x",
+            flush=True,
         )
 
     needs = [

@@ -7,15 +7,14 @@ for orbax's arrays. Nothing is mocked.
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import jax
 import numpy as np
 import pytest
+import test_preemption
 import test_recipes
 from conftest import xla_flags
 from tensorboard.backend.event_processing import event_accumulator
@@ -142,24 +141,14 @@ def test_sigterm_and_relaunch_resume_from_the_bucket_bit_identical(bucket, strai
     reached and ends on the straight run's parameters, bit for bit."""
     workdir = f"{bucket['root']}/interrupted"
     ckpts = f"{workdir}/checkpoints"
-    log_path = str(tmp_path / "1_sigterm.log")
-    launcher = tmp_path / "slow.py"
-    launcher.write_text(SLOW_LAUNCHER)
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(test_preemption.LAUNCHER)  # slows the input: SIGTERM lands mid-run
     cmd = _pretrain_cmd(bucket, workdir)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [cmd[0], str(launcher), *cmd[3:]],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_env(TEST_BATCH_DELAY="0.5"),
-        )
-        try:
-            _wait_for(proc, log_path, r"step [1-9]\d*/\d+")
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=300)
-        finally:
-            proc.kill()
-    text = open(log_path).read()
+    rc, text = test_preemption.sigterm_mid_run(
+        [cmd[0], str(launcher), *cmd[3:]],
+        str(tmp_path / "1_sigterm.log"),
+        _env(TEST_BATCH_DELAY="0.5"),
+    )
     assert rc == preemption.PREEMPTED_EXIT_CODE, text[-4000:]
     stopped = int(re.search(r"stopping on SIGTERM after step (\d+)", text).group(1))
     assert 0 < stopped < TOTAL
@@ -188,41 +177,6 @@ def test_sigterm_and_relaunch_resume_from_the_bucket_bit_identical(bucket, strai
     assert jax.tree.structure(params) == jax.tree.structure(reference)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(a, b)
-
-
-SLOW_LAUNCHER = r"""
-import os, runpy, sys, time
-
-from rovit_jax.train import loop
-
-real_prefetch = loop.prefetch
-delay = float(os.environ["TEST_BATCH_DELAY"])
-
-
-def slow_prefetch(make_batch, start, end, **kw):
-    def slow(step):
-        time.sleep(delay)  # only timing: lets a SIGTERM land mid-run
-        return make_batch(step)
-
-    return real_prefetch(slow, start, end, **kw)
-
-
-loop.prefetch = slow_prefetch
-sys.argv[0] = "rovit_jax.main"
-runpy.run_module("rovit_jax.main", run_name="__main__", alter_sys=True)
-"""
-
-
-def _wait_for(proc, log_path, pattern, timeout=600):
-    """Polls the process log until `pattern` matches."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if re.search(pattern, open(log_path).read()):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"exited {proc.returncode}:\n{open(log_path).read()[-4000:]}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {pattern!r}")
 
 
 def test_detection_trains_from_the_bucket_and_a_predictor_loads_it_from_there(

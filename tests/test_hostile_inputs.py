@@ -175,11 +175,13 @@ def test_pretrain_batches_count_each_planted_problem_and_serve_every_valid_examp
     kw = dict(global_batch=8, image_size=8, seed=4)
     serial = image_text.PretrainBatches(src, WordTokenizer(), **kw)
     threaded = image_text.PretrainBatches(src, WordTokenizer(), num_workers=3, **kw)
+    processes = image_text.PretrainBatches(src, WordTokenizer(), worker_processes=2, **kw)
     served = []
     for step in range(4):  # one epoch: every index is an original example exactly once
-        a, b = serial.batch(step), threaded.batch(step)
-        np.testing.assert_array_equal(a["image"], b["image"])
-        np.testing.assert_array_equal(a["text"], b["text"])
+        a = serial.batch(step)
+        for b in (threaded.batch(step), processes.batch(step)):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["text"], b["text"])
         ids = a["text"][:, 1] - 4
         # Content matches the caption: the row's image is the example's own image.
         np.testing.assert_allclose(
@@ -189,7 +191,7 @@ def test_pretrain_batches_count_each_planted_problem_and_serve_every_valid_examp
     assert len(served) == 32
     valid_ids = {int(items[i]["caption"]) for i in valid_idx}
     assert set(served) == valid_ids  # every valid example served; no hostile one
-    for batches in (serial, threaded):
+    for batches in (serial, threaded, processes):
         assert batches.skipped == sum(planted.values()) == 11
         nonzero = {r: n for r, n in batches.skipped_by_reason.items() if n}
         assert nonzero == planted
@@ -290,17 +292,19 @@ def test_detection_batches_count_each_planted_problem_and_serve_every_valid_exam
         flip=False,
     )
     serial, threaded = di.DetectionBatches(src, **kw), di.DetectionBatches(src, num_workers=2, **kw)
+    processes = di.DetectionBatches(src, worker_processes=2, **kw)
     rows = []
     for step in range(2):  # one epoch
-        a, b = serial.batch(step), threaded.batch(step)
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+        a = serial.batch(step)
+        for b in (threaded.batch(step), processes.batch(step)):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
         rows += served_rows(a)
     assert len(rows) == 16
     assert {v for v, _ in rows} == set(valid)  # every valid image served, no hostile one
     for v, classes in rows:
         assert classes == valid[v], v  # the messy image keeps exactly its good instance
-    for batches in (serial, threaded):
+    for batches in (serial, threaded, processes):
         assert batches.skipped == sum(planted.values()) == 8
         assert {r: n for r, n in batches.skipped_by_reason.items() if n} == planted
         assert batches.dropped == {

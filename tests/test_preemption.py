@@ -142,6 +142,21 @@ def _wait_for(proc, log_path, pattern, timeout=600):
     raise AssertionError(f"timed out waiting for {pattern!r}")
 
 
+def sigterm_mid_run(cmd, log_path, env):
+    """Starts `cmd` (through LAUNCHER, with env's TEST_BATCH_DELAY) and sends SIGTERM once its
+    log shows a step > 0; returns (exit code, log text)."""
+    proc, log = _start(cmd, log_path, env)
+    try:
+        _wait_for(proc, log_path, r"step [1-9]\d*/\d+")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+        log.close()
+    with open(log_path) as f:
+        return rc, f.read()
+
+
 def _steps(workdir):
     names = os.listdir(os.path.join(workdir, "checkpoints"))
     return sorted(int(n) for n in names if n.isdigit())
@@ -179,17 +194,9 @@ def test_sigterm_then_kill_during_save_then_resume_equals_straight_run(
     root = os.path.join(workdir, "checkpoints")
 
     # 1. SIGTERM once the log shows a step > 0.
-    log_path = str(tmp_path / "1_sigterm.log")
     env = dict(ENV, TEST_BATCH_DELAY=str(delay))
-    proc, log = _start(_cmd(shared, task, workdir, launcher=True), log_path, env)
-    try:
-        _wait_for(proc, log_path, r"step [1-9]\d*/\d+")
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=300)
-    finally:
-        proc.kill()
-        log.close()
-    text = open(log_path).read()
+    cmd = _cmd(shared, task, workdir, launcher=True)
+    rc, text = sigterm_mid_run(cmd, str(tmp_path / "1_sigterm.log"), env)
     assert rc == preemption.PREEMPTED_EXIT_CODE == 75, text[-4000:]
     stopped = int(re.search(r"stopping on SIGTERM after step (\d+)", text).group(1))
     assert 0 < stopped < total

@@ -163,6 +163,7 @@ class DetectionBatches(StreamBatches):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_substitutes: int = 64,
         num_workers: int = 1,
+        worker_processes: int = 0,
     ):
         size = check_output_size(image_size)
         if max_instances < 1:
@@ -188,6 +189,7 @@ class DetectionBatches(StreamBatches):
             process_index=process_index,
             process_count=process_count,
             num_workers=num_workers,
+            worker_processes=worker_processes,
             tallies={
                 "skipped": DETECTION_SKIP_REASONS,
                 "dropped": DROP_REASONS,

@@ -343,6 +343,7 @@ class PretrainBatches(StreamBatches):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_substitutes: int = 64,
         num_workers: int = 1,
+        worker_processes: int = 0,
     ):
         super().__init__(
             len(source),
@@ -351,6 +352,7 @@ class PretrainBatches(StreamBatches):
             process_index=process_index,
             process_count=process_count,
             num_workers=num_workers,
+            worker_processes=worker_processes,
             tallies={"skipped": PRETRAIN_SKIP_REASONS},
         )
         self.source, self.tokenizer = source, tokenizer

@@ -89,6 +89,9 @@ class _DataSettings(Section):
     train_split: str = setting("train")
     eval_split: str = setting("test")
     num_workers: int = setting(1, min_value=1, older=1)  # threads decoding each host's batch
+    # Processes decoding each host's batch (0: none, the threads above do it). Threads share
+    # one core through the GIL; a TPU host needs tens of processes to feed its chips.
+    worker_processes: int = setting(0, min_value=0, older=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -444,6 +444,7 @@ class DetectTask:
             mask_stride=det.mask_stride,
             with_masks=self.settings["data"].has_masks,
             num_workers=self.settings["data"].num_workers,
+            worker_processes=self.settings["data"].worker_processes,
             process_index=process_index,
             process_count=process_count,
         )

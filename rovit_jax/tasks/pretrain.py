@@ -184,6 +184,7 @@ class PretrainTask:
             crop_scale=pp.crop_scale,
             flip=pp.flip,
             num_workers=self.settings["data"].num_workers,
+            worker_processes=self.settings["data"].worker_processes,
             process_index=process_index,
             process_count=process_count,
         )
