@@ -398,17 +398,20 @@ def main():
             )
             print(f"  timed {rows[-1]['pipeline']} at {rows[-1]['px']} px", flush=True)
 
-        # Worker processes (`data.worker_processes`), at the paper's sizes.
+        # Worker processes (`data.worker_processes`), at the paper's sizes (--quick: the tiny
+        # configs' sizes; a smoke run of the machinery, not a measurement).
+        det_px = det_cfg.det if quick else det_defaults.det
+        pre_px = pre_cfg if quick else pre_defaults
         scaling = [
             (
-                f"detection LSJ +masks, {int(det_defaults.det.image_size)} px",
-                lambda p: det_batches(det_defaults.det, worker_processes=p),
+                f"detection LSJ +masks, {int(det_px.image_size)} px",
+                lambda p: det_batches(det_px, worker_processes=p),
                 det_batch,
                 _timed_batches(num_images, det_batch, minimum),
             ),
             (
-                f"pretraining web shards, {int(pre_defaults.pp.image_size)} px",
-                lambda p: pre_batches(pre_defaults, worker_processes=p),
+                f"pretraining web shards, {int(pre_px.pp.image_size)} px",
+                lambda p: pre_batches(pre_px, worker_processes=p),
                 pre_batch,
                 # Several epochs of the small shard set: an epoch takes a fraction of a second.
                 _timed_batches(len(web), pre_batch, minimum) * (1 if quick else 8),

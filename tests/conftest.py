@@ -118,6 +118,7 @@ def run_dir(tmp_path_factory):
 SLOWEST_FILES_FIRST = (
     "test_ablations.py",  # 185 s
     "test_preemption.py",  # 149
+    "test_gcs.py",  # 150
     "test_detector.py",  # 149
     "test_multihost_training.py",  # 137
     "test_recipes.py",  # 116
