@@ -146,6 +146,16 @@ def pytest_collection_modifyitems(session, config, items):
 # ---- a local Google Cloud Storage server -------------------------------------------------------
 
 
+def copy_tree(src: str, dst: str) -> None:
+    """Copies every file under folder `src` to `dst`, keeping relative paths; either side may be
+    local or a bucket URL (through rovit_jax.paths, as the project reads and writes them)."""
+    from rovit_jax import paths
+
+    src = paths.absolute(src)
+    for name in paths.find(src):
+        paths.write_bytes(dst + name[len(src) :], paths.read_bytes(name))
+
+
 @pytest.fixture(scope="session")
 def gcs_bucket():
     """`gs://<bucket>` on a local GCS emulator (PyPI `gcp-storage-emulator`, in memory; started

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import test_preemption
 import test_recipes
-from conftest import xla_flags
+from conftest import copy_tree, xla_flags
 from tensorboard.backend.event_processing import event_accumulator
 
 from rovit_jax import paths
@@ -67,21 +67,12 @@ def _env(**extra):
 TOTAL, PERIOD = 12, 4  # configs/shapes_pretrain.py:tiny steps, and a checkpoint every 4
 
 
-def upload(local_root: str, url_root: str) -> None:
-    """Copies every file under folder `local_root` to `url_root`, keeping relative paths."""
-    for folder, _, names in os.walk(local_root):
-        for name in names:
-            local = os.path.join(folder, name)
-            with open(local, "rb") as f:
-                paths.write_bytes(f"{url_root}/{os.path.relpath(local, local_root)}", f.read())
-
-
 @pytest.fixture(scope="module")
 def bucket(files, gcs_bucket):
     """The datasets' paths in the bucket, and the bucket folder of this module's runs."""
     root = f"{gcs_bucket}/runs_{uuid.uuid4().hex[:8]}"
     local = str(files["root"])
-    upload(local, f"{root}/data")
+    copy_tree(local, f"{root}/data")
     data = {k: v.replace(local, f"{root}/data") for k, v in files.items() if isinstance(v, str)}
     return {"root": root, **data}
 
@@ -205,8 +196,7 @@ def test_detection_trains_from_the_bucket_and_a_predictor_loads_it_from_there(
     assert paths.isfile(f"{workdir}/detections_fused.json")
 
     local = str(tmp_path / "copy")
-    for name in paths.find(workdir):
-        paths.write_bytes(local + name[len(workdir) :], paths.read_bytes(name))
+    copy_tree(workdir, local)
     image = f"{bucket['coco_images']}/{1:012d}.jpg"
     queries = ["person", "car", "bus"]
     got = Predictor.from_checkpoint(workdir).predict(image, queries, score_threshold=0.0)

@@ -14,6 +14,7 @@ import uuid
 import numpy as np
 import pytest
 import test_readers as readers
+from conftest import copy_tree
 from test_readers import NON_ASCII, drawn_image, save
 
 from rovit_jax import paths
@@ -32,20 +33,10 @@ karpathy_fixture = readers.karpathy_fixture
 web_fixture = readers.web_fixture
 
 
-def upload(local_root: str, url_root: str) -> None:
-    """Copies every file under folder `local_root` to `url_root`, keeping relative paths."""
-    for folder, _, names in os.walk(local_root):
-        for name in names:
-            local = os.path.join(folder, name)
-            relative = os.path.relpath(local, local_root).replace(os.sep, "/")
-            with open(local, "rb") as f:
-                paths.write_bytes(f"{url_root}/{relative}", f.read())
-
-
 @pytest.fixture
 def mirror(gcs_bucket, tmp_path):
     """(local root, bucket root): a fresh bucket folder standing for `tmp_path`; call
-    `upload(local, remote)` once the local files are written."""
+    `copy_tree(local, remote)` once the local files are written."""
     return str(tmp_path), f"{gcs_bucket}/data_{uuid.uuid4().hex[:8]}"
 
 
@@ -81,7 +72,7 @@ def assert_same_examples(a, b) -> None:
 
 def test_web_shards_from_a_bucket(web_fixture, mirror):
     local, remote = mirror
-    upload(local, f"{remote}/shards")
+    copy_tree(local, f"{remote}/shards")
     on_disk = WebShardsImageTextSource(f"{local}/*.tfrecord")
     # Every way of naming the shards expands to the same sorted list.
     expected = [f"{remote}/shards/00000.tfrecord", f"{remote}/shards/00001.tfrecord"]
@@ -107,7 +98,7 @@ def test_web_shards_from_a_bucket(web_fixture, mirror):
 
 def test_web_shard_errors_name_the_url(web_fixture, mirror):
     local, remote = mirror
-    upload(local, remote)
+    copy_tree(local, remote)
     cases = [
         (lambda r: expand_shards(f"{r}/nothing-*.tfrecord"), FileNotFoundError, "nothing-"),
         (lambda r: expand_shards(f"{r}/{{00000..00002}}.tfrecord"), FileNotFoundError, "00002"),
@@ -140,7 +131,7 @@ def test_web_shard_errors_name_the_url(web_fixture, mirror):
 def test_coco_detection_from_a_bucket(coco_fixture, mirror):
     path, image_dir, _, arrays = coco_fixture
     local, remote = mirror
-    upload(local, remote)
+    copy_tree(local, remote)
     on_disk = CocoDetectionSource(path, image_dir)
     in_bucket = CocoDetectionSource(f"{remote}/instances_val2017.json", f"{remote}/val2017")
     assert in_bucket.image_ids == on_disk.image_ids == [7, 19, 42]
@@ -174,7 +165,7 @@ def test_coco_detection_from_a_bucket(coco_fixture, mirror):
 def test_lvis_image_lookup_in_a_bucket(lvis_fixture, mirror):
     path, root, _, _ = lvis_fixture
     local, remote = mirror
-    upload(local, remote)
+    copy_tree(local, remote)
     on_disk = LvisDetectionSource(path, root)
     in_bucket = LvisDetectionSource(f"{remote}/lvis_v1_val.json", f"{remote}/coco")
     # "train2017/x.jpg" from coco_url is found under the COCO root, in a bucket as on disk.
@@ -191,7 +182,7 @@ def test_lvis_image_lookup_in_a_bucket(lvis_fixture, mirror):
 def test_karpathy_from_a_bucket(karpathy_fixture, mirror):
     path, image_dir, _ = karpathy_fixture
     local, remote = mirror
-    upload(local, remote)
+    copy_tree(local, remote)
     for grouped in (False, True):
         on_disk = KarpathyCaptionsSource(path, image_dir, split="test", grouped=grouped)
         in_bucket = KarpathyCaptionsSource(
@@ -230,7 +221,7 @@ def test_coco_captions_from_a_bucket(mirror):
     }
     with open(os.path.join(local, "captions.json"), "w", encoding="utf-8") as f:
         json.dump(data, f, ensure_ascii=False)
-    upload(local, remote)
+    copy_tree(local, remote)
 
     def source(root):
         return CocoCaptionsSource(f"{root}/captions.json", f"{root}/train2017", all_captions=True)
@@ -294,7 +285,7 @@ def cli_fields(capsys, *argv) -> tuple[int, dict[str, str], str]:
 
 def test_data_cli_reads_and_renders_to_a_bucket(coco_fixture, mirror, capsys):
     local, remote = mirror
-    upload(local, f"{remote}/in")
+    copy_tree(local, f"{remote}/in")
     results = {}
     for root, data in ((local, local), (remote, f"{remote}/in")):
         code, fields, err = cli_fields(
