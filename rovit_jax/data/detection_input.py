@@ -293,7 +293,7 @@ class DetectionBatches(StreamBatches):
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         rows = self._rows(step)
-        return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+        return {key: self.stack([r[key] for r in rows]) for key in rows[0]}
 
 
 def eval_detection_batches(

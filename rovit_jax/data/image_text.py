@@ -369,8 +369,11 @@ class PretrainBatches(StreamBatches):
         )
         return image, caption
 
-    def _row(self, position: int) -> tuple[tuple[np.ndarray, str], str | None, dict]:
-        """((image [S, S, 3], caption), skip reason or None, no other tallies) of a position."""
+    def _row(self, position: int) -> tuple[tuple[np.ndarray, np.ndarray], str | None, dict]:
+        """((image [S, S, 3], caption ids [max_len]), skip reason or None, no other tallies).
+
+        Captions are tokenized here, with the image, so that worker processes do it too.
+        """
         epoch, index = self.index_at(position)
         failures: list[Exception] = []
         idx, (image, caption), substituted = load_with_substitutes(
@@ -388,11 +391,11 @@ class PretrainBatches(StreamBatches):
         )
         # Counted under the original example's problem, whatever its substitutes' were.
         reason = error_reason(failures[0]) if substituted else None
-        return (image, caption), reason, {}
+        return (image, self.tokenizer.encode([caption])[0]), reason, {}
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        images, captions = zip(*self._rows(step))
-        return {"image": np.stack(images), "text": self.tokenizer.encode(list(captions))}
+        images, texts = zip(*self._rows(step))
+        return {"image": self.stack(images), "text": np.stack(texts)}
 
 
 def eval_batches(

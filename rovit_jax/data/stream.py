@@ -7,10 +7,10 @@ of hosts, and resuming needs only the step. An unusable example is replaced by a
 substitute (`load_with_substitutes`), so one bad file never stops training.
 
 Rows are built by `num_workers` threads of this process, or by `worker_processes` spawned
-processes, each holding a copy of the batcher (sent once): decoding and augmentation are Python
-and PIL work, which threads share through the GIL, while processes use one core each. Rows are a
-pure function of the stream position and come back in order, so batches and tallies are the same
-for any number of threads or processes.
+processes (`row_processes`), each holding a copy of the batcher (sent once): decoding and
+augmentation are Python and PIL work, which threads share through the GIL, while processes use
+one core each. Rows are a pure function of the stream position and come back in order, so
+batches and tallies are the same for any number of threads or processes.
 
 Why an example is unusable travels with the error: readers and checks raise a subclass of
 `UnusableExampleError` carrying a short `reason` ("undecodable_image", "bad_mask_shape", ...),
@@ -22,16 +22,13 @@ looked up along the exception's cause chain.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import pickle
-import signal
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from multiprocessing import shared_memory
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+
+from rovit_jax.data.row_processes import RowProcesses
 
 T = TypeVar("T")
 
@@ -179,95 +176,6 @@ def map_in_order(
     return list(pool.map(fn, items))
 
 
-# ---- rows built in worker processes ---------------------------------------------------------
-_WORKER_BATCHER: Any = None  # in a worker process: its copy of the batcher
-
-
-def _start_worker(batcher_state: bytes) -> None:
-    global _WORKER_BATCHER
-    # Stopping is the parent's business: it finishes its step, checkpoints, then shuts the
-    # pool down; a SIGTERM/SIGINT sent to the whole process group must not kill rows mid-way.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER_BATCHER = pickle.loads(batcher_state)
-
-
-# Arrays at least this large travel through shared memory: pickling them through the pool's
-# pipe costs several times a memory copy (a 1024 px detection row is about 19 MB).
-_SHARED_MIN_BYTES = 1 << 16
-
-
-class _SharedArray:
-    """An array parked in a shared-memory block by a worker, for the parent to take."""
-
-    def __init__(self, array: np.ndarray):
-        block = shared_memory.SharedMemory(create=True, size=max(array.nbytes, 1))
-        np.ndarray(array.shape, array.dtype, buffer=block.buf)[...] = array
-        self.name, self.shape, self.dtype = block.name, array.shape, array.dtype
-        block.close()
-
-    def take(self, blocks: list) -> np.ndarray:
-        """The array, as a view of the block (appended to `blocks`, for `_free` once the batch
-        is assembled: copying it out here would cost one more pass over the bytes)."""
-        block = shared_memory.SharedMemory(name=self.name)
-        blocks.append(block)
-        return np.ndarray(self.shape, self.dtype, buffer=block.buf)
-
-
-def _free(blocks: list) -> None:
-    """Releases shared-memory blocks whose arrays have been copied into a batch."""
-    while blocks:
-        block = blocks.pop()
-        block.unlink()
-        try:
-            block.close()
-        except BufferError:  # a caller still holds a view: the mapping goes when it does
-            pass
-
-
-def _park(value: Any) -> Any:
-    """`value` (a row: nested dicts, tuples and lists) with large arrays moved to shared memory."""
-    if isinstance(value, np.ndarray) and value.nbytes >= _SHARED_MIN_BYTES:
-        return _SharedArray(value)
-    if isinstance(value, dict):
-        return {k: _park(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_park(v) for v in value)
-    return value
-
-
-def _unpark(value: Any, blocks: list) -> Any:
-    if isinstance(value, _SharedArray):
-        return value.take(blocks)
-    if isinstance(value, dict):
-        return {k: _unpark(v, blocks) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_unpark(v, blocks) for v in value)
-    return value
-
-
-def _worker_row(position: int) -> Any:
-    return _park(_WORKER_BATCHER._row(position))
-
-
-def process_pool(batcher: Any, processes: int) -> ProcessPoolExecutor:
-    """`processes` spawned workers, each with its own unpickled copy of `batcher`.
-
-    Spawned, not forked: the parent runs JAX's and TensorFlow's threads, which a fork would copy
-    in whatever state they hold. The pool shuts down, and the shared memory of the last rows is
-    freed, when `batcher` is garbage collected (or at exit).
-    """
-    pool = ProcessPoolExecutor(
-        processes,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_start_worker,
-        initargs=(pickle.dumps(batcher),),
-    )
-    weakref.finalize(batcher, pool.shutdown, wait=False, cancel_futures=True)
-    weakref.finalize(batcher, _free, batcher._blocks)
-    return pool
-
-
 class Batches(Protocol):
     """A task's training input, as the training loop reads it."""
 
@@ -318,8 +226,7 @@ class StreamBatches:
         if int(worker_processes) != worker_processes or worker_processes < 0:
             raise ValueError(f"worker_processes must be an integer >= 0, got {worker_processes!r}")
         self.worker_processes = int(worker_processes)
-        self._processes: ProcessPoolExecutor | None = None
-        self._blocks: list = []  # shared memory behind the last rows from the processes
+        self._processes: RowProcesses | None = None
         self.global_batch, self.seed = global_batch, seed
         # Every known key is present from the start (zeros too): a log or checkpoint of the
         # counts has the same keys whatever happened.
@@ -333,24 +240,18 @@ class StreamBatches:
 
     def __getstate__(self) -> dict[str, Any]:
         # What a worker process receives: no pools (it builds rows one by one itself).
-        state = dict(self.__dict__, pool=None, _processes=None, worker_processes=0, _blocks=[])
-        return state
+        return dict(self.__dict__, pool=None, _processes=None, worker_processes=0)
 
     def _rows(self, step: int) -> list[Any]:
         """This host's rows of `step`, with their tallies counted in stream order."""
-        positions = list(self.stream.host_positions(step))
-        _free(self._blocks)  # the previous batch's rows: stacked into their batch by now
         if self.worker_processes:
             if self._processes is None:
-                self._processes = process_pool(self, self.worker_processes)
-            # Chunks of a few rows: each process streams rows back while it builds the next.
-            chunk = -(-len(positions) // (4 * self.worker_processes))
-            results = [
-                _unpark(r, self._blocks)
-                for r in self._processes.map(_worker_row, positions, chunksize=chunk)
-            ]
+                self._processes = RowProcesses(
+                    self, self.worker_processes, self.stream.host_positions
+                )
+            results = self._processes.rows(step)
         else:
-            results = map_in_order(self.pool, self._row, positions)
+            results = map_in_order(self.pool, self._row, self.stream.host_positions(step))
         for _, reason, extra in results:
             if reason is not None:  # One count per replaced stream position.
                 self.skipped += 1
@@ -359,6 +260,12 @@ class StreamBatches:
                 for key, n in table.items():
                     self.tallies[group][key] = self.tallies[group].get(key, 0) + n
         return [row for row, _, _ in results]
+
+    def stack(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """np.stack(arrays); without a copy when they are the rows of a batch array that worker
+        processes wrote in place (the array is then returned itself)."""
+        whole = self._processes.stack(arrays) if self._processes is not None else None
+        return np.stack(arrays) if whole is None else whole
 
     def counts(self) -> dict[str, int]:
         """Flat tallies `{"<group>/<key>": n}`, every known key present (zeros too)."""
