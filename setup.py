@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "gcsfs>=2026.9,<2027",  # gs:// paths (rovit_jax/paths.py routes them through fsspec)
     "tqdm>=4.66",
     "safetensors>=0.4,<0.9",  # export/import of tower weights
+    "ftfy>=6.1,<7",  # CLIP's text cleaning (data/tokenizer.py, ClipBpeTokenizer)
+    "regex>=2023.0",  # CLIP's pre-tokenizer (Unicode classes)
 ]
 
 # PyTorch-side oracles and weight interchange: timm and open_clip models, torchvision ops.
@@ -32,6 +34,9 @@ PARITY = [
     "torchvision>=0.24,<=0.29.1",
     "timm>=1.0.20,<1.1",
     "open_clip_torch>=3.0,<3.4",
+    # Hugging Face CLIP / T5 tokenizers (a `tokenizers` backend): tokenizer oracles.
+    "transformers>=5.0,<5.26",
+    "tokenizers>=0.22,<0.24",
 ]
 # Executing the Colab notebooks headless.
 NOTEBOOKS = [

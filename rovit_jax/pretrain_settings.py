@@ -20,6 +20,7 @@ from rovit_jax.config_sections import (
     setting,
 )
 from rovit_jax.data.settings import ImageTextDataSettings, RetrievalDataSettings, WorldSettings
+from rovit_jax.data.tokenizer import TOKENIZER_KINDS
 from rovit_jax.losses.contrastive import CONTRASTIVE_LOSS_KINDS
 from rovit_jax.models.layers import ACTIVATIONS, DEFAULT_NORM_EPS
 from rovit_jax.models.text import TEXT_POOL_TYPES, text_variant
@@ -88,6 +89,9 @@ class TextTowerSettings(_TowerSettings):
     variant: str = setting("B", validate=text_variant)
     pool_type: str = setting("mean", choices=TEXT_POOL_TYPES)
     causal: bool = setting(False, older=False)
+    # Ignore everything from the first `tokenizer.pad_id` on (this project's towers). SigLIP's
+    # tower attends to its padding and CLIP's pads with id 0, a real piece: both need False.
+    mask_padding: bool = setting(True, older=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +143,18 @@ class TokenizerSettings(Section):
 
     max_len: int = setting(64, min_value=1)  # paper's text length (unverified)
     vocab_size: int = setting(64000, min_value=1)  # SentencePiece 64k of the sibling code
-    # A SentencePiece .model (needed for real data; the shapes world trains its own).
+    # "sentencepiece" or "clip_bpe" (OpenAI CLIP / open_clip), see rovit_jax.data.tokenizer.
+    kind: str = setting("sentencepiece", choices=TOKENIZER_KINDS, older="sentencepiece")
+    # sentencepiece: the .model (needed for real data; the shapes world trains its own).
+    # clip_bpe: CLIP's bpe_simple_vocab_16e6.txt.gz ("": the copy open_clip packages).
     model_path: str = setting("", older="")
+    # SentencePiece only: BOS first ("auto": when the model has one), EOS last (T5 / SigLIP;
+    # kept last when truncating), NFKC + lower-casing first (False: texts as they are).
+    add_bos: bool | str = setting("auto", choices=(True, False, "auto"), older="auto")
+    add_eos: bool = setting(False, older=False)
+    lowercase: bool = setting(True, older=True)
+    # Padding id: the model's pad piece (0 here, T5, CLIP) or, for SigLIP, its EOS piece (1).
+    pad_id: int = setting(0, min_value=0, older=0)
 
 
 @dataclasses.dataclass(frozen=True)

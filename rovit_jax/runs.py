@@ -183,13 +183,13 @@ def load_tokenizer(pretrain_config: ml_collections.ConfigDict, data_dir: str | N
     as training did.
     """
     from rovit_jax.data import shapes_tfds, sources
-    from rovit_jax.data.tokenizer import SentencePieceTokenizer
+    from rovit_jax.data.tokenizer import make_tokenizer
     from rovit_jax.pretrain_settings import pretrain_settings
 
     settings = pretrain_settings(pretrain_config)
     data, tok = settings["data"], settings["tokenizer"]
     pcfg = ml_collections.ConfigDict(pretrain_config.to_dict())
-    if data.name == "shapes_world" and not tok.model_path:
+    if data.name == "shapes_world" and tok.kind == "sentencepiece" and not tok.model_path:
         pcfg.data.data_dir = data.data_dir or data_dir or sources.default_data_dir()
         # Where `tokenizer.shapes_tokenizer` cached the run's model (no dataset is built).
         builder = shapes_tfds.shapes_builder(
@@ -199,7 +199,7 @@ def load_tokenizer(pretrain_config: ml_collections.ConfigDict, data_dir: str | N
             os.fspath(builder.data_dir), "tokenizer", f"unigram_{tok.vocab_size}.model"
         )
         if paths.isfile(path):
-            return SentencePieceTokenizer(path, tok.max_len)
+            return make_tokenizer(tok, model_path=path)
         logging.warning(
             "tokenizer %s not found: rebuilding the shapes world under %s to retrain it",
             path,

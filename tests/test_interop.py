@@ -269,7 +269,7 @@ def test_import_timm_resizes_position_embeddings(config, vit_forward):
 
 
 # ---- (c) open_clip ----------------------------------------------------------------------------
-def _open_clip_model(seed, defaults=False):
+def _open_clip_model(seed, defaults=False, vocab_size=512, context_length=16):
     """A small random open_clip CLIP and its model config.
 
     Configured to match this project's default blocks (tanh GELU, LayerNorm eps 1e-6), or with
@@ -278,53 +278,73 @@ def _open_clip_model(seed, defaults=False):
     from open_clip.model import CLIP
 
     same = {} if defaults else dict(act_kwargs={"approximate": "tanh"}, norm_kwargs={"eps": 1e-6})
+    text = dict(context_length=context_length, vocab_size=vocab_size, width=64, heads=2, layers=2)
     cfg = dict(
         embed_dim=32,
         vision_cfg=dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32, **same),
-        text_cfg=dict(context_length=16, vocab_size=512, width=64, heads=2, layers=2, **same),
+        text_cfg=dict(text, **same),
     )
     torch.manual_seed(seed)
     return _randomize_torch(CLIP(**cfg), seed), cfg
 
 
-def _clip_tokens(rng, lengths, context=16, sot=510, eot=511):
-    """CLIP-style: [SOT, words..., EOT, 0, ...] with EOT the largest id."""
-    tokens = np.zeros((len(lengths), context), np.int64)
-    for i, n in enumerate(lengths):
-        tokens[i, 0], tokens[i, n - 1] = sot, eot
-        tokens[i, 1 : n - 1] = rng.integers(1, sot, n - 2)
-    return tokens
+# Captions with what CLIP's cleaning and BPE must handle: punctuation ("!(" starts with id 0,
+# the padding id), upper case, HTML entities, accents, CJK, emoji, a text longer than the context.
+CAPTIONS = [
+    "a photo of a dog !( in a park",
+    "Hello, World!! It's a CAT &amp; a mouse.",
+    "Café naïve résumé — über 10% 中文 🐱",
+    "",
+    "a very long caption " * 30,
+]
 
 
 @pytest.mark.parametrize("defaults", [False, True], ids=["tanh_gelu", "open_clip_defaults"])
 def test_import_open_clip_same_embeddings(tmp_path, defaults):
-    source, source_cfg = _open_clip_model(seed=8, defaults=defaults)
+    """The imported model on caption strings, each side with its own tokenizer (ours:
+    ClipBpeTokenizer; open_clip's: open_clip.tokenize), equals open_clip's forward pass."""
+    import open_clip
+
+    from rovit_jax.data.tokenizer import ClipBpeTokenizer
+
+    source, source_cfg = _open_clip_model(
+        seed=8, defaults=defaults, vocab_size=49408, context_length=77
+    )
     path = str(tmp_path / "open_clip.pt")
     torch.save({"epoch": 3, "state_dict": source.state_dict()}, path)  # a training checkpoint
     # open_clip's defaults (exact GELU, eps 1e-5) are matched by the towers' options.
     arch = dict(activation="gelu", norm_eps=1e-5) if defaults else {}
+    text = dict(MU, vocab_size=49408, max_len=77, pool_type="eos", causal=True, **arch)
     model = TwoTower(
         image=dict(MU, patch_size=8, posemb_grid=(4, 4), pool_type="tok", pre_norm=True, **arch),
-        text=dict(MU, vocab_size=512, max_len=16, pool_type="last", causal=True, **arch),
+        text=dict(text, mask_padding=False),
         embed_dim=32,
         bias_init=None,
     )
     params, report = import_open_clip(path, model, model_cfg=source_cfg)
     assert not report.missing, str(report)
     assert not report.not_loaded, str(report)
-    assert len(report.notes) == 1 and "'argmax' (EOT) pooling equals" in report.notes[0]
+    assert not report.notes, report.notes
     x = _images(seed=9)
-    tokens = _clip_tokens(np.random.default_rng(10), [5, 16, 9, 2])
+    tokens = ClipBpeTokenizer(max_len=77).encode(CAPTIONS)
     with torch.no_grad():
         zi_ref = source.encode_image(_nchw(x), normalize=True).numpy()
-        zt_ref = source.encode_text(torch.from_numpy(tokens), normalize=True).numpy()
-    (zi, zt), aux = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))(
-        params, x, tokens.astype(np.int32)
-    )
+        zt_ref = source.encode_text(open_clip.tokenize(CAPTIONS), normalize=True).numpy()
+    (zi, zt), aux = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))(params, x, tokens)
     di, dt = np.abs(zi_ref - np.asarray(zi)).max(), np.abs(zt_ref - np.asarray(zt)).max()
     print(f"open_clip import ({defaults=}): image max |diff| {di:.2e}, text {dt:.2e}")
     assert di < TOL and dt < TOL
     assert float(aux["scale"]) == pytest.approx(float(source.logit_scale.detach().exp()), rel=1e-6)
+    # Masking from the first pad id (0, also '!') would cut the first caption short.
+    first = tokens[0].tolist()
+    assert 0 in first[: first.index(49407)]
+    masked = model.clone(text=dict(text, mask_padding=True))
+    (_, zt_masked), _ = jax.jit(lambda p, x, t: masked.apply({"params": p}, x, t))(
+        params, x, tokens
+    )
+    assert np.abs(zt_ref[0] - np.asarray(zt_masked)[0]).max() > 1e-2
+    _, report = import_open_clip(path, masked, model_cfg=source_cfg)
+    assert any("mask_padding=True" in note for note in report.notes), report.notes
 
 
 def test_import_open_clip_reports_what_does_not_match(tmp_path, config):

@@ -85,25 +85,26 @@ def tokenizer_for(pretrain_config: ml_collections.ConfigDict):
 
 def text_tokenizer(settings: Mapping[str, Any]):
     """The text tokenizer of a pretraining config's typed sections ("data", "data.world",
-    "tokenizer"): `tokenizer.model_path`, or for the shapes world one trained on its captions."""
+    "tokenizer"): `tokenizer.*` (`tokenizer.make_tokenizer`), or for the shapes world without a
+    `tokenizer.model_path`, a SentencePiece model trained on its captions."""
     from rovit_jax.data import tokenizer as tok_lib
 
     data, tok = settings["data"], settings["tokenizer"]
-    if data.name == "shapes_world" and not tok.model_path:
+    if data.name == "shapes_world" and tok.kind == "sentencepiece" and not tok.model_path:
         tokenizer = tok_lib.shapes_tokenizer(
             shapes_builder(settings["data.world"], data.data_dir),
             max_len=tok.max_len,
             vocab_size=tok.vocab_size,
         )
     else:
-        if not tok.model_path:
+        if tok.kind == "sentencepiece" and not tok.model_path:
             raise ValueError(
                 "config key `tokenizer.model_path` is required (a SentencePiece .model file) "
                 f"for data.name={data.name!r}"
             )
-        if not paths.isfile(tok.model_path):
+        if tok.model_path and not paths.isfile(tok.model_path):
             raise FileNotFoundError(f"config key `tokenizer.model_path`: no file {tok.model_path}")
-        tokenizer = tok_lib.SentencePieceTokenizer(tok.model_path, tok.max_len)
+        tokenizer = tok_lib.make_tokenizer(tok)
     if tokenizer.vocab_size > tok.vocab_size:
         raise ValueError(
             f"config key `tokenizer.vocab_size` = {tok.vocab_size} "

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rovit_jax import paths
+from rovit_jax.data.tokenizer import ClipBpeTokenizer
 from rovit_jax.runs import vlm_tower_params
 
 __all__ = [
@@ -87,27 +88,33 @@ def write_metadata(
     """Writes the export's JSON (`path`, local or a bucket URL): shapes, preprocessing, and the
     text tower's tokenizer.
 
-    The SentencePiece model is copied beside it as `<path minus .json>.tokenizer.model` when the
-    tokenizer has one; "text.vocabulary" lists its pieces in id order.
+    The tokenizer's vocabulary file is copied beside it: a SentencePiece model as `<path minus
+    .json>.tokenizer.model`, CLIP's merges as `<path minus .json>.tokenizer.bpe.txt.gz`;
+    "text.vocabulary" lists the pieces in id order.
     """
     tok = predictor.tokenizer
     s, e = predictor.image_size, predictor.embed_dim
     cfg = predictor.run.config
+    kind = "clip_bpe" if isinstance(tok, ClipBpeTokenizer) else "sentencepiece"
     text: dict[str, Any] = {
         "embed_dim": e,
+        "tokenizer": kind,
         "max_len": int(tok.max_len),
         "pad_id": int(tok.pad_id),
-        "bos_id": int(getattr(tok, "bos_id", 1)),
-        "normalisation": "NFKC, lower-cased; BOS first, no EOS; truncated to max_len; padded "
-        "with pad_id",
+        "bos_id": int(getattr(tok, "bos_id", -1)),
+        "eos_id": int(getattr(tok, "eos_id", -1)),
+        "normalisation": tok.convention,
         "prompt_templates": list(predictor.templates),
         "classifier": "embed each query in every template, average, L2-normalise",
     }
     model_path = getattr(tok, "model_path", None)
     if model_path and paths.isfile(model_path):
-        dest = os.path.splitext(path)[0] + ".tokenizer.model"
+        suffix = ".tokenizer.bpe.txt.gz" if kind == "clip_bpe" else ".tokenizer.model"
+        dest = os.path.splitext(path)[0] + suffix
         paths.write_bytes(dest, paths.read_bytes(model_path))
-        text["sentencepiece_model"] = os.path.basename(dest)
+        text["clip_bpe_merges" if kind == "clip_bpe" else "sentencepiece_model"] = os.path.basename(
+            dest
+        )
     if hasattr(tok, "piece"):
         text["vocabulary"] = [tok.piece(i) for i in range(int(tok.vocab_size))]
     meta = {

@@ -136,7 +136,6 @@ class Predictor:
         self._tower_params = jax.device_put(run.pretrain_params)
         self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._image_cache: dict[tuple[str, int, str], np.ndarray] = {}
-        self._long_tokenizer = None
         self.task = None
         self.has_masks = False
         self.base_names: frozenset[str] = frozenset()
@@ -283,16 +282,8 @@ class Predictor:
 
     # ---- texts ---------------------------------------------------------------------------------
     def _token_counts(self, texts: list[str]) -> np.ndarray:
-        """Untruncated token counts (BOS included) of `texts`."""
-        from rovit_jax.data.tokenizer import SentencePieceTokenizer
-
-        tok = self.tokenizer
-        if self._long_tokenizer is None and getattr(tok, "model_path", None):
-            self._long_tokenizer = SentencePieceTokenizer(
-                tok.model_path, max(1024, 4 * tok.max_len)
-            )
-        ids = (self._long_tokenizer or tok).encode(texts)
-        return (np.asarray(ids) != tok.pad_id).sum(axis=1)
+        """Untruncated token counts (special ids included) of `texts`."""
+        return self.tokenizer.lengths(texts)
 
     def _check_texts(self, texts: Any, what: str) -> list[str]:
         if isinstance(texts, (str, bytes)):
@@ -313,7 +304,7 @@ class Predictor:
             if n > self.text_len:
                 how = f" as {text!r} (prompt template {template!r})" if template != "{}" else ""
                 raise ValueError(
-                    f"{what} {original!r} is {int(n)} tokens long{how}, BOS included, but the "
+                    f"{what} {original!r} is {int(n)} tokens long{how}, special ids included, but the "
                     f"text tower reads at most {self.text_len} tokens (tokenizer.max_len): it "
                     "would be truncated; shorten it"
                 )

@@ -16,9 +16,10 @@ What maps exactly and what does not:
 - open_clip ``CLIP`` (and ``CustomTextCLIP`` text towers): image tower as above (``conv1`` has no
   bias: ours is set to zero; ``ln_pre`` needs ``pre_norm=True``; the class token is kept only for
   pool_type "tok"); text tower with ``text_projection``; ``logit_scale`` -> ``t``,
-  ``logit_bias`` -> ``b``. CLIP's text tower is causal and pools the EOT token: use
-  ``TextTransformer(causal=True, pool_type="last")``, which equals it when the EOT token is the
-  last one before the padding (``pad_id``, 0 for CLIP's tokenizer). A timm-based vision tower
+  ``logit_bias`` -> ``b``. CLIP's text tower is causal, masks no padding (it pads with id 0,
+  which is also the piece "!") and pools the EOT token (the largest id): use
+  ``TextTransformer(causal=True, pool_type="eos", mask_padding=False)`` with the "clip_bpe"
+  tokenizer (``rovit_jax.data.tokenizer.ClipBpeTokenizer``). A timm-based vision tower
   (``visual.trunk.*``) is imported with the timm mapping.
 - big_vision two-towers (SigLIP): the parameter names are this project's; ``pos_embedding``
   [1, N, D] becomes the [gh, gw, D] grid, ``Embed_0`` / ``Encoder_0`` become ``embedding`` /
@@ -433,10 +434,10 @@ def _open_clip_notes(cv: Converter, model_cfg: Mapping[str, Any] | None, vit: Vi
                 "open_clip text towers are causal unless no_causal_mask=True; this model's text "
                 "tower is bidirectional (TextTransformer causal=False): text embeddings differ"
             )
-        if txt.pool_type != "last":
+        if txt.pool_type != "eos":
             cv.note(
                 "open_clip pools text at the EOT token (pool_type 'argmax'); the equivalent here "
-                f"is pool_type='last' (causal), not {txt.pool_type!r}"
+                f"is pool_type='eos', not {txt.pool_type!r}"
             )
         return
     vc = dict(model_cfg.get("vision_cfg", {}))
@@ -467,16 +468,16 @@ def _open_clip_notes(cv: Converter, model_cfg: Mapping[str, Any] | None, vit: Vi
             f"text: causal mask differs (source no_causal_mask={tc.get('no_causal_mask', False)},"
             f" this model causal={txt.causal})"
         )
-    tpool = {"argmax": "last", "last": "last", "first": "first"}.get(tc.get("pool_type", "argmax"))
+    tpool = {"argmax": "eos", "last": "last", "first": "first"}.get(tc.get("pool_type", "argmax"))
     if tpool != txt.pool_type or tc.get("final_ln_after_pool") or tc.get("embed_cls"):
         cv.note(
             f"text: the source pools with pool_type={tc.get('pool_type', 'argmax')!r}; this "
             f"model with {txt.pool_type!r}: text embeddings differ"
         )
-    elif tc.get("pool_type", "argmax") == "argmax":
+    if txt.mask_padding:
         cv.note(
-            "text: 'argmax' (EOT) pooling equals pool_type='last' when the EOT token is the last "
-            f"token before padding with pad_id={txt.pad_id}"
+            "text: open_clip masks no padding (it pads with id 0, the piece '!'); this tower "
+            "masks from the first pad_id (mask_padding=True): texts holding '!' differ"
         )
 
 

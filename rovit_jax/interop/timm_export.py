@@ -267,15 +267,19 @@ def export_text_tower_safetensors(params: Any, config: Any, path: str) -> dict[s
         num_heads=int(txt.num_heads),
         pool_type=txt.pool_type,
         pad_id=int(txt.pad_id),
+        mask_padding=bool(txt.mask_padding),
         causal=bool(txt.causal),
         layer_norm_eps=float(txt.norm_eps),
         activation=txt.activation,
         padding="right-padded with pad_id; tokens from the first pad_id on are masked as "
-        "attention keys and excluded from pooling",
+        "attention keys and excluded from pooling"
+        if txt.mask_padding
+        else "right-padded with pad_id; every position is a valid token (nothing is masked)",
         pooling={
             "mean": "mean over the valid tokens",
             "last": "the last valid token",
             "first": "token 0",
+            "eos": "the first token holding the largest id (CLIP's end-of-text)",
             "map": "attention pooling over the valid tokens",
         }[txt.pool_type],
         embedding="l2_normalize(pooled @ proj.weight.T)",

@@ -1,8 +1,9 @@
 """Text transformer tower: token + learned position embeddings, pre-LN encoder (optionally causal).
 
-Padding convention: a sequence's length is the number of tokens before its first ``pad_id``;
-everything from the first pad on is ignored (masked as attention keys and excluded from pooling),
-whatever ids it holds.
+Padding convention (``mask_padding=True``, the default): a sequence's length is the number of
+tokens before its first ``pad_id``; everything from the first pad on is ignored (masked as
+attention keys and excluded from pooling), whatever ids it holds. Towers imported from SigLIP
+or CLIP set ``mask_padding=False`` (see the attribute).
 
 Parameters::
 
@@ -32,7 +33,7 @@ from rovit_jax.models.logical_axes import EMBED, VOCAB, named
 
 __all__ = ["TextTransformer", "text_variant", "TEXT_POOL_TYPES"]
 
-TEXT_POOL_TYPES = ("mean", "last", "first", "map")
+TEXT_POOL_TYPES = ("mean", "last", "first", "eos", "map")
 
 
 def text_variant(name: str) -> dict[str, int]:
@@ -56,8 +57,13 @@ class TextTransformer(nn.Module):
     Attributes:
       vocab_size, max_len: token vocabulary and longest sequence.
       width, depth, mlp_dim, num_heads: transformer size.
-      pool_type: "mean" (over valid tokens), "last" (last valid token), "first" or "map".
+      pool_type: "mean" (over valid tokens), "last" (last valid token), "first", "eos" (the
+        token with the largest id: CLIP's end-of-text, the vocabulary's last id) or "map".
       pad_id: padding token id.
+      mask_padding: ignore every position from the first `pad_id` on (as attention keys and
+        in pooling). False: every position is valid, as in SigLIP's tower (which attends to
+        its padding and pools the last position) and CLIP's (causal, so padding after the
+        end-of-text token changes nothing it pools).
       dropout: dropout rate inside blocks.
       dtype: compute dtype; parameters are always float32.
       remat_policy: "none", "full" or "dots".
@@ -74,6 +80,7 @@ class TextTransformer(nn.Module):
     num_heads: int
     pool_type: str = "mean"
     pad_id: int = 0
+    mask_padding: bool = True
     dropout: float = 0.0
     dtype: Any = jnp.float32
     remat_policy: str = "none"
@@ -105,8 +112,11 @@ class TextTransformer(nn.Module):
         if length > self.max_len:
             raise ValueError(f"tokens length {length} exceeds max_len={self.max_len}")
 
-        # Cumulative product: every position from the first pad on is invalid.
-        valid = jnp.cumprod((tokens != self.pad_id).astype(jnp.int32), axis=1).astype(bool)
+        if self.mask_padding:
+            # Cumulative product: every position from the first pad on is invalid.
+            valid = jnp.cumprod((tokens != self.pad_id).astype(jnp.int32), axis=1).astype(bool)
+        else:
+            valid = jnp.ones(tokens.shape, bool)
         x = nn.Embed(
             self.vocab_size,
             self.width,
@@ -150,6 +160,9 @@ class TextTransformer(nn.Module):
             pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
         elif self.pool_type == "first":
             pooled = x[:, 0]
+        elif self.pool_type == "eos":
+            eos = jnp.argmax(tokens, axis=1)  # the first position holding the largest id
+            pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]
         else:
             pooled = MAPHead(
                 num_heads=self.num_heads,

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from rovit_jax.config_sections import resolve_sections
 from rovit_jax.data import image_text, sources
+from rovit_jax.data.tokenizer import CLIP_VOCAB_FILE, CLIP_VOCAB_SIZE, open_clip_vocab_file
 from rovit_jax.evaluation.retrieval import recall_at_k
 from rovit_jax.losses import contrastive
 from rovit_jax.models.layers import COMPUTE_DTYPES
@@ -80,6 +81,7 @@ def validate_config(
                 f"must be >= the pretraining patch grid {grid} "
                 f"(pp.image_size={pp.image_size} / patch {patch})",
             )
+    _check_tokenizer_and_tower(p, sections["tokenizer"], sections["model.text"])
     cc.check_bool(p, config, "scan_layers", default=False)
     p.raise_if_any()
     return sections
@@ -102,11 +104,47 @@ def _check_inputs(p: Any, sections: dict[str, Any]) -> None:
         cc.path_problems(
             p, "tokenizer.model_path", tok.model_path, kind="file", needed_for="the tokenizer"
         )
+    elif tok.kind == "clip_bpe":
+        p.check(
+            open_clip_vocab_file() is not None,
+            "tokenizer.model_path",
+            tok.model_path,
+            f"is empty and open_clip_torch (which packages CLIP's {CLIP_VOCAB_FILE}) is not "
+            "installed: give the file's path",
+        )
     elif data is not None and data.name != "shapes_world":
         p.add(
             "tokenizer.model_path",
             tok.model_path,
             f"is required (a SentencePiece .model file) for data.name={data.name!r}",
+        )
+
+
+def _check_tokenizer_and_tower(p: Any, tok: Any, text: Any) -> None:
+    """What the text tower assumes about the tokenizer's ids."""
+    if tok is None or text is None:
+        return
+    if tok.kind == "clip_bpe":
+        p.check(
+            not text.mask_padding,
+            "model.text.mask_padding",
+            text.mask_padding,
+            "must be False with tokenizer.kind='clip_bpe': CLIP pads with id 0, which is also "
+            "the piece '!', so masking from the first 0 would cut texts short",
+        )
+        p.check(
+            tok.vocab_size >= CLIP_VOCAB_SIZE,
+            "tokenizer.vocab_size",
+            tok.vocab_size,
+            f"must be >= {CLIP_VOCAB_SIZE}, the size of CLIP's vocabulary",
+        )
+    if text.pool_type == "eos":
+        p.check(
+            tok.kind == "clip_bpe",
+            "model.text.pool_type",
+            text.pool_type,
+            "pools the position of the largest id, CLIP's end-of-text token: it needs "
+            "tokenizer.kind='clip_bpe'",
         )
 
 
@@ -140,6 +178,8 @@ def build_model(
         max_len=tok.max_len,
         pool_type=txt_cfg.pool_type,
         causal=txt_cfg.causal,
+        pad_id=tok.pad_id,
+        mask_padding=txt_cfg.mask_padding,
         activation=txt_cfg.activation,
         norm_eps=txt_cfg.norm_eps,
         dtype=dtype,
