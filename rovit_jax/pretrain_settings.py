@@ -19,6 +19,7 @@ from rovit_jax.config_sections import (
     resolved_sections,
     setting,
 )
+from rovit_jax.data.pixels import DEFAULT_MEAN, DEFAULT_STD, EVAL_RESIZES, INTERPOLATIONS
 from rovit_jax.data.settings import ImageTextDataSettings, RetrievalDataSettings, WorldSettings
 from rovit_jax.data.tokenizer import TOKENIZER_KINDS
 from rovit_jax.losses.contrastive import CONTRASTIVE_LOSS_KINDS
@@ -58,15 +59,32 @@ class ModelSettings(Section):
 # LayerNorm eps 1e-5 are not RO-ViT's choices; they exist so that CLIP-family weights can be
 # imported exactly (rovit_jax.interop sets them from the source). Older run configs lack them.
 _ACTIVATION = dict(choices=tuple(sorted(ACTIVATIONS)), older="gelu_tanh")
+_SIZE_KEYS = ("width", "depth", "mlp_dim", "num_heads")
 _NORM_EPS = dict(min_value=0.0, min_exclusive=True, older=DEFAULT_NORM_EPS)
 
 
 @dataclasses.dataclass(frozen=True)
 class _TowerSettings(Section):
-    """What both towers share: their MLP activation and LayerNorm eps."""
+    """What both towers share: their MLP activation and LayerNorm eps, and sizes that override
+    the named variant's (any tower a checkpoint holds, e.g. CLIP's 512-wide text tower)."""
 
     activation: str = setting("gelu_tanh", **_ACTIVATION)
     norm_eps: float = setting(DEFAULT_NORM_EPS, **_NORM_EPS)
+    width: int | None = setting(None, min_value=1, older=None)  # None: the variant's
+    depth: int | None = setting(None, min_value=1, older=None)
+    mlp_dim: int | None = setting(None, min_value=1, older=None)
+    num_heads: int | None = setting(None, min_value=1, older=None)
+
+    def _sized(self, size: dict[str, int]) -> dict[str, int]:
+        """`size` (a variant's) with this section's overrides; ValueError naming the section's
+        keys when the heads do not divide the width."""
+        size = dict(size, **{k: v for k in _SIZE_KEYS if (v := getattr(self, k)) is not None})
+        if size["width"] % size["num_heads"]:
+            raise ValueError(
+                f"`{self.SECTION}.num_heads` = {size['num_heads']} must divide the width "
+                f"{size['width']} (`{self.SECTION}.width` or variant {self.variant!r})"
+            )
+        return size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +96,10 @@ class ImageTowerSettings(_TowerSettings):
     variant: str = setting("B/16", validate=vit_variant)
     pool_type: str = setting("gap", choices=POOL_TYPES)
     pre_norm: bool = setting(False, older=False)
+
+    def size(self) -> dict[str, int]:
+        """{width, depth, mlp_dim, num_heads, patch_size}: the variant's, with the overrides."""
+        return self._sized(vit_variant(self.variant))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +114,10 @@ class TextTowerSettings(_TowerSettings):
     # Ignore everything from the first `tokenizer.pad_id` on (this project's towers). SigLIP's
     # tower attends to its padding and CLIP's pads with id 0, a real piece: both need False.
     mask_padding: bool = setting(True, older=True)
+
+    def size(self) -> dict[str, int]:
+        """{width, depth, mlp_dim, num_heads}: the variant's, with the overrides."""
+        return self._sized(text_variant(self.variant))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +159,17 @@ class PreprocessSettings(Section):
     # Random-resized-crop area range; None = plain resize.
     crop_scale: tuple[float, float] | None = setting(None, **_AREA, older=None)
     flip: bool = setting(False, older=False)
+    # The towers' pixel convention (rovit_jax.data.pixels), recorded so that detection, the
+    # predictor and exports feed them what they were trained or imported with: per-channel
+    # (x / 255 - mean) / std (0.5 / 0.5: [-1, 1], as here and in SigLIP; CLIP: its own
+    # constants), the resampling, and the evaluation view ("squash" to S x S, or "crop": the
+    # shorter side to S and the centre S x S, as CLIP evaluates).
+    mean: tuple[float, float, float] = setting(DEFAULT_MEAN, min_value=0.0, older=DEFAULT_MEAN)
+    std: tuple[float, float, float] = setting(
+        DEFAULT_STD, min_value=0.0, min_exclusive=True, older=DEFAULT_STD
+    )
+    interpolation: str = setting("bilinear", choices=INTERPOLATIONS, older="bilinear")
+    eval_resize: str = setting("squash", choices=EVAL_RESIZES, older="squash")
 
 
 @dataclasses.dataclass(frozen=True)

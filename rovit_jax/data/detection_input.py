@@ -87,6 +87,7 @@ from rovit_jax.data.detection_transforms import (
     resize_and_pad,
 )
 from rovit_jax.data.image_text import DEFAULT_MAX_PIXELS, CorruptImageError
+from rovit_jax.data.pixels import DEFAULT_PIXELS, Pixels
 from rovit_jax.data.stream import (
     StreamBatches,
     error_reason,
@@ -164,6 +165,7 @@ class DetectionBatches(StreamBatches):
         max_substitutes: int = 64,
         num_workers: int = 1,
         worker_processes: int = 0,
+        pixels: Pixels = DEFAULT_PIXELS,
     ):
         size = check_output_size(image_size)
         if max_instances < 1:
@@ -197,6 +199,7 @@ class DetectionBatches(StreamBatches):
             },
         )
         self.source = source
+        self.pixels = pixels
         self.image_size = size
         self.max_instances, self.category_map = int(max_instances), category_map
         self.scale_range, self.flip = (low, high), flip
@@ -276,7 +279,7 @@ class DetectionBatches(StreamBatches):
         valid = np.zeros((cap,), np.bool_)
         valid[:k] = True
         row = {
-            "image": float_canvas(ex["image"], ex["valid_size"]),
+            "image": float_canvas(ex["image"], ex["valid_size"], self.pixels),
             "boxes": boxes,
             "classes": classes,
             "valid": valid,
@@ -304,6 +307,7 @@ def eval_detection_batches(
     process_index: int = 0,
     process_count: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    pixels: Pixels = DEFAULT_PIXELS,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ordered, unaugmented inference batches over the whole source, padded with a mask.
 
@@ -338,7 +342,7 @@ def eval_detection_batches(
                         max_pixels=max_pixels,
                     )
                     ex = resize_and_pad(ex, output_size=size)
-                    image = float_canvas(ex["image"], ex["valid_size"])
+                    image = float_canvas(ex["image"], ex["valid_size"], pixels)
                     info, image_id, ok = ex["image_info"], ex["image_id"], True
                 except (CorruptImageError, InvalidExampleError) as e:
                     logging.warning("evaluation: skipping detection example %d: %s", i, e)

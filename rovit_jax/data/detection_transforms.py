@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from rovit_jax.data.detection_example import drop_invalid_boxes, validate_example
+from rovit_jax.data.pixels import DEFAULT_PIXELS, Pixels
 
 
 def check_output_size(output_size: Any) -> int:
@@ -233,9 +234,12 @@ def resize_and_pad(
     )
 
 
-def float_canvas(canvas: np.ndarray, valid_size: np.ndarray) -> np.ndarray:
-    """uint8 [S, S, 3] canvas -> float32 in [-1, 1], exactly 0 on padding (ViTDet pads with 0)."""
-    image = canvas.astype(np.float32) / 127.5 - 1.0
+def float_canvas(
+    canvas: np.ndarray, valid_size: np.ndarray, pixels: Pixels = DEFAULT_PIXELS
+) -> np.ndarray:
+    """uint8 [S, S, 3] canvas -> float32 normalised as the backbone's `pixels` (default: in
+    [-1, 1]), exactly 0 on padding (ViTDet pads with 0)."""
+    image = pixels.normalise(canvas)
     image[int(valid_size[0]) :] = 0.0
     image[:, int(valid_size[1]) :] = 0.0
     return image

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import numpy as np
 from PIL import Image
 
+from rovit_jax.data.pixels import DEFAULT_PIXELS, Pixels
 from rovit_jax.data.stream import (
     StreamBatches,
     UnusableExampleError,
@@ -274,9 +275,7 @@ class TfdsImageTextSource:
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     """Bilinear (antialiased) resize of uint8 `[H, W, 3]` to `[size, size, 3]`."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return DEFAULT_PIXELS.resize(image, size)
 
 
 def random_resized_crop(
@@ -286,8 +285,10 @@ def random_resized_crop(
     *,
     scale: tuple[float, float],
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    pixels: Pixels = DEFAULT_PIXELS,
 ) -> np.ndarray:
-    """Inception-style crop: area fraction ~ U(scale), log-uniform aspect, then resize."""
+    """Inception-style crop: area fraction ~ U(scale), log-uniform aspect, then resize (with
+    `pixels.interpolation`)."""
     h, w = image.shape[:2]
     area = rng.uniform(*scale) * h * w
     aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
@@ -296,7 +297,7 @@ def random_resized_crop(
     ch, cw = max(ch, 1), max(cw, 1)
     y0 = int(rng.integers(0, h - ch + 1))
     x0 = int(rng.integers(0, w - cw + 1))
-    return resize_image(np.ascontiguousarray(image[y0 : y0 + ch, x0 : x0 + cw]), size)
+    return pixels.resize(np.ascontiguousarray(image[y0 : y0 + ch, x0 : x0 + cw]), size)
 
 
 def preprocess_image(
@@ -306,15 +307,19 @@ def preprocess_image(
     size: int,
     crop_scale: Sequence[float] | None,
     flip: bool,
+    pixels: Pixels = DEFAULT_PIXELS,
 ) -> np.ndarray:
-    """uint8 `[H, W, 3]` -> float32 `[size, size, 3]` in [-1, 1]. Random ops only if rng given."""
-    if rng is not None and crop_scale is not None:
-        image = random_resized_crop(image, rng, size, scale=tuple(crop_scale))
+    """uint8 `[H, W, 3]` -> float32 `[size, size, 3]`, normalised as `pixels` says (default: in
+    [-1, 1]). Random ops only if rng is given; without it, the evaluation view of `pixels`."""
+    if rng is None:
+        image = pixels.eval_view(image, size)
+    elif crop_scale is not None:
+        image = random_resized_crop(image, rng, size, scale=tuple(crop_scale), pixels=pixels)
     else:
-        image = resize_image(image, size)
+        image = pixels.resize(image, size)
     if rng is not None and flip and rng.random() < 0.5:
         image = image[:, ::-1]
-    return image.astype(np.float32) / 127.5 - 1.0
+    return pixels.normalise(image)
 
 
 class PretrainBatches(StreamBatches):
@@ -344,6 +349,7 @@ class PretrainBatches(StreamBatches):
         max_substitutes: int = 64,
         num_workers: int = 1,
         worker_processes: int = 0,
+        pixels: Pixels = DEFAULT_PIXELS,
     ):
         super().__init__(
             len(source),
@@ -359,6 +365,7 @@ class PretrainBatches(StreamBatches):
         self.image_size = image_size
         self.crop_scale, self.flip = crop_scale, flip
         self.max_pixels, self.max_substitutes = max_pixels, max_substitutes
+        self.pixels = pixels
 
     def _load(self, idx: int) -> tuple[np.ndarray, str]:
         """(decoded image uint8 [H, W, 3], caption) of dataset index `idx`, or raises."""
@@ -387,7 +394,12 @@ class PretrainBatches(StreamBatches):
         )
         rng = np.random.default_rng([self.seed, epoch, idx, 1])
         image = preprocess_image(
-            image, rng, size=self.image_size, crop_scale=self.crop_scale, flip=self.flip
+            image,
+            rng,
+            size=self.image_size,
+            crop_scale=self.crop_scale,
+            flip=self.flip,
+            pixels=self.pixels,
         )
         # Counted under the original example's problem, whatever its substitutes' were.
         reason = error_reason(failures[0]) if substituted else None
@@ -407,6 +419,7 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    pixels: Pixels = DEFAULT_PIXELS,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ordered, unaugmented batches over the whole source, padded to full batches with a mask.
 
@@ -432,6 +445,7 @@ def eval_batches(
                         size=image_size,
                         crop_scale=None,
                         flip=False,
+                        pixels=pixels,
                     )
                 except CorruptImageError as e:
                     logging.warning("evaluation: skipping example %d: %s", i, e)

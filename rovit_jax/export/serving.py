@@ -1,7 +1,7 @@
 """The detector's serving function shared by the exports, and the metadata written beside them.
 
 Serving inputs (like the authors' released SavedModel: image + text-embedding inputs):
-  images          float32 [B, S, S, 3], prepared like evaluation (see PREPROCESSING);
+  images          float32 [B, S, S, 3], prepared like evaluation (see `preprocessing`);
   text_embeddings float32 [Q, E] unit-norm query embeddings (`Predictor.query_classifier`, or the
                   exported `embed_text` function averaged over the prompt templates);
   text_valid      bool [Q], False on padding rows.
@@ -26,7 +26,7 @@ from rovit_jax.data.tokenizer import ClipBpeTokenizer
 from rovit_jax.runs import vlm_tower_params
 
 __all__ = [
-    "PREPROCESSING",
+    "preprocessing",
     "check_export_args",
     "export_params",
     "serving_function",
@@ -34,11 +34,16 @@ __all__ = [
     "write_metadata",
 ]
 
-PREPROCESSING = (
-    "RGB uint8 image; long side resized to S (bilinear), short side by the same factor rounded "
-    "to whole pixels; placed at the top left of an S x S canvas; x / 127.5 - 1; padding exactly "
-    "0. scale = S / max(H, W); original pixels = canvas pixels / scale."
-)
+
+def preprocessing(pixels) -> str:
+    """How the exported detector's `images` are prepared, for the backbone's `pixels`
+    (`rovit_jax.data.pixels.Pixels`)."""
+    return (
+        "RGB uint8 image; long side resized to S (bilinear), short side by the same factor "
+        "rounded to whole pixels; placed at the top left of an S x S canvas; (x / 255 - mean) / "
+        f"std with mean {list(pixels.mean)}, std {list(pixels.std)}; padding exactly 0. "
+        "scale = S / max(H, W); original pixels = canvas pixels / scale."
+    )
 
 
 def export_params(predictor) -> dict[str, Any]:
@@ -132,7 +137,7 @@ def write_metadata(
             "images": {
                 "shape": [batch_size if batch_size else "batch", s, s, 3],
                 "dtype": "float32",
-                "preprocessing": PREPROCESSING,
+                "preprocessing": preprocessing(predictor.pixels),
             },
             "text_embeddings": {"shape": [max_queries, e], "dtype": "float32"},
             "text_valid": {"shape": [max_queries], "dtype": "bool"},

@@ -32,6 +32,7 @@ import numpy as np
 from rovit_jax import paths
 from rovit_jax.data.detection_input import eval_detection_batches
 from rovit_jax.data.image_text import DEFAULT_MAX_PIXELS, preprocess_image
+from rovit_jax.data.pixels import Pixels
 from rovit_jax.detection import rcnn
 from rovit_jax.detection.postprocess import paste_masks, to_original_coordinates
 from rovit_jax.detection.text_classifier import PROMPT_ENSEMBLES, build_text_classifier, clean_name
@@ -133,6 +134,7 @@ class Predictor:
         self.num_compiles = 0
         self.images_embedded = 0
         self._tower_image_size = pretrained["pp"].image_size  # whole-image embeddings
+        self.pixels = Pixels.from_settings(pretrained["pp"])  # the towers' pixel convention
         self._tower_params = jax.device_put(run.pretrain_params)
         self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._image_cache: dict[tuple[str, int, str], np.ndarray] = {}
@@ -409,7 +411,11 @@ class Predictor:
         bucket = _bucket(len(arrays), self.max_batch)
         source = [{"image": a, "image_id": i} for i, a in enumerate(arrays)]
         (batch,) = eval_detection_batches(
-            source, batch_size=bucket, image_size=self.image_size, max_pixels=DEFAULT_MAX_PIXELS
+            source,
+            batch_size=bucket,
+            image_size=self.image_size,
+            max_pixels=DEFAULT_MAX_PIXELS,
+            pixels=self.pixels,
         )
         if not batch["mask"][: len(arrays)].all():
             raise ValueError("an image could not be prepared for the detector (see the log)")
@@ -459,7 +465,9 @@ class Predictor:
             bucket = _bucket(len(chunk), self.max_batch)
             pixels = np.zeros((bucket, size, size, 3), np.float32)
             for i, a in enumerate(chunk):
-                pixels[i] = preprocess_image(a, None, size=size, crop_scale=None, flip=False)
+                pixels[i] = preprocess_image(
+                    a, None, size=size, crop_scale=None, flip=False, pixels=self.pixels
+                )
             emb = self._embed_pixels(self._tower_params, jnp.asarray(pixels))
             out.append(np.asarray(emb)[: len(chunk)])
         return np.concatenate(out).astype(np.float32)

@@ -7,7 +7,12 @@ Import public weights into a pretraining workdir (step-0 checkpoint; see interop
   python -m rovit_jax.main --config=configs/X.py[:arg] --workdir=WORKDIR   # pretrain from them
 
 The config must describe the checkpoint's architecture (variant, patch size, embed_dim,
-vocabulary size, pooling); position embeddings are resized to its grid. The import report is
+vocabulary size, pooling); position embeddings are resized to its grid. An open_clip checkpoint
+needs no config: its architecture is read from the tensors (interop.open_clip_run), with
+open_clip's model config for the rest:
+
+  python -m rovit_jax.interop import --from open_clip --weights FILE --out WORKDIR \
+      [--model ViT-B-16] The import report is
 printed and written to WORKDIR/import_report.{txt,json}. Weight files, workdirs and output
 folders may be bucket URLs (gs://...).
 
@@ -47,6 +52,13 @@ def _import(args: argparse.Namespace) -> int:
     from rovit_jax.interop.workdir import check_new_workdir, write_init_workdir
 
     check_new_workdir(args.out)  # before the (slow) import
+    if args.config is None:
+        if args.source_format != "open_clip":
+            raise ValueError(
+                f"--from {args.source_format} needs --config (a pretraining config describing "
+                "the checkpoint); only open_clip checkpoints are read without one"
+            )
+        return _import_open_clip_run(args)
     config = load_config(args.config)
     if config.get("task", "pretrain") != "pretrain":
         raise ValueError(
@@ -74,16 +86,34 @@ def _import(args: argparse.Namespace) -> int:
     else:
         params, report = iw.import_big_vision(args.weights, config, source_grid=grid)
     step_dir = write_init_workdir(config, params, args.out)
-    paths.write_text(os.path.join(args.out, "import_report.txt"), str(report) + "\n")
-    paths.write_json(os.path.join(args.out, "import_report.json"), report.to_dict(), indent=2)
-    print(str(report) if args.verbose else report.summary())
-    for note in [] if args.verbose else report.notes:
-        print(f"  note: {note}")
+    _write_report(args, report)
     print(
         f"wrote {step_dir}; continue with: python -m rovit_jax.main --config={args.config} "
         f"--workdir={args.out}"
     )
     return 0
+
+
+def _import_open_clip_run(args: argparse.Namespace) -> int:
+    from rovit_jax.interop.open_clip_run import import_open_clip_run
+
+    model = paths.read_json(args.open_clip_config) if args.open_clip_config else args.model
+    config, report, step_dir = import_open_clip_run(args.weights, args.out, model=model)
+    _write_report(args, report)
+    print(
+        f"wrote {step_dir} and {os.path.join(args.out, 'config.json')} (read from the "
+        "checkpoint); use it as a detection config's init.pretrain_workdir, or "
+        f"Predictor.from_checkpoint({args.out!r})"
+    )
+    return 0
+
+
+def _write_report(args: argparse.Namespace, report) -> None:
+    paths.write_text(os.path.join(args.out, "import_report.txt"), str(report) + "\n")
+    paths.write_json(os.path.join(args.out, "import_report.json"), report.to_dict(), indent=2)
+    print(str(report) if args.verbose else report.summary())
+    for note in [] if args.verbose else report.notes:
+        print(f"  note: {note}")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -117,7 +147,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--from", dest="source_format", required=True, choices=("timm", "open_clip", "big_vision")
     )
     imp.add_argument("--weights", required=True, help=".safetensors, .pt/.pth/.bin or .npz")
-    imp.add_argument("--config", required=True, help="pretraining config: path.py[:arg] or .json")
+    imp.add_argument(
+        "--config",
+        default=None,
+        help="pretraining config: path.py[:arg] or .json (optional for open_clip: the "
+        "architecture is read from the checkpoint)",
+    )
+    imp.add_argument(
+        "--model",
+        default=None,
+        help="open_clip: the model's name in open_clip (e.g. ViT-B-16, ViT-B-16-quickgelu) "
+        "for what the weights do not show (heads, activation, eps, preprocessing)",
+    )
     imp.add_argument("--out", required=True, help="new workdir")
     imp.add_argument(
         "--source_grid", default=None, help="checkpoint patch grid 'gh,gw' if not square"
@@ -126,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     imp.add_argument(
         "--open_clip_config",
         default=None,
-        help="open_clip: the model config JSON (architecture checks in the report)",
+        help="open_clip: the model config JSON (instead of --model)",
     )
     imp.add_argument("--verbose", action="store_true", help="print the whole report")
     exp = sub.add_parser("export", help="export a pretraining run's towers as safetensors")

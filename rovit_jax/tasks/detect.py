@@ -26,7 +26,6 @@ from rovit_jax.detection.text_classifier import (
 from rovit_jax.models.detector import OpenVocabDetector
 from rovit_jax.models.frozen_vlm import FrozenRegionEmbedder, load_pretrained_backbone
 from rovit_jax.models.layers import COMPUTE_DTYPES
-from rovit_jax.models.vit import vit_variant
 from rovit_jax.pretrain_settings import pretrain_settings
 from rovit_jax.run_config import run_problems
 from rovit_jax.runs import (
@@ -261,6 +260,13 @@ class DetectTask:
         return build_model(self.pretrained.config, self.pretrained_settings)
 
     @cached_property
+    def pixels(self):
+        """The backbone's pixel convention, from its pretraining run (`pp.mean`, `pp.std`)."""
+        from rovit_jax.data.pixels import Pixels
+
+        return Pixels.from_settings(self.pretrained_settings["pp"])
+
+    @cached_property
     def pretrained_settings(self) -> dict[str, Any]:
         """The pretraining run's typed sections, resolved once (the towers' shapes come from
         them)."""
@@ -270,7 +276,7 @@ class DetectTask:
     def model(self) -> OpenVocabDetector:
         det = self.settings["det"]
         image = self.pretrained_settings["model.image"]
-        img = vit_variant(image.variant)
+        img = image.size()
         grid = self.pretrained_settings["pp"].image_size // img["patch_size"]
         _check(
             det.image_size % img["patch_size"] == 0,
@@ -443,6 +449,7 @@ class DetectTask:
             flip=det.flip,
             mask_stride=det.mask_stride,
             with_masks=self.settings["data"].has_masks,
+            pixels=self.pixels,
             num_workers=self.settings["data"].num_workers,
             worker_processes=self.settings["data"].worker_processes,
             process_index=process_index,

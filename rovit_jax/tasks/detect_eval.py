@@ -75,6 +75,7 @@ def evaluate(task, trainer, params) -> dict[str, float]:
         image_size=task.rcnn.image_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        pixels=task.pixels,
     ):
         images = trainer.global_batch({"image": batch["image"]})["image"]
         outs = jax.device_get(predict(params, vlm_params, images, *text))

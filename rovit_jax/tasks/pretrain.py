@@ -14,11 +14,11 @@ from jax.sharding import Mesh
 
 from rovit_jax.config_sections import resolve_sections
 from rovit_jax.data import image_text, sources
+from rovit_jax.data.pixels import Pixels
 from rovit_jax.data.tokenizer import CLIP_VOCAB_FILE, CLIP_VOCAB_SIZE, open_clip_vocab_file
 from rovit_jax.evaluation.retrieval import recall_at_k
 from rovit_jax.losses import contrastive
 from rovit_jax.models.layers import COMPUTE_DTYPES
-from rovit_jax.models.text import text_variant
 from rovit_jax.models.two_tower import TwoTower
 from rovit_jax.models.vit import vit_variant
 from rovit_jax.ops.posemb import sample_crop_boxes
@@ -82,6 +82,12 @@ def validate_config(
                 f"(pp.image_size={pp.image_size} / patch {patch})",
             )
     _check_tokenizer_and_tower(p, sections["tokenizer"], sections["model.text"])
+    for tower in (sections["model.image"], sections["model.text"]):
+        if tower is not None:
+            try:
+                tower.size()
+            except ValueError as e:
+                p.add(f"{tower.SECTION}.num_heads", tower.num_heads, str(e))
     cc.check_bool(p, config, "scan_layers", default=False)
     p.raise_if_any()
     return sections
@@ -156,7 +162,7 @@ def build_model(
     settings = pretrain_settings(config) if settings is None else settings
     tok, model = settings["tokenizer"], settings["model"]
     img_cfg, txt_cfg = settings["model.image"], settings["model.text"]
-    img = vit_variant(img_cfg.variant)
+    img = img_cfg.size()
     grid = settings["pp"].image_size // img["patch_size"]
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     scan_layers = bool(config.get("scan_layers", False))
@@ -173,7 +179,7 @@ def build_model(
         scan_layers=scan_layers,
     )
     text = dict(
-        text_variant(txt_cfg.variant),
+        txt_cfg.size(),
         vocab_size=tok.vocab_size,
         max_len=tok.max_len,
         pool_type=txt_cfg.pool_type,
@@ -223,6 +229,7 @@ class PretrainTask:
             seed=int(self.config.seed),
             crop_scale=pp.crop_scale,
             flip=pp.flip,
+            pixels=Pixels.from_settings(pp),
             num_workers=self.settings["data"].num_workers,
             worker_processes=self.settings["data"].worker_processes,
             process_index=process_index,
@@ -311,6 +318,7 @@ class PretrainTask:
             image_size=self.settings["pp"].image_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            pixels=Pixels.from_settings(self.settings["pp"]),
         ):
             global_batch = trainer.global_batch({"image": batch["image"], "text": batch["text"]})
             zi, zt = embed(params, global_batch["image"], global_batch["text"])
