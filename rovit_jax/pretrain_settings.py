@@ -53,6 +53,10 @@ class ModelSettings(Section):
     embed_dim: int = setting(768, min_value=1)  # unverified
     temperature_init: float = setting(10.0, min_value=0.0, min_exclusive=True)  # scale = exp(t)
     bias_init: float | None = setting(None)  # None: no bias (paper); SigLIP uses -10
+    # SigLIP's image embedding is its MAP head's output (no projection); its text head has a
+    # bias. CLIP and this project project both towers without biases.
+    image_head: bool = setting(True, older=True)
+    head_bias: bool = setting(False, older=False)
 
 
 # pre_norm (CLIP's ln_pre), a causal text tower, exact GELU ("gelu"; or "quick_gelu") and

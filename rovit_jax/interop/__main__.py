@@ -12,7 +12,12 @@ needs no config: its architecture is read from the tensors (interop.open_clip_ru
 open_clip's model config for the rest:
 
   python -m rovit_jax.interop import --from open_clip --weights FILE --out WORKDIR \
-      [--model ViT-B-16] The import report is
+      [--model ViT-B-16]
+
+and a big_vision (SigLIP) .npz likewise, given its SentencePiece model (interop.big_vision_run):
+
+  python -m rovit_jax.interop import --from big_vision --weights FILE.npz \
+      --tokenizer c4_en.model --out WORKDIR The import report is
 printed and written to WORKDIR/import_report.{txt,json}. Weight files, workdirs and output
 folders may be bucket URLs (gs://...).
 
@@ -53,12 +58,14 @@ def _import(args: argparse.Namespace) -> int:
 
     check_new_workdir(args.out)  # before the (slow) import
     if args.config is None:
-        if args.source_format != "open_clip":
-            raise ValueError(
-                f"--from {args.source_format} needs --config (a pretraining config describing "
-                "the checkpoint); only open_clip checkpoints are read without one"
-            )
-        return _import_open_clip_run(args)
+        if args.source_format == "open_clip":
+            return _import_open_clip_run(args)
+        if args.source_format == "big_vision":
+            return _import_big_vision_run(args)
+        raise ValueError(
+            f"--from {args.source_format} needs --config (a pretraining config describing "
+            "the checkpoint); only open_clip and big_vision checkpoints are read without one"
+        )
     config = load_config(args.config)
     if config.get("task", "pretrain") != "pretrain":
         raise ValueError(
@@ -99,6 +106,24 @@ def _import_open_clip_run(args: argparse.Namespace) -> int:
 
     model = paths.read_json(args.open_clip_config) if args.open_clip_config else args.model
     config, report, step_dir = import_open_clip_run(args.weights, args.out, model=model)
+    _write_report(args, report)
+    print(
+        f"wrote {step_dir} and {os.path.join(args.out, 'config.json')} (read from the "
+        "checkpoint); use it as a detection config's init.pretrain_workdir, or "
+        f"Predictor.from_checkpoint({args.out!r})"
+    )
+    return 0
+
+
+def _import_big_vision_run(args: argparse.Namespace) -> int:
+    from rovit_jax.interop.big_vision_run import import_big_vision_run
+
+    if not args.tokenizer:
+        raise ValueError(
+            "--from big_vision without --config needs --tokenizer: the checkpoint's "
+            "SentencePiece model (SigLIP English: c4_en)"
+        )
+    _, report, step_dir = import_big_vision_run(args.weights, args.out, tokenizer=args.tokenizer)
     _write_report(args, report)
     print(
         f"wrote {step_dir} and {os.path.join(args.out, 'config.json')} (read from the "
@@ -164,6 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--source_grid", default=None, help="checkpoint patch grid 'gh,gw' if not square"
     )
     imp.add_argument("--prefix", default="", help="timm: read only tensors under this prefix")
+    imp.add_argument(
+        "--tokenizer",
+        default=None,
+        help="big_vision without --config: the checkpoint's SentencePiece model (copied into "
+        "the run)",
+    )
     imp.add_argument(
         "--open_clip_config",
         default=None,

@@ -23,9 +23,10 @@ What maps exactly and what does not:
   (``visual.trunk.*``) is imported with the timm mapping.
 - big_vision two-towers (SigLIP): the parameter names are this project's; ``pos_embedding``
   [1, N, D] becomes the [gh, gw, D] grid, ``Embed_0`` / ``Encoder_0`` become ``embedding`` /
-  ``Transformer``, the towers' ``head`` kernels become ``img_proj`` / ``txt_proj`` (their biases
-  are not loaded: our projections have none); scanned checkpoints (``encoderblock`` with a
-  leading depth axis) are split.
+  ``Transformer``, the towers' ``head`` Dense layers become ``img_proj`` / ``txt_proj`` (biases
+  with ``model.head_bias``; SigLIP has a text head with a bias and no image head:
+  ``model.image_head=False``); scanned checkpoints (``encoderblock`` with a leading depth axis)
+  are split.
 
 Not stored in any weight file: the MLP activation and the LayerNorm epsilon. timm's ViTs use
 exact GELU and eps 1e-6, open_clip models exact GELU (OpenAI CLIP: QuickGELU) and torch's eps
@@ -599,6 +600,9 @@ def import_big_vision(
     if any(k.startswith("params/") for k in tensors):
         tensors = {k[len("params/") :]: v for k, v in tensors.items() if k.startswith("params/")}
     tensors = _bv_unscan(tensors)
+    for scalar in ("t", "b"):  # big_vision stores them as [1]
+        if scalar in tensors and np.size(tensors[scalar]) == 1:
+            tensors[scalar] = np.asarray(tensors[scalar]).reshape(())
     cv = _converter(tensors, model, _seed(config, seed), _source_name(npz_path), "big_vision")
     d = int(vit.width)
     special = {"img/pos_embedding", "img/cls_pos_embedding", "txt/pos_embedding"}
@@ -629,14 +633,18 @@ def import_big_vision(
         if value is not None:
             cv.put(path, value, key)
     for tower in ("img", "txt"):
-        cv.skip(f"{tower}/head/bias", "this model's projections have no bias")
+        if not cv.has_param(f"{tower}_proj/bias"):
+            cv.skip(f"{tower}/head/bias", "this model's projections have no bias")
+    if not cv.has_param("img_proj/kernel"):
+        cv.skip_prefix("img/head/", "this model has no image head (model.image_head=False)")
     if not cv.has_param("b"):
         cv.skip("b", "the model has no logit bias (model.bias_init=None)")
     _skip_extra_blocks(cv, "img/Transformer/encoderblock_", int(vit.depth), sep="/")
     _skip_extra_blocks(cv, "txt/Encoder_0/encoderblock_", int(txt.depth), sep="/")
-    cv.note(
-        "big_vision text towers do not mask padding (sticky EOS padding); this model masks "
-        f"tokens from the first pad_id={txt.pad_id} on, so text embeddings agree for token "
-        "sequences without that id"
-    )
+    if txt.mask_padding:
+        cv.note(
+            "big_vision text towers do not mask padding (sticky EOS padding); this model masks "
+            f"tokens from the first pad_id={txt.pad_id} on (model.text.mask_padding=True), so "
+            "text embeddings agree only for token sequences without that id"
+        )
     return _rescan(cv.finish(), model), cv.report

@@ -117,5 +117,6 @@ class FrozenRegionEmbedder:
             spatial_scale=1.0 / stride,
             sampling_ratio=2,
         ).mean(axis=(2, 3))
-        emb = pooled @ tower_params["img_proj"]["kernel"]
+        head = tower_params.get("img_proj")  # none: SigLIP's features are the embedding
+        emb = pooled if head is None else pooled @ head["kernel"] + head.get("bias", 0.0)
         return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)

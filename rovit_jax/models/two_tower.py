@@ -4,8 +4,8 @@ Parameters::
 
   img/...        ViT
   txt/...        TextTransformer
-  img_proj       Dense(embed_dim, no bias) on the pooled image features
-  txt_proj       Dense(embed_dim, no bias) on the pooled text features
+  img_proj       Dense(embed_dim) on the pooled image features (absent without image_head)
+  txt_proj       Dense(embed_dim) on the pooled text features (biases only with head_bias)
   t              scalar log-temperature; logit scale = exp(t)
   b              scalar logit bias (absent when bias_init is None)
 """
@@ -41,6 +41,9 @@ class TwoTower(nn.Module):
       embed_dim: shared embedding size E.
       temperature_init: initial logit scale; parameter t = log(temperature_init).
       bias_init: initial logit bias; None = no bias parameter (bias 0).
+      image_head: project the pooled image features (`img_proj`); False: they are the image
+        embedding (SigLIP, whose MAP head already outputs the shared space; width == embed_dim).
+      head_bias: the projections have biases (SigLIP's text head has one).
       dtype: compute dtype of towers and projections; embeddings are returned in float32.
     """
 
@@ -49,6 +52,8 @@ class TwoTower(nn.Module):
     embed_dim: int
     temperature_init: float = 10.0
     bias_init: float | None = -10.0
+    image_head: bool = True
+    head_bias: bool = False
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
@@ -57,12 +62,18 @@ class TwoTower(nn.Module):
         self.img = ViT(**{"dtype": self.dtype, **dict(self.image)})
         self.txt = TextTransformer(**{"dtype": self.dtype, **dict(self.text)})
         proj = dict(
-            use_bias=False,
+            use_bias=self.head_bias,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=named(nn.initializers.lecun_normal(), EMBED, None),
         )
-        self.img_proj = nn.Dense(self.embed_dim, **proj)
+        if self.image_head:
+            self.img_proj = nn.Dense(self.embed_dim, **proj)
+        elif int(self.image["width"]) != self.embed_dim:
+            raise ValueError(
+                f"without an image head the image width {self.image['width']} is the "
+                f"embedding size, but embed_dim = {self.embed_dim}"
+            )
         self.txt_proj = nn.Dense(self.embed_dim, **proj)
         self.t = self.param(
             "t", nn.initializers.constant(math.log(self.temperature_init)), (), jnp.float32
@@ -72,7 +83,7 @@ class TwoTower(nn.Module):
 
     def _embed_images(self, images, crop_boxes, train):
         feats, aux = self.img(images, crop_boxes=crop_boxes, train=train)
-        return l2_normalize(self.img_proj(feats)), aux
+        return l2_normalize(self.img_proj(feats) if self.image_head else feats), aux
 
     def _embed_texts(self, tokens, train):
         feats, aux = self.txt(tokens, train=train)

@@ -198,6 +198,8 @@ def build_model(
         embed_dim=model.embed_dim,
         temperature_init=model.temperature_init,
         bias_init=model.bias_init,
+        image_head=model.image_head,
+        head_bias=model.head_bias,
         dtype=dtype,
     )
 
