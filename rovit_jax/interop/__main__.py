@@ -14,10 +14,13 @@ open_clip's model config for the rest:
   python -m rovit_jax.interop import --from open_clip --weights FILE --out WORKDIR \
       [--model ViT-B-16]
 
-and a big_vision (SigLIP) .npz likewise, given its SentencePiece model (interop.big_vision_run):
+a big_vision (SigLIP) .npz likewise, given its SentencePiece model (interop.big_vision_run), and
+a Hugging Face CLIPModel / SiglipModel state dict given its config.json (interop.hf_layouts):
 
   python -m rovit_jax.interop import --from big_vision --weights FILE.npz \
-      --tokenizer c4_en.model --out WORKDIR The import report is
+      --tokenizer c4_en.model --out WORKDIR
+  python -m rovit_jax.interop import --from hf --weights model.safetensors \
+      --hf_config config.json [--tokenizer spiece.model] --out WORKDIR The import report is
 printed and written to WORKDIR/import_report.{txt,json}. Weight files, workdirs and output
 folders may be bucket URLs (gs://...).
 
@@ -57,6 +60,8 @@ def _import(args: argparse.Namespace) -> int:
     from rovit_jax.interop.workdir import check_new_workdir, write_init_workdir
 
     check_new_workdir(args.out)  # before the (slow) import
+    if args.source_format == "hf":
+        return _import_hf_run(args)
     if args.config is None:
         if args.source_format == "open_clip":
             return _import_open_clip_run(args)
@@ -133,6 +138,23 @@ def _import_big_vision_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_hf_run(args: argparse.Namespace) -> int:
+    from rovit_jax.interop.hf_layouts import import_hf_run
+
+    if not args.hf_config or args.config:
+        raise ValueError(
+            "--from hf takes the model's Hugging Face config.json (--hf_config), not --config"
+        )
+    _, report, step_dir = import_hf_run(
+        args.weights, args.out, hf_config=paths.read_json(args.hf_config), tokenizer=args.tokenizer
+    )
+    _write_report(args, report)
+    print(
+        f"wrote {step_dir} and {os.path.join(args.out, 'config.json')} (read from the checkpoint)"
+    )
+    return 0
+
+
 def _write_report(args: argparse.Namespace, report) -> None:
     paths.write_text(os.path.join(args.out, "import_report.txt"), str(report) + "\n")
     paths.write_json(os.path.join(args.out, "import_report.json"), report.to_dict(), indent=2)
@@ -169,7 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="import public weights into a pretraining workdir")
     imp.add_argument(
-        "--from", dest="source_format", required=True, choices=("timm", "open_clip", "big_vision")
+        "--from",
+        dest="source_format",
+        required=True,
+        choices=("timm", "open_clip", "big_vision", "hf"),
     )
     imp.add_argument("--weights", required=True, help=".safetensors, .pt/.pth/.bin or .npz")
     imp.add_argument(
@@ -189,6 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--source_grid", default=None, help="checkpoint patch grid 'gh,gw' if not square"
     )
     imp.add_argument("--prefix", default="", help="timm: read only tensors under this prefix")
+    imp.add_argument(
+        "--hf_config",
+        default=None,
+        help="hf: the model's config.json (a CLIPModel or SiglipModel state dict's)",
+    )
     imp.add_argument(
         "--tokenizer",
         default=None,
