@@ -19,7 +19,15 @@ federated LVIS evaluation with AP_r. Unverified: backbone lr x0.1, batch, steps,
       --config=configs/lvis_detect.py:variant=L/16,layout=fsdp,remat=full \
       --config.eval.batch_size=256
 
-Arguments: `variant` (B/16 | L/16), `batch`, `steps`, `small` (a tiny CPU smoke run of the recipe
+Start from a public checkpoint imported as a run (README, "Start from SigLIP or CLIP"):
+
+  python -m rovit_jax.main --config=configs/lvis_detect.py:init=clip_b16 ...    # runs/clip_b16
+  python -m rovit_jax.main --config=configs/lvis_detect.py:init=siglip_b16 ...  # runs/siglip_b16
+  python -m rovit_jax.main --config=configs/lvis_detect.py:init=PATH ...        # any run folder
+
+Arguments: `init` (clip_b16 | siglip_b16: the B/16 backbone of the run that README's import
+command writes to runs/<name>; or a run folder's path), `variant` (B/16 | L/16), `batch`,
+`steps`, `small` (a tiny CPU smoke run of the recipe
 on the configured data, with the backbone of a `small` pretraining run), and for parallelism and
 memory (configs/detect_recipe.py, rovit_jax.train.layouts):
   layout  data (default: batch split over every device, state replicated) | fsdp (batch, parameters
@@ -36,9 +44,14 @@ from rovit_jax.config_files import load_sibling
 detect_recipe = load_sibling(__file__, "detect_recipe")
 
 
+# `init` shorthands: the folders README's import commands write, and their backbone.
+IMPORTED_RUNS = {"clip_b16": ("runs/clip_b16", "B/16"), "siglip_b16": ("runs/siglip_b16", "B/16")}
+
+
 def get_config(arg=None):
     a = parse_arg(
         arg,
+        init="",
         variant="B/16",
         batch=256,
         steps=46_000,
@@ -48,9 +61,16 @@ def get_config(arg=None):
         remat="none",
         dtype="float32",
     )
+    variant = a.variant
+    if a.init in IMPORTED_RUNS:
+        workdir, variant = IMPORTED_RUNS[a.init]
+    else:
+        workdir = a.init  # a path, or "" (init.pretrain_workdir given separately)
     c = detect_recipe.recipe(
-        a.variant, a.batch, a.steps, layout=a.layout, tp=a.tp, remat=a.remat, dtype=a.dtype
+        variant, a.batch, a.steps, layout=a.layout, tp=a.tp, remat=a.remat, dtype=a.dtype
     )
+    if workdir:
+        c.init.pretrain_workdir = workdir
     c.data.name = "lvis"
     c.data.novel_frequencies = ("r",)
     if a.small:

@@ -176,3 +176,14 @@ def test_detection_finetunes_from_the_imported_run(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert os.path.isfile(os.path.join(workdir, "detections_fused.json"))
     assert "final evaluation at step" in done.stdout + done.stderr
+
+
+def test_lvis_recipe_init_argument_names_the_imported_run():
+    from rovit_jax.config_files import load_config
+
+    for name in ("clip_b16", "siglip_b16"):
+        c = load_config(f"lvis_detect:init={name}")
+        assert c.init.pretrain_workdir == f"runs/{name}" and not c.init.run_pretraining
+        assert tuple(c.det.global_blocks) == (2, 5, 8, 11)  # B/16's ViTDet global blocks
+    assert load_config("lvis_detect:init=/data/my_run").init.pretrain_workdir == "/data/my_run"
+    assert load_config("lvis_detect").init.pretrain_workdir == ""
