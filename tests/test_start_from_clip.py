@@ -187,3 +187,48 @@ def test_lvis_recipe_init_argument_names_the_imported_run():
         assert tuple(c.det.global_blocks) == (2, 5, 8, 11)  # B/16's ViTDet global blocks
     assert load_config("lvis_detect:init=/data/my_run").init.pretrain_workdir == "/data/my_run"
     assert load_config("lvis_detect").init.pretrain_workdir == ""
+
+
+def test_export_back_to_open_clip_loads_strictly_and_embeds_the_same(tmp_path):
+    """Import an open_clip model, export the run to open_clip's layout: open_clip's CLIP loads
+    it with strict=True from the exported config, and embeds exactly as the original does."""
+    import open_clip
+    from open_clip.model import CLIP
+    from safetensors.numpy import load_file
+
+    cfg = dict(
+        embed_dim=32,
+        vision_cfg=dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+    )
+    torch.manual_seed(0)
+    source = _randomize(CLIP(**cfg), seed=6)
+    cfg_path = tmp_path / "model_config.json"
+    cfg_path.write_text(json.dumps(cfg))
+    run = _import(tmp_path, source, "--open_clip_config", str(cfg_path))
+    out = str(tmp_path / "exported")
+    assert interop_main(["export", "--checkpoint", run, "--out", out, "--layout", "open_clip"]) == 0
+    exported_cfg = json.loads(open(os.path.join(out, "open_clip_config.json")).read())
+    clone = CLIP(**exported_cfg).eval()
+    state = {
+        k: torch.from_numpy(v)
+        for k, v in load_file(os.path.join(out, "open_clip_model.safetensors")).items()
+    }
+    clone.load_state_dict(state, strict=True)
+    images = _images(seed=7)
+    preprocess = open_clip.image_transform(32, is_train=False)
+    pixels = torch.stack([preprocess(Image.fromarray(a)) for a in images])
+    tokens = open_clip.tokenize(CAPTIONS)
+    with torch.no_grad():
+        for encode, x in (("encode_text", tokens), ("encode_image", pixels)):
+            want = getattr(source, encode)(x, normalize=True).numpy()
+            got = getattr(clone, encode)(x, normalize=True).numpy()
+            assert np.abs(want - got).max() < TOL, encode
+
+
+def test_export_to_open_clip_refuses_what_it_cannot_express(tmp_path):
+    from rovit_jax.interop.open_clip_export import open_clip_model_config
+    from rovit_jax.pretrain_config import pretrain_defaults
+
+    with pytest.raises(ValueError, match=r"pool_type='gap'.*mask_padding=True.*pool_type='mean'"):
+        open_clip_model_config(pretrain_defaults())

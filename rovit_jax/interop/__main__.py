@@ -29,7 +29,9 @@ Export a pretraining run's towers (latest checkpoint, or --step):
   python -m rovit_jax.interop export --checkpoint WORKDIR --out DIR
 
 writes DIR/image_tower.safetensors (timm ViT; kwargs in DIR/timm_kwargs.json),
-DIR/text_tower.safetensors and DIR/text_tower.json (layouts in interop.timm_export).
+DIR/text_tower.safetensors and DIR/text_tower.json (layouts in interop.timm_export); with
+--layout open_clip, DIR/open_clip_model.safetensors and DIR/open_clip_config.json, both towers as
+open_clip's CLIP (interop.open_clip_export; a CLIP-like run, e.g. an imported one).
 """
 
 from __future__ import annotations
@@ -171,6 +173,8 @@ def _export(args: argparse.Namespace) -> int:
     from rovit_jax.runs import load_pretrained_towers
 
     config, params, step = load_pretrained_towers(args.checkpoint, step=args.step)
+    if args.layout == "open_clip":
+        return _export_open_clip(args, config, params, step)
     paths.makedirs(args.out)
     image_path = os.path.join(args.out, "image_tower.safetensors")
     text_path = os.path.join(args.out, "text_tower.safetensors")
@@ -179,6 +183,26 @@ def _export(args: argparse.Namespace) -> int:
     paths.write_json(os.path.join(args.out, "timm_kwargs.json"), kwargs, indent=2)
     paths.write_json(os.path.join(args.out, "text_tower.json"), settings, indent=2)
     print(f"exported step {step} of {args.checkpoint}: {image_path}, {text_path}")
+    return 0
+
+
+def _export_open_clip(args: argparse.Namespace, config, params, step: int) -> int:
+    import io
+
+    from safetensors.numpy import save
+
+    from rovit_jax.interop.open_clip_export import open_clip_model_config, open_clip_state_dict
+
+    model_cfg = open_clip_model_config(config)  # refuses before anything is written
+    tensors = open_clip_state_dict(params, config)
+    paths.makedirs(args.out)
+    weights = os.path.join(args.out, "open_clip_model.safetensors")
+    paths.write_bytes(weights, io.BytesIO(save(tensors)).getvalue())
+    paths.write_json(os.path.join(args.out, "open_clip_config.json"), model_cfg, indent=2)
+    print(
+        f"exported step {step} of {args.checkpoint}: {weights}; load it with "
+        "open_clip.model.CLIP(**json.load(open('open_clip_config.json'))).load_state_dict(...)"
+    )
     return 0
 
 
@@ -235,6 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--checkpoint", required=True, help="a pretraining workdir")
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    exp.add_argument(
+        "--layout",
+        choices=("timm", "open_clip"),
+        default="timm",
+        help="timm: image tower as a timm ViT and the text tower (default); open_clip: both "
+        "towers as an open_clip CLIP state dict and its model config",
+    )
     args = parser.parse_args(argv)
     if args.command == "import":
         return _import(args)
