@@ -208,3 +208,31 @@ def gcs_bucket():
                 os.environ[k] = v
         server.terminate()
         server.wait(timeout=10)
+
+
+def train_t5_layout_spm(folder) -> str:
+    """A small SentencePiece model in T5's layout (pad 0, EOS 1, unk 2, no BOS), the layout of
+    SigLIP's c4_en vocabulary, saved as `<folder>/spiece.model` (the name Hugging Face's T5
+    tokenizer loads from a folder); returns its path."""
+    import sentencepiece as spm
+
+    corpus = [
+        "A Photo of a CAT on a mat, with 3 dogs!",
+        "Hello World",
+        "résumé café naïve",
+        "the quick brown fox jumps over the lazy dog",
+    ] * 50
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_prefix=os.path.join(str(folder), "spiece"),
+        vocab_size=80,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return os.path.join(str(folder), "spiece.model")

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 import sentencepiece as spm
+from conftest import train_t5_layout_spm
 
 from rovit_jax.config_check import ConfigError
 from rovit_jax.data import tokenizer as tk
@@ -98,25 +99,7 @@ def test_clip_bpe_refuses_a_file_that_is_not_clips_merges(tmp_path):
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("t5")
-    corpus = [
-        "A Photo of a CAT on a mat, with 3 dogs!",
-        "Hello World",
-        "résumé café naïve",
-        "the quick brown fox jumps over the lazy dog",
-    ] * 50
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_prefix=str(folder / "spiece"),
-        vocab_size=80,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
+    train_t5_layout_spm(folder)
     return folder
 
 

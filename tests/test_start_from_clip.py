@@ -29,6 +29,17 @@ CAPTIONS = [
 ]
 
 
+def small_clip_config(quick_gelu: bool = False) -> dict:
+    """A small open_clip CLIP (2 layers of 64 in each tower) with CLIP's real vocabulary and
+    context, so that both sides tokenize real captions."""
+    return dict(
+        embed_dim=32,
+        quick_gelu=quick_gelu,  # True: as OpenAI's weights
+        vision_cfg=dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+    )
+
+
 def _images(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     shapes = [(48, 40), (30, 64), (64, 64), (97, 53)]  # portrait, landscape, square, odd
@@ -80,12 +91,7 @@ def _compare(out, zt_ref, zi_ref, images, what):
 def test_small_open_clip_model_from_its_config_json(tmp_path):
     from open_clip.model import CLIP
 
-    cfg = dict(
-        embed_dim=32,
-        quick_gelu=True,  # as OpenAI's weights
-        vision_cfg=dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
-        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
-    )
+    cfg = small_clip_config(quick_gelu=True)
     torch.manual_seed(0)
     model = _randomize(CLIP(**cfg), seed=1)
     cfg_path = tmp_path / "model_config.json"
@@ -150,11 +156,7 @@ def test_detection_finetunes_from_the_imported_run(tmp_path):
     from conftest import xla_flags
     from open_clip.model import CLIP
 
-    cfg = dict(
-        embed_dim=32,
-        vision_cfg=dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
-        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
-    )
+    cfg = small_clip_config()
     torch.manual_seed(0)
     cfg_path = tmp_path / "model_config.json"
     cfg_path.write_text(json.dumps(cfg))
@@ -196,11 +198,7 @@ def test_export_back_to_open_clip_loads_strictly_and_embeds_the_same(tmp_path):
     from open_clip.model import CLIP
     from safetensors.numpy import load_file
 
-    cfg = dict(
-        embed_dim=32,
-        vision_cfg=dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
-        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
-    )
+    cfg = small_clip_config()
     torch.manual_seed(0)
     source = _randomize(CLIP(**cfg), seed=6)
     cfg_path = tmp_path / "model_config.json"

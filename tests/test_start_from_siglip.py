@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from conftest import train_t5_layout_spm
 from PIL import Image
 
 from rovit_jax.interop.__main__ import main as interop_main
@@ -27,26 +28,7 @@ SEQ = 32
 
 
 def _spm(folder) -> str:
-    corpus = [
-        "A Photo of a CAT on a mat, with 3 dogs!",
-        "Hello World",
-        "résumé café naïve",
-        "the quick brown fox jumps over the lazy dog",
-    ] * 50
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_prefix=str(folder / "spiece"),
-        vocab_size=80,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    return str(folder / "spiece.model")
+    return train_t5_layout_spm(folder)
 
 
 def _siglip(vocab: int, seed: int, base: bool = False):

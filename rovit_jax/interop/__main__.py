@@ -112,14 +112,8 @@ def _import_open_clip_run(args: argparse.Namespace) -> int:
     from rovit_jax.interop.open_clip_run import import_open_clip_run
 
     model = paths.read_json(args.open_clip_config) if args.open_clip_config else args.model
-    config, report, step_dir = import_open_clip_run(args.weights, args.out, model=model)
-    _write_report(args, report)
-    print(
-        f"wrote {step_dir} and {os.path.join(args.out, 'config.json')} (read from the "
-        "checkpoint); use it as a detection config's init.pretrain_workdir, or "
-        f"Predictor.from_checkpoint({args.out!r})"
-    )
-    return 0
+    _, report, step_dir = import_open_clip_run(args.weights, args.out, model=model)
+    return _done(args, report, step_dir)
 
 
 def _import_big_vision_run(args: argparse.Namespace) -> int:
@@ -131,13 +125,7 @@ def _import_big_vision_run(args: argparse.Namespace) -> int:
             "SentencePiece model (SigLIP English: c4_en)"
         )
     _, report, step_dir = import_big_vision_run(args.weights, args.out, tokenizer=args.tokenizer)
-    _write_report(args, report)
-    print(
-        f"wrote {step_dir} and {os.path.join(args.out, 'config.json')} (read from the "
-        "checkpoint); use it as a detection config's init.pretrain_workdir, or "
-        f"Predictor.from_checkpoint({args.out!r})"
-    )
-    return 0
+    return _done(args, report, step_dir)
 
 
 def _import_hf_run(args: argparse.Namespace) -> int:
@@ -150,9 +138,16 @@ def _import_hf_run(args: argparse.Namespace) -> int:
     _, report, step_dir = import_hf_run(
         args.weights, args.out, hf_config=paths.read_json(args.hf_config), tokenizer=args.tokenizer
     )
+    return _done(args, report, step_dir)
+
+
+def _done(args: argparse.Namespace, report, step_dir: str) -> int:
+    """Reports an import whose config was read from the checkpoint."""
     _write_report(args, report)
     print(
-        f"wrote {step_dir} and {os.path.join(args.out, 'config.json')} (read from the checkpoint)"
+        f"wrote {step_dir} and {os.path.join(args.out, 'config.json')} (read from the "
+        "checkpoint); use it as a detection config's init.pretrain_workdir, or "
+        f"Predictor.from_checkpoint({args.out!r})"
     )
     return 0
 
