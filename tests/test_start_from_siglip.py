@@ -206,3 +206,41 @@ def test_big_vision_import_without_config_needs_the_tokenizer(tmp_path):
         interop_main(
             ["import", "--from", "big_vision", "--weights", "x.npz", "--out", str(tmp_path / "r")]
         )
+
+
+@pytest.mark.parametrize("siglip_like", [False, True], ids=["gap_with_head", "map_without_head"])
+def test_a_whole_image_region_embeds_like_the_image(siglip_like):
+    """The frozen VLM's region path (RoIAlign on the last map, mean, the image head when there
+    is one) on a box covering the whole image: for a GAP tower it is the image embedding (up to
+    RoIAlign's sampling); a SigLIP-like tower (MAP pooling, no image head) pools the region's
+    features by their mean (GAP) and embeds them in the MAP head's width."""
+    import jax
+
+    from rovit_jax.interop.towers import init_params
+    from rovit_jax.models.frozen_vlm import FrozenRegionEmbedder
+    from rovit_jax.models.two_tower import TwoTower
+
+    size = dict(width=64, depth=2, mlp_dim=128, num_heads=4)
+    image = dict(size, patch_size=8, posemb_grid=(4, 4), pool_type="map" if siglip_like else "gap")
+    text = dict(size, vocab_size=64, max_len=8)
+    model = TwoTower(
+        image=image,
+        text=text,
+        embed_dim=64 if siglip_like else 32,
+        image_head=not siglip_like,
+        head_bias=siglip_like,
+    )
+    params = init_params(model, seed=0)
+    images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    embedder = FrozenRegionEmbedder.build(
+        model, window_attention=False, window_size=2, global_blocks=(), pool_size=7
+    )
+    boxes = np.tile(np.asarray([[[0.0, 0.0, 32.0, 32.0]]], np.float32), (2, 1, 1))
+    region = np.asarray(jax.jit(embedder.region_embeddings)(params, images, boxes))[:, 0]
+    assert region.shape == (2, model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(region, axis=-1), 1.0, atol=1e-5)
+    if not siglip_like:
+        whole = np.asarray(model.apply({"params": params}, images, method=model.embed_images))
+        cosine = np.sum(region * whole, axis=-1)
+        print(f"whole-image region vs image embedding: cosine {cosine.min():.5f}")
+        assert cosine.min() > 0.99, cosine
