@@ -10,7 +10,6 @@
 
 import gzip
 
-import ml_collections
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -185,4 +184,3 @@ def test_config_refuses_a_clip_tokenizer_with_a_masking_tower():
     c.tokenizer.kind = "sentencepiece"
     with pytest.raises(ConfigError, match=r"model.text.pool_type.*clip_bpe"):
         validate_config(c, check_files=False)
-    assert isinstance(c, ml_collections.ConfigDict)

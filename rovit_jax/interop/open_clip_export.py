@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from rovit_jax.interop.torch_layout import OPEN_CLIP_BLOCK, block_to_torch, layer_norm_to_torch
-from rovit_jax.interop.towers import flatten, image_tower, resolve_model, text_tower
+from rovit_jax.interop.towers import image_tower, resolve_model, text_tower
 from rovit_jax.models.layers import unscan_params
 
 __all__ = ["open_clip_model_config", "open_clip_state_dict"]
@@ -126,7 +126,4 @@ def open_clip_state_dict(params: dict[str, Any], config: Any) -> dict[str, np.nd
     sd.update({f"ln_final.{k}": v for k, v in norm.items()})
     if "b" in params:
         sd["logit_bias"] = np.asarray(params["b"]).reshape(())
-    leftover = {k for k in flatten(params) if k.startswith("img/MAPHead_0")}
-    if leftover:
-        raise ValueError(f"parameters open_clip has no place for: {sorted(leftover)}")
     return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}

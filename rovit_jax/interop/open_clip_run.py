@@ -167,7 +167,7 @@ def open_clip_config(arch: Mapping[str, Any], vocab_path: str) -> ml_collections
     c.cpe.up_size = max(int(c.cpe.up_size), img["grid"])
     c.pp.mean = tuple(float(v) for v in pre.get("mean", CLIP_MEAN))
     c.pp.std = tuple(float(v) for v in pre.get("std", CLIP_STD))
-    c.pp.interpolation = {"bilinear": "bilinear"}.get(pre.get("interpolation"), "bicubic")
+    c.pp.interpolation = "bilinear" if pre.get("interpolation") == "bilinear" else "bicubic"
     c.pp.eval_resize = "squash" if pre.get("resize_mode") == "squash" else "crop"
     return c
 
