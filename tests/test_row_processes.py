@@ -133,3 +133,33 @@ def test_a_full_shared_memory_folder_is_an_error_naming_size_folder_and_remedy(
     with pytest.raises(OSError, match=r"reserve 3\.0 MiB .* in .*No space left.*--shm-size"):
         rp.create_shared(path, 3 << 20, reserve_all=True)
     assert not os.path.exists(path)
+
+
+def test_files_of_a_killed_parent_are_removed_by_the_next_one():
+    """A parent killed mid-batch cannot remove its shared files; the next batcher to start
+    removes those whose parent is gone, and leaves a live parent's alone."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(gone.stdout)
+    folder = rp.shared_dir()
+    orphan = os.path.join(folder, f"rovit-rows-{dead_pid}-deadbeef-b0")
+    mine = os.path.join(folder, f"rovit-rows-{os.getpid()}-cafecafe-b0")
+    for path in (orphan, mine):
+        open(path, "wb").close()
+    try:
+        batches = ShapeShifter(worker_processes=1)
+        batches.batch(0)  # starts the workers, and with them the clean-up
+        assert not os.path.exists(orphan)
+        assert os.path.exists(mine)
+        del batches
+    finally:
+        for path in (orphan, mine):
+            if os.path.exists(path):
+                os.unlink(path)

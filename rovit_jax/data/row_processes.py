@@ -23,7 +23,8 @@ away. Tallies are counted by the caller from the rows it receives, never from ro
 The files live in /dev/shm (memory, as POSIX shared memory does) or, without it, in the temp
 folder. Their space is reserved when they are created, so a full /dev/shm is an error naming the
 size and the folder rather than a SIGBUS in a worker (Docker gives containers 64 MB of /dev/shm
-unless told `--shm-size`).
+unless told `--shm-size`). They are removed when the batcher goes (or at exit); the files of a
+parent that was killed are removed by the next one to start on the machine.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import mmap
 import multiprocessing
 import os
 import pickle
+import re
 import secrets
 import signal
 import tempfile
@@ -285,6 +287,31 @@ def _discard(pending: _Pending, start: int = 0) -> None:
         _remove(pending.batch_file.path)
 
 
+_PREFIX = "rovit-rows-"  # then the parent's pid: rovit-rows-<pid>-<token>-...
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_orphans(folder: str) -> list[str]:
+    """Removes the shared files of parents that died without cleaning up (killed, crashed):
+    their names carry the parent's pid. Returns the paths removed."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), _PREFIX + "*")):
+        match = re.match(re.escape(_PREFIX) + r"(\d+)-", os.path.basename(path))
+        if match and not _alive(int(match.group(1))):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
 def _shut_down(pool: ProcessPoolExecutor, prefix: str) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
     for path in glob.glob(glob.escape(prefix) + "*"):  # rows built ahead and never taken
@@ -301,7 +328,11 @@ class RowProcesses:
     def __init__(self, batcher: Any, processes: int, host_positions: Callable[[int], range]):
         self.host_positions = host_positions
         self.processes = int(processes)
-        self.prefix = os.path.join(shared_dir(), f"rovit-rows-{os.getpid()}-{secrets.token_hex(4)}")
+        folder = shared_dir()
+        # The finalizer below cleans up at exit; a parent that is killed cannot, so the next
+        # one removes what it left.
+        remove_orphans(folder)
+        self.prefix = os.path.join(folder, f"{_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
         # Spawned, not forked: the parent runs JAX's and TensorFlow's threads, which a fork
         # would copy in whatever state they hold.
         self.pool = ProcessPoolExecutor(
