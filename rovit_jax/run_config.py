@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import jax
 import ml_collections
 
 from rovit_jax import config_check as cc
@@ -24,6 +25,7 @@ from rovit_jax.config_sections import (
     resolved_sections,
     setting,
 )
+from rovit_jax.models.attention import ATTENTION_IMPLS, cudnn_device_problem
 from rovit_jax.models.layers import COMPUTE_DTYPES, REMAT_POLICIES
 from rovit_jax.train.guards import GuardConfig
 
@@ -67,6 +69,10 @@ class RunSettings(Section):
     # Parameters and optimizer state stay float32.
     compute_dtype: str = setting("float32", choices=tuple(COMPUTE_DTYPES))
     remat: str = setting("none", choices=REMAT_POLICIES)  # rematerialise each transformer block
+    # The attention kernel of every tower and block (rovit_jax.models.attention): "auto" runs
+    # cuDNN's fused kernel on GPUs with 16-bit compute and the einsum kernel elsewhere. The
+    # choice changes no parameter, so a run may change it on resumption.
+    attention: str = setting("auto", choices=ATTENTION_IMPLS, older="auto")
     # Batches decoded and copied to the devices ahead of the step (0: none).
     prefetch: int = setting(2, min_value=0, older=2)
     donate_state: bool = setting(True, older=True)  # the train step reuses the old state's buffers
@@ -100,6 +106,9 @@ def run_problems(problems: cc.Problems, config: Any) -> RunSettings | None:
         problems, rules.get("logical_axis_rules", ()), cc.config_get(config, "mesh", None)
     )
     cc.mesh_problems(problems, config)
+    if run is not None and run.attention == "cudnn":
+        why = cudnn_device_problem(COMPUTE_DTYPES[run.compute_dtype], jax.default_backend())
+        problems.check(why is None, "attention", run.attention, f"{why} ('auto' falls back)")
     # The input's worker threads, read by both tasks' batchers.
     cc.check_int(problems, config, "data.num_workers", min_value=1, default=1)
     return run

@@ -1,6 +1,5 @@
 """Tests for the ViT, text transformer and two-tower models (tiny shapes, CPU)."""
 
-import functools
 import math
 
 import flax
@@ -449,30 +448,3 @@ def test_logical_axis_names_are_traced_not_stored():
             assert len(names[path]) == len(shape), path
     with pytest.raises(ValueError, match="unknown logical axis"):
         named(jax.nn.initializers.zeros, "width")
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_output_normalised_attention_equals_flax_attention(masked):
-    """The blocks' attention divides the output by the softmax's sum; values and gradients equal
-    flax's dot_product_attention, a fully masked row (window padding) included."""
-    import flax.linen as nn
-
-    from rovit_jax.models.layers import attention_normalising_output
-
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.normal(size=(3, 16, 2, 8)), jnp.float32) for _ in range(3))
-    mask = None
-    if masked:
-        mask = jnp.asarray(rng.uniform(size=(3, 1, 16, 16)) < 0.6).at[:, :, 3, :].set(False)
-
-    def loss(fn):
-        return lambda *x: jnp.sum(jnp.sin(fn(*x, mask=mask)))
-
-    ref = functools.partial(nn.dot_product_attention, deterministic=True)
-    np.testing.assert_allclose(
-        attention_normalising_output(q, k, v, mask=mask), ref(q, k, v, mask=mask), atol=1e-6
-    )
-    got = jax.grad(loss(attention_normalising_output), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rovit_jax.models.attention import attention_function
 from rovit_jax.models.logical_axes import EMBED, HEADS, KV, LAYERS, MLP, named
 
 __all__ = [
@@ -144,35 +145,6 @@ class MlpBlock(nn.Module):
         )(x)
 
 
-def attention_normalising_output(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    mask: jax.Array | None = None,
-    precision: Any = None,
-) -> jax.Array:
-    """Softmax attention that divides the output, not the weights, by the softmax's sum.
-
-    Equal to flax's `dot_product_attention` without dropout (masked logits are set to the dtype's
-    minimum, so a fully masked row attends uniformly, as there), but the [.., q, k] weights are
-    never divided: on a CPU, where the global-attention block's softmax is memory-bound, its
-    forward and backward pass take about a fifth less time (benchmarks/detect_step.py).
-
-    query [..., q, heads, d], key / value [..., k, heads, d], mask broadcastable to
-    [..., heads, q, k] (True = attend) -> [..., q, heads, d].
-    """
-    depth = query.shape[-1]
-    query = query / jnp.sqrt(depth).astype(query.dtype)
-    logits = jnp.einsum("...qhd,...khd->...hqk", query, key, precision=precision)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    # The shift only keeps exp in range: it cancels in the ratio, so no gradient flows through it.
-    shifted = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True)))
-    out = jnp.einsum("...hqk,...khd->...qhd", shifted, value, precision=precision)
-    total = jnp.swapaxes(jnp.sum(shifted, -1), -1, -2)  # [..., q, heads]
-    return out / total[..., None]
-
-
 def _window_partition(
     x: jax.Array, grid_hw: tuple[int, int], window: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -235,6 +207,7 @@ class Encoder1DBlock(nn.Module):
     scanned: bool = False  # return (x, None), the carry/output pair nn.scan expects
     activation: str = "gelu_tanh"
     norm_eps: float = DEFAULT_NORM_EPS
+    attention: str = "auto"  # see rovit_jax.models.attention
 
     @nn.compact
     def __call__(
@@ -250,7 +223,7 @@ class Encoder1DBlock(nn.Module):
             param_dtype=jnp.float32,
             deterministic=deterministic,
             name="MultiHeadDotProductAttention_0",
-            attention_fn=attention_normalising_output,
+            attention_fn=attention_function(self.attention),
             **_attention_inits(),
         )
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
@@ -301,6 +274,7 @@ class Encoder(nn.Module):
     scan_layers: bool = False
     activation: str = "gelu_tanh"  # see ACTIVATIONS
     norm_eps: float = DEFAULT_NORM_EPS
+    attention: str = "auto"  # see rovit_jax.models.attention
 
     @nn.compact
     def __call__(
@@ -352,6 +326,7 @@ class Encoder(nn.Module):
                 scanned=True,
                 activation=self.activation,
                 norm_eps=self.norm_eps,
+                attention=self.attention,
                 name="encoderblock",
             )(x, deterministic, mask)
             return final_norm(x), aux
@@ -366,6 +341,7 @@ class Encoder(nn.Module):
                 grid_hw=self.grid_hw,
                 activation=self.activation,
                 norm_eps=self.norm_eps,
+                attention=self.attention,
                 name=f"encoderblock_{i}",
             )(x, deterministic, mask)
             aux[f"block_{i}"] = x
@@ -402,6 +378,7 @@ class MAPHead(nn.Module):
     dtype: Dtype = jnp.float32
     activation: str = "gelu_tanh"
     norm_eps: float = DEFAULT_NORM_EPS
+    attention: str = "auto"  # see rovit_jax.models.attention
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -415,7 +392,11 @@ class MAPHead(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
             name="MultiHeadDotProductAttention_0",
-            attention_fn=attention_normalising_output,
+            # One query: where cuDNN cannot take it (a masked row), even attention="cudnn" runs
+            # the einsum kernel here rather than fail.
+            attention_fn=attention_function(
+                "auto" if self.attention == "cudnn" else self.attention
+            ),
             **_attention_inits(),
         )(probe, x, mask=attn_mask)
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)

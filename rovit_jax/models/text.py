@@ -88,6 +88,7 @@ class TextTransformer(nn.Module):
     causal: bool = False
     activation: str = "gelu_tanh"  # see rovit_jax.models.layers.ACTIVATIONS
     norm_eps: float = DEFAULT_NORM_EPS
+    attention: str = "auto"  # the attention kernel: see rovit_jax.models.attention
 
     @nn.compact
     def __call__(
@@ -146,6 +147,7 @@ class TextTransformer(nn.Module):
             scan_layers=self.scan_layers,
             activation=self.activation,
             norm_eps=self.norm_eps,
+            attention=self.attention,
             name="Transformer",
         )(x, not train, mask)
         aux["tokens"] = x
@@ -170,6 +172,7 @@ class TextTransformer(nn.Module):
                 dtype=self.dtype,
                 activation=self.activation,
                 norm_eps=self.norm_eps,
+                attention=self.attention,
                 name="MAPHead_0",
             )(x, valid)
         aux["pre_logits"] = pooled

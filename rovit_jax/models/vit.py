@@ -92,6 +92,7 @@ class ViT(nn.Module):
     pre_norm: bool = False
     activation: str = "gelu_tanh"
     norm_eps: float = DEFAULT_NORM_EPS
+    attention: str = "auto"  # the attention kernel: see rovit_jax.models.attention
 
     def _validate(self) -> None:
         if self.pool_type not in POOL_TYPES:
@@ -197,6 +198,7 @@ class ViT(nn.Module):
             grid_hw=(gh, gw),
             activation=self.activation,
             norm_eps=self.norm_eps,
+            attention=self.attention,
             name="Transformer",
         )(x, not train)
         aux.update(enc_aux)
@@ -214,6 +216,7 @@ class ViT(nn.Module):
                 dtype=self.dtype,
                 activation=self.activation,
                 norm_eps=self.norm_eps,
+                attention=self.attention,
                 name="MAPHead_0",
             )(x)
         aux["pre_logits"] = pooled

@@ -27,7 +27,7 @@ from rovit_jax.models.detector import OpenVocabDetector
 from rovit_jax.models.frozen_vlm import FrozenRegionEmbedder, load_pretrained_backbone
 from rovit_jax.models.layers import COMPUTE_DTYPES
 from rovit_jax.pretrain_settings import pretrain_settings
-from rovit_jax.run_config import run_problems
+from rovit_jax.run_config import run_problems, run_settings
 from rovit_jax.runs import (
     CheckpointKindError,
     PretrainedTowers,
@@ -257,7 +257,11 @@ class DetectTask:
     def two_tower(self):
         from rovit_jax.tasks.pretrain import build_model
 
-        return build_model(self.pretrained.config, self.pretrained_settings)
+        return build_model(
+            self.pretrained.config,
+            self.pretrained_settings,
+            attention=run_settings(self.config).attention,
+        )
 
     @cached_property
     def pixels(self):
@@ -294,6 +298,7 @@ class DetectTask:
             activation=image.activation,
             norm_eps=image.norm_eps,
             remat_policy=self.config.remat,
+            attention=run_settings(self.config).attention,
         )
         _ = self.frozen_vlm  # checks infer.vlm_global_blocks against the tower before compiling
         head = self.settings["head"]

@@ -23,7 +23,7 @@ from rovit_jax.models.two_tower import TwoTower
 from rovit_jax.models.vit import vit_variant
 from rovit_jax.ops.posemb import sample_crop_boxes
 from rovit_jax.pretrain_settings import PRETRAIN_SECTIONS, pretrain_settings
-from rovit_jax.run_config import run_problems
+from rovit_jax.run_config import run_problems, run_settings
 from rovit_jax.train import mesh as mesh_lib
 
 
@@ -155,11 +155,16 @@ def _check_tokenizer_and_tower(p: Any, tok: Any, text: Any) -> None:
 
 
 def build_model(
-    config: ml_collections.ConfigDict, settings: dict[str, Any] | None = None
+    config: ml_collections.ConfigDict,
+    settings: dict[str, Any] | None = None,
+    attention: str | None = None,
 ) -> TwoTower:
-    """The two-tower model described by `config.model` (and pp/cpe/dtype/remat); `settings`:
-    the config's typed sections when already resolved (`pretrain_settings(config)` otherwise)."""
+    """The two-tower model described by `config.model` (and pp/cpe/dtype/remat/attention);
+    `settings`: the config's typed sections when already resolved (`pretrain_settings(config)`
+    otherwise); `attention`: the attention kernel when not the config's (a detection run's own
+    choice for the towers it reuses)."""
     settings = pretrain_settings(config) if settings is None else settings
+    attention = run_settings(config).attention if attention is None else attention
     tok, model = settings["tokenizer"], settings["model"]
     img_cfg, txt_cfg = settings["model.image"], settings["model.text"]
     img = img_cfg.size()
@@ -177,6 +182,7 @@ def build_model(
         dtype=dtype,
         remat_policy=config.remat,
         scan_layers=scan_layers,
+        attention=attention,
     )
     text = dict(
         txt_cfg.size(),
@@ -191,6 +197,7 @@ def build_model(
         dtype=dtype,
         remat_policy=config.remat,
         scan_layers=scan_layers,
+        attention=attention,
     )
     return TwoTower(
         image=image,
