@@ -257,10 +257,14 @@ class DetectTask:
     def two_tower(self):
         from rovit_jax.tasks.pretrain import build_model
 
+        # The detection run's kernel and compute dtype, not the pretraining run's: the frozen
+        # towers run at detection resolution, beside the detector.
+        run = run_settings(self.config)
         return build_model(
             self.pretrained.config,
             self.pretrained_settings,
-            attention=run_settings(self.config).attention,
+            attention=run.attention,
+            compute_dtype=run.compute_dtype,
         )
 
     @cached_property

@@ -158,18 +158,20 @@ def build_model(
     config: ml_collections.ConfigDict,
     settings: dict[str, Any] | None = None,
     attention: str | None = None,
+    compute_dtype: str | None = None,
 ) -> TwoTower:
     """The two-tower model described by `config.model` (and pp/cpe/dtype/remat/attention);
     `settings`: the config's typed sections when already resolved (`pretrain_settings(config)`
-    otherwise); `attention`: the attention kernel when not the config's (a detection run's own
-    choice for the towers it reuses)."""
+    otherwise); `attention`, `compute_dtype`: the attention kernel and compute dtype when not
+    the config's (a detection run's own choices for the towers it reuses)."""
     settings = pretrain_settings(config) if settings is None else settings
-    attention = run_settings(config).attention if attention is None else attention
+    run = run_settings(config)
+    attention = run.attention if attention is None else attention
     tok, model = settings["tokenizer"], settings["model"]
     img_cfg, txt_cfg = settings["model.image"], settings["model.text"]
     img = img_cfg.size()
     grid = settings["pp"].image_size // img["patch_size"]
-    dtype = COMPUTE_DTYPES[config.compute_dtype]
+    dtype = COMPUTE_DTYPES[run.compute_dtype if compute_dtype is None else compute_dtype]
     scan_layers = bool(config.get("scan_layers", False))
     image = dict(
         img,
