@@ -2,6 +2,7 @@ r"""Pretraining step benchmark: compile time, step time, images/s and achieved F
 
   python benchmarks/pretrain_step.py                 # shapes config and ViT-B/16 at 224 px
   python benchmarks/pretrain_step.py --only=shapes --steps=20
+  python benchmarks/pretrain_step.py --attention=einsum,xla   # a row per attention kernel
 
 Achieved FLOP/s uses the FLOPs of the compiled train step from XLA's cost analysis, divided by
 the measured step time, and is reported as a fraction of this machine's dense float32 matmul
@@ -58,9 +59,11 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def bench(name: str, steps: int, peak: float) -> dict:
+def bench(name: str, steps: int, peak: float, attention: str | None = None) -> dict:
     file, arg = CASES[name]
     config = load_config(file, arg)
+    if attention is not None:
+        config.attention = attention
     mesh = mesh_lib.make_mesh([("data", -1), ("fsdp", 1)])
     task = get_task(config)
     task.validate(mesh)
@@ -92,6 +95,7 @@ def bench(name: str, steps: int, peak: float) -> dict:
     return {
         "case": name,
         "variant": config.model.image.variant,
+        "attention": config.attention,
         "batch": config.batch_size,
         "image_size": config.pp.image_size,
         "compile_s": compile_s,
@@ -113,20 +117,26 @@ def main():
         default=None,
         help="peak FLOP/s to compare against (default: measured matmul FLOP/s)",
     )
+    parser.add_argument(
+        "--attention",
+        default="",
+        help="comma-separated attention kernels, a row each (default: the config's)",
+    )
     args = parser.parse_args()
+    kernels = [k for k in args.attention.split(",") if k] or [None]
     peak = args.peak_flops or matmul_flops_per_second()
     print(
         f"devices: {jax.devices()}  reference FLOP/s: {peak / 1e9:.1f} GFLOP/s "
         f"({'given' if args.peak_flops else 'measured dense f32 matmul'})"
     )
     print(
-        f"{'case':<12} {'variant':<6} {'batch':>5} {'px':>4} {'compile s':>9} {'step s':>8} "
+        f"{'case':<12} {'variant':<6} {'attention':<9} {'batch':>5} {'px':>4} {'compile s':>9} {'step s':>8} "
         f"{'img/s':>8} {'GFLOP/step':>10} {'GFLOP/s':>8} {'of peak':>7}"
     )
-    for name in [args.only] if args.only else list(CASES):
-        r = bench(name, args.steps, peak)
+    for name, kernel in [(n, k) for n in ([args.only] if args.only else CASES) for k in kernels]:
+        r = bench(name, args.steps, peak, kernel)
         print(
-            f"{r['case']:<12} {r['variant']:<6} {r['batch']:>5} {r['image_size']:>4} "
+            f"{r['case']:<12} {r['variant']:<6} {r['attention']:<9} {r['batch']:>5} {r['image_size']:>4} "
             f"{r['compile_s']:>9.2f} {r['step_s']:>8.3f} {r['images_per_s']:>8.1f} "
             f"{r['step_gflop']:>10.2f} {r['achieved_gflops']:>8.1f} {r['fraction_of_peak']:>7.1%}",
             flush=True,

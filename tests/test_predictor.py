@@ -236,6 +236,23 @@ def test_bad_inputs_have_clear_messages(predictor, images, run_dir, tmp_path):
         Predictor.from_checkpoint(str(empty_run))
 
 
+def test_the_attention_kernel_is_a_load_option(run_dir, predictor):
+    """`attention` (exports pass "einsum") reaches the towers, the detector's backbone and the
+    frozen towers of score fusion, and changes no value."""
+    from rovit_jax.inference import Predictor
+
+    xla = Predictor.from_checkpoint(run_dir, attention="xla")
+    assert xla.two_tower.text["attention"] == xla.two_tower.image["attention"] == "xla"
+    assert xla.task.model.backbone["attention"] == "xla"
+    assert xla.task.frozen_vlm.two_tower.image["attention"] == "xla"
+    assert predictor.task.model.backbone["attention"] == "auto"  # the run's setting
+    np.testing.assert_allclose(
+        xla.embed_texts(QUERIES), predictor.embed_texts(QUERIES), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="attention must be one of"):
+        Predictor.from_checkpoint(run_dir, attention="flash")
+
+
 def _scene(path, seed=5):
     from rovit_jax.data import shapes_world
 

@@ -52,7 +52,10 @@ def export_jax(
     from rovit_jax.inference import Predictor
 
     check_export_args(image_size, max_queries, batch_size)
-    predictor = Predictor.from_checkpoint(workdir, step=step, fusion=fusion, image_size=image_size)
+    # The einsum attention kernel: an exported model holds no device-specific (cuDNN) call.
+    predictor = Predictor.from_checkpoint(
+        workdir, step=step, fusion=fusion, image_size=image_size, attention="einsum"
+    )
     predictor.require_detector("export")
     params = jax.tree.map(jnp.asarray, export_params(predictor))
     serve = serving_function(predictor)

@@ -103,7 +103,10 @@ def export_saved_model(
     from rovit_jax.inference import Predictor
 
     check_export_args(image_size, max_queries, batch_size)
-    predictor = Predictor.from_checkpoint(workdir, step=step, fusion=fusion, image_size=image_size)
+    # The einsum attention kernel: an exported model holds no device-specific (cuDNN) call.
+    predictor = Predictor.from_checkpoint(
+        workdir, step=step, fusion=fusion, image_size=image_size, attention="einsum"
+    )
     predictor.require_detector("export")
     s, e, q = predictor.image_size, predictor.embed_dim, int(max_queries)
     length = int(predictor.text_len)

@@ -112,7 +112,9 @@ class Predictor:
         fusion: bool = True,
         image_size: int | None = None,
         max_batch: int = 8,
+        attention: str | None = None,
     ):
+        from rovit_jax.models.attention import ATTENTION_IMPLS
         from rovit_jax.pretrain_settings import pretrain_settings
         from rovit_jax.tasks.pretrain import build_model
 
@@ -122,13 +124,15 @@ class Predictor:
             isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
         ):
             raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+        if attention is not None and attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
         self.run = run
         self.kind = run.kind
         self.fusion = bool(fusion)
         self.max_batch = 1 << (max_batch.bit_length() - 1)  # a power of two <= max_batch
         self.tokenizer = run.tokenizer
         pretrained = pretrain_settings(run.pretrain_config)
-        self.two_tower = build_model(run.pretrain_config, pretrained)
+        self.two_tower = build_model(run.pretrain_config, pretrained, attention=attention)
         self.embed_dim = pretrained["model"].embed_dim
         self.text_len = int(self.tokenizer.max_len)
         self.num_compiles = 0
@@ -143,7 +147,7 @@ class Predictor:
         self.base_names: frozenset[str] = frozenset()
         self.templates: tuple[str, ...] = ("{}",)
         if run.kind == "detect":
-            self._init_detector(image_size)
+            self._init_detector(image_size, attention)
         else:
             self.image_size = int(image_size or pretrained["pp"].image_size)
             patch = self.two_tower.image["patch_size"]
@@ -164,6 +168,7 @@ class Predictor:
         fusion: bool = True,
         image_size: int | None = None,
         max_batch: int = 8,
+        attention: str | None = None,
     ) -> Predictor:
         """Loads a detection run (or a pretraining run, for embeddings and retrieval only).
 
@@ -175,6 +180,7 @@ class Predictor:
           image_size: detector canvas S (default `det.image_size` of the run); for a pretraining
             run, the image tower's input size (default `pp.image_size`).
           max_batch: largest batch run at once (a power of two; more images run in chunks).
+          attention: the attention kernel (rovit_jax.models.attention); None = the run's.
 
         Raises:
           FileNotFoundError: the directory, its checkpoint or its pretraining run is missing.
@@ -185,10 +191,11 @@ class Predictor:
             fusion=fusion,
             image_size=image_size,
             max_batch=max_batch,
+            attention=attention,
         )
 
     # ---- set-up --------------------------------------------------------------------------------
-    def _init_detector(self, image_size: int | None) -> None:
+    def _init_detector(self, image_size: int | None, attention: str | None) -> None:
         from rovit_jax.tasks.detect import DetectTask
 
         run = self.run
@@ -199,6 +206,8 @@ class Predictor:
         config.init.detector_workdir = ""
         if image_size is not None:
             config.det.image_size = int(image_size)
+        if attention is not None:
+            config.attention = attention
         try:
             # The pretraining run is already loaded; DetectTask would read it again.
             task = DetectTask(
