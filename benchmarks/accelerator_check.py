@@ -19,7 +19,7 @@ accelerator_check.json in the current directory):
                kernel on GPUs), parameters and batch split over every device (layout=fsdp).
                --small: configs/shapes_pretrain.py:tiny with the same options.
   detect       the train step of configs/lvis_detect.py at 1024 px, B/16 backbone, bfloat16,
-               one image per device (random towers and 1203 random class embeddings: no data).
+               one image per device (fresh towers and 1203 zero class embeddings: no data).
                --small: configs/shapes_detect.py:tiny.
   input        images/s of the host's input pipelines at those sizes, with one worker process
                per host core (--input_workers): pretraining batches of generated web shards at
@@ -61,7 +61,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rovit_jax.config_files import load_config  # noqa: E402
-from rovit_jax.tasks import get_task  # noqa: E402
+from rovit_jax.tasks.detect import DetectTask  # noqa: E402
+from rovit_jax.tasks.pretrain import PretrainTask  # noqa: E402
+from rovit_jax.train import distributed  # noqa: E402
 from rovit_jax.train import mesh as mesh_lib  # noqa: E402
 from rovit_jax.train.trainer import Trainer  # noqa: E402
 
@@ -162,6 +164,12 @@ def fit_batch(
     raise ValueError("per_device_sizes is empty")
 
 
+def host_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's rows of a global batch (`Trainer.global_batch` takes each host's slice)."""
+    n, i = jax.process_count(), jax.process_index()
+    return {k: np.split(v, n)[i] for k, v in batch.items()}
+
+
 def time_steps(compiled, state, batch, steps: int) -> list[float]:
     """Per-step seconds of `steps` steps after one warm-up step (the state is threaded)."""
     state, metrics = compiled(state, batch)
@@ -221,7 +229,7 @@ def pretrain_case(variant: str, args, peaks: dict, budget: float) -> dict:
             )
         config.donate_state = True
         config.attention = "auto"
-        task = get_task(config)
+        task = PretrainTask(config, check_files=False)  # the recipe's data is not needed here
         return (config, task, *_compile(config, task))
 
     sizes = [args.max_batch_per_device // 2**i for i in range(16)]
@@ -230,11 +238,11 @@ def pretrain_case(variant: str, args, peaks: dict, budget: float) -> dict:
     state = trainer.init_state()
     shapes = task.batch_shapes()
     rng = np.random.default_rng(0)
-    local = {
+    rows = {
         "image": rng.uniform(-1, 1, shapes["image"].shape).astype(np.float32),
         "text": rng.integers(1, 200, shapes["text"].shape).astype(np.int32),
     }
-    batch = trainer.global_batch(local)
+    batch = trainer.global_batch(host_slice(rows))
     model_flops = mfu.model_flops_per_step(config, trainer.abstract_state["params"])
     times = time_steps(compiled, state, batch, args.steps)
     name = f"pretrain {config.model.image.variant} {int(config.pp.image_size)} px"
@@ -259,7 +267,9 @@ def detect_case(args, peaks: dict, budget: float) -> dict:
         config.remat = remat
         config.eval.batch_size = devices
         config.attention = "auto"
-        task = detect_step.random_task(config, pretrain_config, classes)
+        # Fresh towers and zero class embeddings (no tokenizer, data or pretraining run): the
+        # step's cost does not depend on their values.
+        task = DetectTask.for_planning(config, pretrain_config, classes)
         return (config, task, *_compile(config, task))
 
     _, (config, task, trainer, compiled, compile_s), tries = fit_batch(
@@ -268,7 +278,8 @@ def detect_case(args, peaks: dict, budget: float) -> dict:
     for t, remat in zip(tries, ("none", "full")):
         t["remat"] = remat
     state = trainer.init_state()
-    batch = trainer.global_batch(detect_step.synthetic_batch(task, np.random.default_rng(0)))
+    batch = detect_step.synthetic_batch(task, np.random.default_rng(0))
+    batch = trainer.global_batch(host_slice(batch))
     model_flops = detect_step.dot_flops(jax.make_jaxpr(trainer.train_step)(state, batch).jaxpr)
     times = time_steps(compiled, state, batch, args.steps)
     name = f"detect {config.pretrain.model.image.variant} {int(config.det.image_size)} px"
@@ -367,7 +378,7 @@ def print_report(report: dict) -> None:
     for r in report["steps"]:
         print(
             f"{r['case']:<26} {r['global_batch']:>6} {r['per_device_batch']:>5} {r['remat']:>5} "
-            f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['images_per_s']:>9.1f} "
+            f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['images_per_s']:>9.3g} "
             f"{r['model_tflop_per_step']:>10.3f} {_fmt(r['mfu_measured'], '>9.1%')} "
             f"{_fmt(r.get('mfu_datasheet'), '>9.1%')} {r['estimate_gib']:>8.2f} "
             f"{_fmt(r['measured_peak_gib'], '>8.2f')}"
@@ -402,6 +413,15 @@ def main(argv: list[str] | None = None) -> dict:
     if skip - {"detect", "input"}:
         parser.error(f"--skip: unknown sections {sorted(skip - {'detect', 'input'})}")
 
+    # On a pod slice or a SLURM job every host runs this command; they join one runtime (see
+    # rovit_jax.train.distributed) and process 0 reports.
+    distributed.initialize()
+    try:  # the input pipeline may load TensorFlow: keep it off the accelerators' memory
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    except ImportError:
+        pass
     device = device_info()
     budget = args.memory_fraction * device["memory_bytes"]
     n = 256 if args.small else (2048 if on_cpu else 8192)
@@ -433,6 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
         steps=steps,
         input=rows,
     )
+    if jax.process_index() != 0:
+        return report
     print_report(report)
     if args.json:
         with open(args.json, "w") as f:
