@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from rovit_jax.ops.nms import batched_nms, nms, per_class_nms
+from rovit_jax.ops.nms import batched_nms, nms, per_class_nms, vote_boxes
 
 
 def clustered_boxes(rs: np.random.RandomState, n: int) -> np.ndarray:
@@ -154,3 +154,54 @@ def test_bad_arguments_raise():
         nms(b, jnp.zeros(4), iou_threshold=0.5, max_output=2)
     with pytest.raises(ValueError, match="boxes must be"):
         per_class_nms(jnp.zeros((3, 2, 4)), jnp.zeros((3, 5)), iou_threshold=0.5, max_output=2)
+
+
+def _np_iou(a, b):
+    """IoU of two (y0, x0, y1, x1) boxes."""
+    h = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    w = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = h * w
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7])
+def test_box_voting_equals_a_numpy_weighted_mean(threshold):
+    """Each kept box -> the mean of the candidates with IoU >= threshold, weighted by their score
+    for the detection's class (zero scores excluded); padding keeps its box."""
+    rng = np.random.default_rng(3)
+    n, k = 40, 3
+    centres = rng.uniform(20, 80, (6, 2))[rng.integers(0, 6, n)] + rng.normal(0, 3, (n, 2))
+    sizes = rng.uniform(10, 30, (n, 2))
+    boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], 1).astype(np.float32)
+    scores = rng.uniform(0, 1, (n, k)).astype(np.float32) * (rng.uniform(size=(n, k)) < 0.7)
+    kb, ks, kc, kv = per_class_nms(
+        jnp.asarray(boxes), jnp.asarray(scores), iou_threshold=0.5, max_output=60
+    )
+    got = np.asarray(
+        vote_boxes(kb, kc, kv, jnp.asarray(boxes), jnp.asarray(scores), iou_threshold=threshold)
+    )
+    kb, kc, kv = np.asarray(kb), np.asarray(kc), np.asarray(kv)
+    assert kv.sum() >= 8 and not kv.all()  # detections and padding
+    moved = 0
+    for d in range(len(kb)):
+        if not kv[d]:
+            np.testing.assert_array_equal(got[d], kb[d])
+            continue
+        w = np.array(
+            [scores[j, kc[d]] if _np_iou(kb[d], boxes[j]) >= threshold else 0.0 for j in range(n)]
+        )
+        want = (w[:, None] * boxes).sum(0) / w.sum()
+        np.testing.assert_allclose(got[d], want, rtol=1e-5, atol=1e-4)
+        moved += not np.allclose(want, kb[d])
+    assert moved >= 3  # voting did change boxes
+    # At threshold 1 only the detection's own box votes: nothing moves.
+    same = vote_boxes(
+        jnp.asarray(kb),
+        jnp.asarray(kc),
+        jnp.asarray(kv),
+        jnp.asarray(boxes),
+        jnp.asarray(scores),
+        iou_threshold=1.0,
+    )
+    np.testing.assert_allclose(np.asarray(same), kb, atol=1e-4)

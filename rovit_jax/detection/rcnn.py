@@ -27,7 +27,7 @@ from rovit_jax.detection.settings import (
 from rovit_jax.ops import boxes as box_ops
 from rovit_jax.ops.anchors import anchor_grid
 from rovit_jax.ops.matching import match_boxes, sample_balanced
-from rovit_jax.ops.nms import nms, per_class_nms
+from rovit_jax.ops.nms import nms, per_class_nms, vote_boxes
 from rovit_jax.ops.roi_align import batched_roi_align, multilevel_roi_align
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -663,6 +663,12 @@ def _final_detections(
             score_threshold=cfg.infer.score_threshold,
         )
     )(scored["boxes"], scores)
+    if cfg.infer.box_voting_iou is not None:
+        out_boxes = jax.vmap(
+            lambda kb, kc, kv, bx, s: vote_boxes(
+                kb, kc, kv, bx, s, iou_threshold=cfg.infer.box_voting_iou
+            )
+        )(out_boxes, out_classes, out_valid, scored["boxes"], scores)
     out = dict(boxes=out_boxes, scores=out_scores, classes=out_classes, valid=out_valid)
     if with_masks:
         mask_feats = _pool(scored["feats"], out_boxes, cfg.roi.mask_pool_size, cfg)

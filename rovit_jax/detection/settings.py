@@ -197,6 +197,10 @@ class InferSettings(Section):
     # authors').
     box_passes: int = setting(1, min_value=1, older=1)
     nms_iou: float = setting(0.5, min_value=0.0, max_value=1.0, min_exclusive=True)  # paper
+    # Box voting after NMS (ops.nms.vote_boxes): each detection's box becomes the score-weighted
+    # mean of the boxes overlapping it with IoU >= this, by their score for its class. None: off
+    # (the authors' inference has none).
+    box_voting_iou: float | None = setting(None, min_value=0.0, max_value=1.0, older=None)
     max_detections: int = setting(300, min_value=1)  # paper: 300
     score_threshold: float = setting(0.0)
     vlm_box_scale: float = setting(0.7, min_value=0.0, min_exclusive=True)  # shrink before pooling

@@ -18,10 +18,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rovit_jax.ops.boxes import paired_iou, valid_box_mask
+from rovit_jax.ops.boxes import box_iou, paired_iou, valid_box_mask
 from rovit_jax.ops.checks import check_int
 
-__all__ = ["nms", "batched_nms", "per_class_nms"]
+__all__ = ["nms", "batched_nms", "per_class_nms", "vote_boxes"]
 
 _DEFAULT_TILE = 256
 
@@ -284,3 +284,38 @@ def per_class_nms(
     out_scores = jnp.where(valid, flat_scores[safe], 0.0)
     out_classes = jnp.where(valid, flat_classes[safe], -1)
     return out_boxes, out_scores, out_classes, valid
+
+
+def vote_boxes(
+    kept_boxes: jax.Array,
+    kept_classes: jax.Array,
+    kept_valid: jax.Array,
+    boxes: jax.Array,
+    scores: jax.Array,
+    *,
+    iou_threshold: float,
+) -> jax.Array:
+    """Box voting (Gidaris & Komodakis, 2015): each kept detection's box becomes the
+    score-weighted mean of the candidate boxes that overlap it with IoU >= `iou_threshold`,
+    weighted by their score for the detection's class (the detection's own box among them).
+
+    Args:
+      kept_boxes: [D, 4] detections (per_class_nms output), kept_classes [D] int32,
+        kept_valid [D] bool.
+      boxes: [N, 4] candidate boxes shared by all classes; scores [N, K] their class scores
+        (non-positive scores do not vote).
+
+    Returns:
+      [D, 4] voted boxes; padding and detections without a voter keep their box.
+    """
+    if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape[:1] != boxes.shape[:1]:
+        raise ValueError(
+            f"boxes must be [N, 4] and scores [N, K], got {tuple(boxes.shape)} and "
+            f"{tuple(scores.shape)}"
+        )
+    iou = box_iou(kept_boxes, boxes)  # [D, N]
+    weight = jnp.take(scores, jnp.clip(kept_classes, 0), axis=1).T  # [D, N]: score for its class
+    weight = jnp.where((iou >= iou_threshold) & (weight > 0), weight, 0.0)
+    total = jnp.sum(weight, axis=1, keepdims=True)
+    voted = (weight @ boxes) / jnp.maximum(total, 1e-12)
+    return jnp.where(kept_valid[:, None] & (total > 0), voted, kept_boxes)
