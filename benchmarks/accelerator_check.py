@@ -276,7 +276,7 @@ def detect_case(args, peaks: dict, budget: float) -> dict:
         lambda i: build(("none", "full")[i]), [0, 1], budget
     )
     for t, remat in zip(tries, ("none", "full")):
-        t["remat"] = remat
+        t.update(per_device=1, remat=remat)
     state = trainer.init_state()
     batch = detect_step.synthetic_batch(task, np.random.default_rng(0))
     batch = trainer.global_batch(host_slice(batch))
