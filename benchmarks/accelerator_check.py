@@ -106,21 +106,6 @@ def measured_peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
 
 
-def matmul_flops_per_second(dtype: Any, n: int, repeats: int = 10) -> float:
-    """Dense [n, n] x [n, n] FLOP/s of the first device in `dtype` (best of `repeats`)."""
-    a = jax.device_put(
-        jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype), jax.local_devices()[0]
-    )
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times)
-
-
 # ---- train steps ------------------------------------------------------------------------------
 def compiled_bytes(compiled) -> int:
     """Per-device memory of a compiled step: arguments + outputs - aliased + temp."""
@@ -427,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = 256 if args.small else (2048 if on_cpu else 8192)
     matmul = {"n": n}
     for name in ("bfloat16", "float32"):
-        matmul[name] = matmul_flops_per_second(getattr(jnp, name), n)
+        matmul[name] = mfu.matmul_flops_per_second(n, dtype=getattr(jnp, name))
     peaks = {"measured": {k: matmul[k] for k in ("bfloat16", "float32")}}
     if args.peak_flops:
         peaks["datasheet"] = {"bfloat16": args.peak_flops, "float32": args.peak_flops}

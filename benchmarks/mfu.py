@@ -67,9 +67,11 @@ def load_config(file: str, arg: str):
     return config_files.load_config(f"{file}:{arg}" if arg else file)
 
 
-def matmul_flops_per_second(n: int = 2048, repeats: int = 10) -> float:
-    """Dense float32 [n, n] x [n, n] FLOP/s of this machine's default device (best of repeats)."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+def matmul_flops_per_second(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
+    """Dense [n, n] x [n, n] FLOP/s in `dtype` of the first local device (best of `repeats`)."""
+    a = jax.device_put(
+        jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype), jax.local_devices()[0]
+    )
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     times = []

@@ -15,18 +15,22 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rovit_jax import config_files  # noqa: E402
 from rovit_jax.tasks import get_task  # noqa: E402
 from rovit_jax.train import mesh as mesh_lib  # noqa: E402
 from rovit_jax.train.trainer import Trainer  # noqa: E402
+
+# The benchmarks sit side by side (benchmarks/ is not a package).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mfu import matmul_flops_per_second  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {
@@ -38,18 +42,6 @@ CASES = {
 def load_config(file: str, arg: str):
     """configs/<file> with get_config's `arg` (none when empty)."""
     return config_files.load_config(f"{file}:{arg}" if arg else file)
-
-
-def matmul_flops_per_second(n: int = 2048, repeats: int = 10) -> float:
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times)
 
 
 def _flops(compiled) -> float:
