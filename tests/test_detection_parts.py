@@ -76,3 +76,49 @@ def test_original_coordinates():
     boxes = np.array([[10, 20, 300, 40]], np.float32)
     got = to_original_coordinates(boxes, 2.0, 100, 100)
     np.testing.assert_allclose(got, [[5, 10, 100, 20]])
+
+
+@pytest.mark.parametrize("loss", ["l1", "giou"])
+def test_roi_box_loss_terms_match_torchvision(loss):
+    """`roi.box_loss`: L1 of the weighted deltas, or torchvision's GIoU loss of the decoded box
+    against its matched gt (yxyx here, xyxy there)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import torch
+    from torchvision.ops import generalized_box_iou_loss
+
+    from rovit_jax.detect_config import detect_defaults
+    from rovit_jax.detection import rcnn
+    from rovit_jax.ops import boxes as box_ops
+    from rovit_jax.tasks.detect import rcnn_config
+
+    cfg = rcnn_config(detect_defaults())
+    cfg = dataclasses.replace(cfg, roi=dataclasses.replace(cfg.roi, box_loss=loss))
+    rng = np.random.default_rng(4)
+    b, r, m = 2, 6, 3
+    y0x0 = rng.uniform(0, 200, (b, m, 2))
+    gt = np.concatenate([y0x0, y0x0 + rng.uniform(10, 80, (b, m, 2))], -1).astype(np.float32)
+    gt_index = rng.integers(0, m, (b, r))
+    matched = np.take_along_axis(gt, gt_index[..., None], axis=1)
+    rois = (matched + rng.normal(0, 6, matched.shape)).astype(np.float32)
+    rois[..., 2:] = np.maximum(rois[..., 2:], rois[..., :2] + 4)
+    deltas = rng.normal(0, 1.5, (b, r, 4)).astype(np.float32)
+    targets = np.asarray(box_ops.encode_deltas(matched, rois, weights=rcnn.BOX_WEIGHTS))
+    samples = dict(rois=jnp.asarray(rois), gt_index=jnp.asarray(gt_index), box_targets=targets)
+    got = np.asarray(rcnn.roi_box_loss_terms(jnp.asarray(deltas), samples, jnp.asarray(gt), cfg))
+    if loss == "l1":
+        want = np.abs(deltas - targets).sum(-1)
+    else:
+        # The decoded box, re-derived: centre shift (dy/10, dx/10) of the RoI's size, log-size
+        # change (dh/5, dw/5).
+        h, w = rois[..., 2] - rois[..., 0], rois[..., 3] - rois[..., 1]
+        cy, cx = (
+            rois[..., 0] + h / 2 + deltas[..., 0] / 10 * h,
+            rois[..., 1] + w / 2 + deltas[..., 1] / 10 * w,
+        )
+        ph, pw = h * np.exp(deltas[..., 2] / 5), w * np.exp(deltas[..., 3] / 5)
+        pred = np.stack([cy - ph / 2, cx - pw / 2, cy + ph / 2, cx + pw / 2], -1)
+        xyxy = lambda a: torch.from_numpy(a[..., [1, 0, 3, 2]].reshape(-1, 4).astype(np.float64))  # noqa: E731
+        want = generalized_box_iou_loss(xyxy(pred), xyxy(matched)).numpy().reshape(b, r)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -467,8 +467,8 @@ def detector_loss(
     ce = classification_loss_terms(logits, samples["classes"], cfg.roi.background_weight)
     num_valid = jnp.maximum(jnp.sum(valid), 1.0)
     cls_loss = jnp.sum(jnp.where(valid, ce, 0.0)) / num_valid
-    l1 = jnp.sum(jnp.abs(deltas - samples["box_targets"]), -1)
-    box_loss = jnp.sum(jnp.where(fg, l1, 0.0)) / num_valid
+    box_loss = jnp.sum(jnp.where(fg, roi_box_loss_terms(deltas, samples, gt_boxes, cfg), 0.0))
+    box_loss = box_loss / num_valid
 
     if "masks" in batch:
         mask_loss = _mask_loss(model, params, feats, samples, batch, cfg)
@@ -492,6 +492,22 @@ def detector_loss(
         fg_fraction=jnp.sum(fg) / num_valid,
     )
     return total, metrics
+
+
+def roi_box_loss_terms(
+    deltas: jax.Array, samples: dict[str, jax.Array], gt_boxes: jax.Array, cfg: RCNNConfig
+) -> jax.Array:
+    """Per-RoI box loss [B, R] of the class-agnostic deltas [B, R, 4] (`cfg.roi.box_loss`).
+
+    "l1": sum of |deltas - targets| over the 4 weighted deltas; "giou": 1 - GIoU of the box
+    decoded from the RoI with its matched gt box (gt_boxes [B, M, 4]). Only foreground RoIs'
+    terms are meaningful.
+    """
+    if cfg.roi.box_loss == "l1":
+        return jnp.sum(jnp.abs(deltas - samples["box_targets"]), -1)
+    pred = box_ops.decode_deltas(deltas, samples["rois"], weights=BOX_WEIGHTS)
+    gt = jnp.take_along_axis(gt_boxes, samples["gt_index"][..., None], axis=1)
+    return 1.0 - box_ops.paired_giou(pred, gt)
 
 
 def classification_loss_terms(

@@ -43,6 +43,7 @@ __all__ = [
     "OBJECTNESS_MODES",
     "OLDER_DEFAULTS",
     "RPN_BOX_CODINGS",
+    "ROI_BOX_LOSSES",
     "RPN_BOX_LOSSES",
     "RPNSettings",
     "RoISettings",
@@ -57,6 +58,8 @@ OBJECTNESS_MODES = ("binary", "centerness")
 CENTERNESS_LOSSES = ("all_sampled", "positives")
 RPN_BOX_LOSSES = ("iou", "giou")
 RPN_BOX_CODINGS = ("linear", "log")
+# Box loss of the RoI head; the first is the authors' (L1 on the weighted deltas).
+ROI_BOX_LOSSES = ("l1", "giou")
 # Boxes the frozen VLM pools region features from: the RPN proposals (the authors' code) or the
 # detector's refined boxes.
 VLM_POOL_BOXES = ("proposals", "refined")
@@ -151,8 +154,12 @@ class RoISettings(Section):
     pool_size: int = setting(7, min_value=1)
     mask_pool_size: int = setting(14, min_value=1)  # 28x28 masks
     mask_loss_weight: float = setting(1.0, min_value=0.0)
-    # Weight of the box-regression L1 (summed over foreground RoIs, divided by all sampled RoIs).
+    # Weight of the box-regression loss (summed over foreground RoIs, divided by all sampled
+    # RoIs).
     box_loss_weight: float = setting(1.0, min_value=0.0, older=1.0)
+    # "l1": L1 on the deltas encoded with weights (10, 10, 5, 5) (the authors'); "giou":
+    # 1 - GIoU of the decoded box with its gt (scale-free, weighs every pixel of error alike).
+    box_loss: str = setting("l1", choices=ROI_BOX_LOSSES, older="l1")
     # Classification cross-entropy of background RoIs x 0.9, the loss still averaged over RoIs
     # (the authors' frcnn_background_weight; 1.0 = unweighted, this project's before).
     background_weight: float = setting(0.9, min_value=0.0, older=1.0)
