@@ -135,7 +135,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
 
 # The quick-start pipeline's box AP on base categories, detector only (README, Results: the
 # timed run of configs/shapes_detect.py); the finetuned detectors must reach half of it.
-QUICKSTART_AP_BASE = 36.5
+QUICKSTART_AP_BASE = 38.7  # run H (36.5, run G2, when the committed results were made)
 
 
 @dataclasses.dataclass(frozen=True)
