@@ -192,7 +192,7 @@ PROFILE_CATEGORIES = (
     ("mask head", r"mask_outputs|mask_head/"),
     ("NMS", r"[(/]nms[)/]"),
     ("matching + sampling", r"match_boxes|sample_balanced"),
-    ("optimizer + guards", r"^jit\(_train_step_with\)/(?!.*(jvp|transpose)\()"),
+    ("optimizer + guards", r"^jit\(_train_step\)/(?!.*(jvp|transpose)\()"),
 )
 
 

@@ -45,10 +45,7 @@ class Task(Protocol):
     def loss_fn(
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Scalar loss and a dict of scalar metrics for one global batch.
-
-        A task with `step_constants()` (optional) also takes `constants=`: that pytree, passed
-        to the jitted step as an argument."""
+        """Scalar loss and a dict of scalar metrics for one global batch."""
 
     def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
         """Global shapes of one training batch (for ahead-of-time compilation)."""
@@ -95,21 +92,9 @@ class Trainer:
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         self.replicated = mesh_lib.replicated(mesh)
         self._jit_init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-        # Values the step reads but never changes (the seed's key, a task's step_constants(),
-        # e.g. the detector's text classifier) enter as an argument, not as constants baked
-        # into the program: runs that differ only in them (seeds, backbones) compile the same
-        # program and share it through the persistent compilation cache.
-        task_constants = getattr(task, "step_constants", None)
-        self._task_has_constants = task_constants is not None
-        # Uncommitted arrays (as the evaluation's text inputs): jit replicates them, on one host
-        # or many.
-        self.step_constants = {
-            "step_rng": self.step_rng,
-            "task": jax.tree.map(jnp.asarray, task_constants() if task_constants else {}),
-        }
-        self._jit_step = jax.jit(
-            self._train_step_with,
-            in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, self.replicated),
             # The old state's buffers are reused for the new one (halves state memory).
             donate_argnums=(0,) if run.donate_state else (),
@@ -127,20 +112,14 @@ class Trainer:
     def init_state(self) -> State:
         return self._jit_init(self._init_rng)
 
-    def train_step(
+    def _train_step(
         self, state: State, batch: dict[str, jax.Array]
     ) -> tuple[State, dict[str, jax.Array]]:
-        """One jitted optimizer step on a global batch: (new state, scalar metrics)."""
-        return self._jit_step(state, batch, self.step_constants)
-
-    def _train_step_with(
-        self, state: State, batch: dict[str, jax.Array], constants: dict[str, Any]
-    ) -> tuple[State, dict[str, jax.Array]]:
         # The step's RNG depends only on (seed, step): a resumed run draws the same numbers.
-        rng = jax.random.fold_in(constants["step_rng"], state["step"])
+        rng = jax.random.fold_in(self.step_rng, state["step"])
         grad_fn = jax.value_and_grad(self._loss_with_frozen, has_aux=True)
         with layers.batch_sharding(self.batch_sharding):  # for scanned blocks (see layers)
-            (loss, metrics), grads = grad_fn(state["params"], batch, rng, constants["task"])
+            (loss, metrics), grads = grad_fn(state["params"], batch, rng)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
@@ -158,13 +137,11 @@ class Trainer:
         )
         return dict(guarded, step=state["step"] + 1), metrics
 
-    def _loss_with_frozen(self, params, batch, rng, task_constants):
+    def _loss_with_frozen(self, params, batch, rng):
         if self.frozen_mask is not None:
             params = jax.tree.map(
                 lambda p, f: jax.lax.stop_gradient(p) if f else p, params, self.frozen_mask
             )
-        if self._task_has_constants:
-            return self.task.loss_fn(params, batch, rng, constants=task_constants)
         return self.task.loss_fn(params, batch, rng)
 
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -193,4 +170,4 @@ class Trainer:
             self.abstract_state,
             self.state_shardings,
         )
-        return self._jit_step.lower(abstract, self.abstract_batch(), self.step_constants)
+        return self.train_step.lower(abstract, self.abstract_batch())
