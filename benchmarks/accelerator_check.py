@@ -125,7 +125,7 @@ def _compile(config, task) -> tuple[Trainer, Any, float]:
     task.validate(mesh)
     trainer = Trainer(config, task, mesh)
     t = time.perf_counter()
-    compiled = trainer.lower().compile()
+    compiled = trainer.compile_step()
     return trainer, compiled, time.perf_counter() - t
 
 

@@ -281,7 +281,7 @@ def bench(
     task.validate(mesh)
     trainer = Trainer(config, task, mesh)
     t = time.perf_counter()
-    compiled = trainer.lower().compile()
+    compiled = trainer.compile_step()
     compile_s = time.perf_counter() - t
     state = trainer.init_state()
     batch = trainer.global_batch(synthetic_batch(task, np.random.default_rng(0)))

@@ -280,7 +280,7 @@ def detect_need(config, steps: int, name: str) -> dict:
     mesh = mesh_lib.make_mesh([("data", -1), ("fsdp", 1)])
     task.validate(mesh)
     trainer = Trainer(config, task, mesh)
-    compiled = trainer.lower().compile()
+    compiled = trainer.compile_step()
     holder = {"state": trainer.init_state()}
     batch = trainer.global_batch(detect_step.synthetic_batch(task, np.random.default_rng(0)))
 

@@ -124,7 +124,7 @@ def bench(case: str, row: str, steps: int, peak: float) -> dict:
     task.validate(mesh)
     trainer = Trainer(config, task, mesh)
     t = time.perf_counter()
-    compiled = trainer.lower().compile()
+    compiled = trainer.compile_step()
     compile_s = time.perf_counter() - t
     model_flops = model_flops_per_step(config, trainer.abstract_state["params"])
     xla_flops = _xla_flops(compiled)

@@ -102,6 +102,30 @@ def test_box_loss_weight_scales_only_the_box_term(data_dir):
         validate_config(bad, check_files=False)
 
 
+def test_seed_and_classifier_are_step_arguments_not_program_constants(data_dir):
+    """Two detection runs that differ only in their seed and their text classifier (another
+    backbone's) lower to one train-step program, so the persistent compilation cache serves
+    every seed and backbone of a variant; both values still reach the step as arguments."""
+    mesh = mesh_lib.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1])
+    programs, constants = [], []
+    for seed, shift in ((0, 0.0), (1, 0.25)):
+        config = _config(batch_size=2, seed=seed)
+        task = _task(config, data_dir)
+        vocab = task.base_vocabulary
+        vocab["embeddings"] = np.asarray(vocab["embeddings"]) + shift
+        trainer = Trainer(config, task, mesh)
+        programs.append(trainer.lower().as_text())
+        constants.append(jax.device_get(trainer.step_constants))
+    assert programs[0] == programs[1]
+    (a, b) = constants
+    assert not np.array_equal(
+        jax.random.key_data(a["step_rng"]), jax.random.key_data(b["step_rng"])
+    )
+    np.testing.assert_allclose(
+        b["task"]["text_embeddings"] - a["task"]["text_embeddings"], 0.25, atol=1e-6
+    )
+
+
 def test_sharded_detection_step_matches_single_device(data_dir):
     # Adam's first steps are ~lr * sign(grad): where a gradient is rounding noise (collectives
     # reorder sums) a weight can move by lr either way, and the box head's gradients differed by

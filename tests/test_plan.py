@@ -90,6 +90,9 @@ def _param_shapes(task) -> list[tuple[int, ...]]:
     return [leaf.shape for leaf in jax.tree.leaves(abstract)]
 
 
+KEY_BYTES = 8  # a threefry random key: two uint32
+
+
 def _batch_bytes_per_device(task) -> int:
     return sum(
         int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize // N
@@ -140,9 +143,10 @@ def test_cli_plan_remat_saves_temp_memory_and_the_verdict_follows_the_budget(cli
         assert p["param_bytes_per_device"] == per_device
         for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"):
             assert p[key] > 0, key
-        # The compiled step's inputs are the state's shards plus one batch shard, and the
-        # donated state is what the new state is written into.
-        assert p["argument_bytes"] == state_dev + _batch_bytes_per_device(task)
+        # The compiled step's inputs are the state's shards, one batch shard and the seed's
+        # key (two uint32, replicated), and the donated state is what the new state is
+        # written into.
+        assert p["argument_bytes"] == state_dev + _batch_bytes_per_device(task) + KEY_BYTES
         assert p["alias_bytes"] == state_dev
         assert p["peak_bytes"] == (
             p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"]
@@ -183,8 +187,14 @@ def test_detection_plan_needs_no_data_and_no_pretraining_run(tmp_path, monkeypat
     assert p.param_count_by_group["backbone"] > 0 and p.param_count_by_group["heads"] > 0
     state_dev = p.param_bytes_per_device + p.opt_bytes_per_device + 3 * 4
     assert p.alias_bytes == state_dev
-    # jit drops batch entries the loss never reads (image_info), hence "at most".
-    assert state_dev < p.argument_bytes <= state_dev + _batch_bytes_per_device(task)
+    # The step's arguments besides the state: the seed's key and the training classifier
+    # (replicated), and the batch shard; jit drops batch entries the loss never reads
+    # (image_info), hence "at most".
+    constants = (
+        KEY_BYTES + np.asarray(vocab["embeddings"]).nbytes + np.asarray(vocab["valid"]).nbytes
+    )
+    assert state_dev + constants < p.argument_bytes
+    assert p.argument_bytes <= state_dev + constants + _batch_bytes_per_device(task)
     assert p.temp_bytes > 0 and p.flops_per_device > 0 and p.compile_seconds > 0
     assert p.fits() and not p.fits(p.peak_bytes / 2**30 / 2)
     assert not os.listdir(tmp_path)

@@ -545,14 +545,23 @@ class DetectTask:
             params["bg_embedding"] = jnp.asarray(self.background_embedding, jnp.float32)
         return params
 
-    def loss_fn(self, params, batch, rng):
+    def step_constants(self) -> dict[str, np.ndarray]:
+        """The training classifier, an argument of the train step (not a program constant):
+        text_embeddings [num_base_rows, dim], text_valid [num_base_rows]."""
         vocab = self.base_vocabulary
+        return {
+            "text_embeddings": np.asarray(vocab["embeddings"]),
+            "text_valid": np.asarray(vocab["valid"]),
+        }
+
+    def loss_fn(self, params, batch, rng, constants=None):
+        c = self.step_constants() if constants is None else constants
         return rcnn.detector_loss(
             self.model,
             params,
             batch,
-            jnp.asarray(vocab["embeddings"]),
-            jnp.asarray(vocab["valid"]),
+            jnp.asarray(c["text_embeddings"]),
+            jnp.asarray(c["text_valid"]),
             rng,
             self.rcnn,
         )

@@ -45,7 +45,10 @@ class Task(Protocol):
     def loss_fn(
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Scalar loss and a dict of scalar metrics for one global batch."""
+        """Scalar loss and a dict of scalar metrics for one global batch.
+
+        A task with `step_constants()` (optional) also takes `constants=`: that pytree, passed
+        to the jitted step as an argument."""
 
     def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
         """Global shapes of one training batch (for ahead-of-time compilation)."""
@@ -92,9 +95,16 @@ class Trainer:
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         self.replicated = mesh_lib.replicated(mesh)
         self._jit_init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-        self.train_step = jax.jit(
+        # Values the step reads but never changes (the seed's key, a task's step_constants(),
+        # e.g. the detector's text classifier) enter as an argument, not as constants baked
+        # into the program: runs that differ only in them (seeds, backbones) compile the same
+        # program and share it through the persistent compilation cache. Built at the first
+        # step, so that an evaluation-only run never needs a training vocabulary.
+        self._task_has_constants = getattr(task, "step_constants", None) is not None
+        self._step_constants: dict[str, Any] | None = None
+        self._jit_step = jax.jit(
             self._train_step,
-            in_shardings=(self.state_shardings, self.batch_sharding),
+            in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
             out_shardings=(self.state_shardings, self.replicated),
             # The old state's buffers are reused for the new one (halves state memory).
             donate_argnums=(0,) if run.donate_state else (),
@@ -112,14 +122,33 @@ class Trainer:
     def init_state(self) -> State:
         return self._jit_init(self._init_rng)
 
-    def _train_step(
+    def train_step(
         self, state: State, batch: dict[str, jax.Array]
     ) -> tuple[State, dict[str, jax.Array]]:
+        """One jitted optimizer step on a global batch: (new state, scalar metrics)."""
+        return self._jit_step(state, batch, self.step_constants)
+
+    @property
+    def step_constants(self) -> dict[str, Any]:
+        """{"step_rng": the seed's step key, "task": the task's step_constants() or {}}."""
+        if self._step_constants is None:
+            task_constants = self.task.step_constants() if self._task_has_constants else {}
+            # Uncommitted arrays (as the evaluation's text inputs): jit replicates them, on one
+            # host or many.
+            self._step_constants = {
+                "step_rng": self.step_rng,
+                "task": jax.tree.map(jnp.asarray, task_constants),
+            }
+        return self._step_constants
+
+    def _train_step(
+        self, state: State, batch: dict[str, jax.Array], constants: dict[str, Any]
+    ) -> tuple[State, dict[str, jax.Array]]:
         # The step's RNG depends only on (seed, step): a resumed run draws the same numbers.
-        rng = jax.random.fold_in(self.step_rng, state["step"])
+        rng = jax.random.fold_in(constants["step_rng"], state["step"])
         grad_fn = jax.value_and_grad(self._loss_with_frozen, has_aux=True)
         with layers.batch_sharding(self.batch_sharding):  # for scanned blocks (see layers)
-            (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+            (loss, metrics), grads = grad_fn(state["params"], batch, rng, constants["task"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
@@ -137,11 +166,13 @@ class Trainer:
         )
         return dict(guarded, step=state["step"] + 1), metrics
 
-    def _loss_with_frozen(self, params, batch, rng):
+    def _loss_with_frozen(self, params, batch, rng, task_constants):
         if self.frozen_mask is not None:
             params = jax.tree.map(
                 lambda p, f: jax.lax.stop_gradient(p) if f else p, params, self.frozen_mask
             )
+        if self._task_has_constants:
+            return self.task.loss_fn(params, batch, rng, constants=task_constants)
         return self.task.loss_fn(params, batch, rng)
 
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -170,4 +201,30 @@ class Trainer:
             self.abstract_state,
             self.state_shardings,
         )
-        return self.train_step.lower(abstract, self.abstract_batch())
+        return self._jit_step.lower(abstract, self.abstract_batch(), self.step_constants)
+
+    def compile_step(self) -> CompiledStep:
+        """The ahead-of-time compiled train step, called as (state, batch) like `train_step`."""
+        # An AOT executable takes its inputs where it was compiled to expect them.
+        constants = jax.device_put(self.step_constants, self.replicated)
+        return CompiledStep(self.lower().compile(), constants)
+
+
+class CompiledStep:
+    """An AOT-compiled train step called as (state, batch), with the step's constants bound;
+    XLA's analyses of the executable (cost, memory, text) pass through."""
+
+    def __init__(self, compiled: Any, constants: dict[str, Any]):
+        self.compiled, self.constants = compiled, constants
+
+    def __call__(self, state: State, batch: dict[str, jax.Array]) -> tuple[State, Any]:
+        return self.compiled(state, batch, self.constants)
+
+    def cost_analysis(self) -> Any:
+        return self.compiled.cost_analysis()
+
+    def memory_analysis(self) -> Any:
+        return self.compiled.memory_analysis()
+
+    def as_text(self) -> str:
+        return self.compiled.as_text()
