@@ -127,3 +127,59 @@ def test_roi_box_loss_terms_match_torchvision(loss):
         xyxy = lambda a: torch.from_numpy(a[..., [1, 0, 3, 2]].reshape(-1, 4).astype(np.float64))  # noqa: E731
         want = generalized_box_iou_loss(xyxy(pred), xyxy(matched)).numpy().reshape(b, r)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cascade_relabel_matches_torchvision_iou_and_the_stage_weights():
+    """A later cascade stage's labels and targets (`rcnn.relabel_rois_single`) against
+    torchvision's box_iou and the delta encoding written out with that stage's weights."""
+    import jax.numpy as jnp
+    import torch
+    from torchvision.ops import box_iou
+
+    from rovit_jax.detection import rcnn
+
+    rng = np.random.default_rng(7)
+    r, m, fg_iou = 40, 5, 0.6
+    y0x0 = rng.uniform(0, 150, (m, 2))
+    gt = np.concatenate([y0x0, y0x0 + rng.uniform(20, 90, (m, 2))], -1).astype(np.float32)
+    valid = np.array([True, True, True, False, True])
+    classes = np.array([3, 0, 7, 5, 2], np.int32)
+    near = gt[rng.integers(0, m, r)]
+    rois = (near + rng.normal(0, 8, near.shape)).astype(np.float32)
+    rois[..., 2:] = np.maximum(rois[..., 2:], rois[..., :2] + 4)
+    weights = rcnn.stage_box_weights(1)
+    assert weights == (20.0, 20.0, 10.0, 10.0)  # Cascade R-CNN's second stage
+    got = {
+        k: np.asarray(v)
+        for k, v in rcnn.relabel_rois_single(
+            jnp.asarray(rois),
+            jnp.asarray(gt),
+            jnp.asarray(classes),
+            jnp.asarray(valid),
+            fg_iou,
+            weights,
+        ).items()
+    }
+
+    xyxy = lambda a: torch.from_numpy(a[:, [1, 0, 3, 2]].astype(np.float64))  # noqa: E731
+    iou = box_iou(xyxy(rois), xyxy(gt)).numpy()
+    iou[:, ~valid] = -1.0  # padding gt boxes are never matched
+    best = iou.argmax(1)
+    fg = iou.max(1) >= fg_iou
+    assert 0 < fg.sum() < r  # both kinds present
+    np.testing.assert_array_equal(got["fg"], fg)
+    np.testing.assert_array_equal(got["gt_index"][fg], best[fg])
+    np.testing.assert_array_equal(got["classes"], np.where(fg, classes[best] + 1, 0))
+    g = gt[best]
+    h, w = rois[:, 2] - rois[:, 0], rois[:, 3] - rois[:, 1]
+    gh, gw = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+    want = np.stack(
+        [
+            20 * ((g[:, 0] + gh / 2) - (rois[:, 0] + h / 2)) / h,
+            20 * ((g[:, 1] + gw / 2) - (rois[:, 1] + w / 2)) / w,
+            10 * np.log(gh / h),
+            10 * np.log(gw / w),
+        ],
+        -1,
+    )
+    np.testing.assert_allclose(got["box_targets"], np.where(fg[:, None], want, 0), atol=1e-4)

@@ -15,6 +15,7 @@ from rovit_jax.data import detection_transforms, shapes_detection, shapes_tfds
 from rovit_jax.detect_config import detect_defaults
 from rovit_jax.detection import rcnn
 from rovit_jax.evaluation import detection as det_eval
+from rovit_jax.ops import boxes as box_ops
 from rovit_jax.runs import vlm_tower_params
 from rovit_jax.tasks.detect import DetectTask, validate_config
 from rovit_jax.tasks.pretrain import build_model
@@ -265,6 +266,70 @@ def test_binary_objectness_mode_trains(data_dir):
     assert np.all(np.isfinite(losses))
     # Binary objectness is a BCE over sampled anchors: it starts near log(2) and falls.
     assert losses[0] == pytest.approx(np.log(2), abs=0.05) and losses[-1] < losses[0]
+
+
+def test_cascade_heads_train_and_inference_runs_them_in_order(data_dir):
+    """`roi.cascade_ious`: one box head per stage, each trained on the previous stage's boxes
+    (every head's weights move, the loss falls on a repeated batch); a one-head checkpoint's tree is
+    the cascade's first stage; test-time pass i uses stage min(i, last) with its own delta
+    weights, re-derived here pass by pass."""
+    config = _config(batch_size=2, **{"roi.cascade_ious": (0.6, 0.7), "eval.batch_size": 2})
+    task = _task(config, data_dir)
+    mesh = mesh_lib.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1])
+    task.validate(mesh)
+    trainer = Trainer(config, task, mesh)
+    state = trainer.init_state()
+    heads = ("box_head", "box_head_stage2", "box_head_stage3")
+    assert [k for k in state["params"] if k.startswith("box_head")] == list(heads)
+    single = Trainer(_config(batch_size=2), _task(_config(batch_size=2), data_dir), mesh)
+    assert set(state["params"]) - set(single.abstract_state["params"]) == set(heads[1:])
+    before = jax.device_get(state["params"])
+    batch = trainer.global_batch(_synthetic_detection_batch(config, np.random.default_rng(3)))
+    history = []
+    for _ in range(8):
+        state, metrics = trainer.train_step(state, batch)
+        history.append(jax.device_get(metrics))
+    for key in ("box_loss_stage2", "box_loss_stage3", "cls_loss_stage2", "cls_loss_stage3"):
+        assert np.all(np.isfinite([float(m[key]) for m in history])), key
+    # A later stage's box loss can rise while the stage before learns: more of its RoIs reach
+    # its IoU and enter the loss. The whole loss falls on the repeated batch.
+    losses = [float(m["loss"]) for m in history]
+    assert losses[-1] < losses[0], losses
+    after = jax.device_get(state["params"])
+    for head in heads:
+        moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), before[head], after[head])
+        assert max(jax.tree.leaves(moved)) > 0, head
+
+    vocab = task.base_vocabulary
+    emb, valid = jnp.asarray(vocab["embeddings"]), jnp.asarray(vocab["valid"])
+    images = jnp.asarray(_synthetic_detection_batch(config, np.random.default_rng(4))["image"])
+    cfg = dataclasses.replace(task.rcnn, infer=dataclasses.replace(task.rcnn.infer, box_passes=4))
+    got = rcnn._region_scores(task.model, after, images, emb, valid, cfg, None, None)
+    apply = lambda method, *a: task.model.apply({"params": after}, *a, method=method)  # noqa: E731
+    feats = apply(task.model.features, images)
+    obj, box = rcnn.flatten_rpn(apply(task.model.rpn_outputs, feats), cfg)
+    boxes = rcnn._batched_proposals(
+        obj,
+        box,
+        cfg,
+        pre_nms_top_k=cfg.infer.pre_nms_top_k,
+        post_nms_top_k=cfg.infer.post_nms_top_k,
+    )[0]
+    probs = 0.0
+    for stage, weights in (
+        (0, (10, 10, 5, 5)),
+        (1, (20, 20, 10, 10)),
+        (2, (30, 30, 15, 15)),
+        (2, (30, 30, 15, 15)),
+    ):
+        pooled = rcnn._pool(feats, boxes, cfg.roi.pool_size, cfg)
+        deltas, e = apply(task.model.box_outputs, pooled, stage)
+        boxes = box_ops.clip_boxes(
+            box_ops.decode_deltas(deltas, boxes, weights=weights), cfg.image_size, cfg.image_size
+        )
+        probs = probs + jax.nn.softmax(apply(task.model.class_logits, e, emb, valid), -1) / 4
+    np.testing.assert_allclose(got["boxes"], boxes, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(got["det_probs"], probs, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_detection_step_tracks_float32(data_dir):

@@ -33,6 +33,18 @@ from rovit_jax.ops.roi_align import batched_roi_align, multilevel_roi_align
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
+def stage_box_weights(stage: int) -> tuple[float, ...]:
+    """Delta weights of box-head stage `stage` (0-based): (stage + 1) x BOX_WEIGHTS, Cascade
+    R-CNN's (10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15): a later stage's boxes are
+    closer to their objects, so its deltas are scaled up to about the first stage's spread."""
+    return tuple((stage + 1) * w for w in BOX_WEIGHTS)
+
+
+def num_box_stages(cfg: RCNNConfig) -> int:
+    """Box-head stages: 1 + len(roi.cascade_ious)."""
+    return 1 + len(cfg.roi.cascade_ious)
+
+
 @dataclasses.dataclass(frozen=True)
 class RCNNConfig:
     """Static settings of targets, sampling and inference: the pyramid's geometry and the typed
@@ -417,6 +429,36 @@ def sample_rois_single(
     )
 
 
+def relabel_rois_single(
+    rois: jax.Array,
+    gt_boxes: jax.Array,
+    gt_classes: jax.Array,
+    gt_valid: jax.Array,
+    fg_iou: float,
+    weights: tuple[float, ...],
+) -> dict[str, jax.Array]:
+    """A later cascade stage's targets: every RoI [R, 4] (the previous stage's regressed boxes)
+    is matched to its best valid gt box [M, 4], foreground at IoU >= fg_iou; no resampling.
+
+    Returns dict: rois [R, 4], classes [R] (0 = background, 1 + class index), box_targets
+    [R, 4] (deltas encoded with `weights`; 0 on background), gt_index [R], fg [R] bool.
+    """
+    iou = box_ops.box_iou(rois, gt_boxes)
+    iou = jnp.where(gt_valid[None, :], iou, -1.0)
+    matched, labels = match_boxes(
+        iou, gt_valid, fg_threshold=fg_iou, bg_threshold=fg_iou, allow_low_quality=False
+    )
+    fg = labels == 1
+    targets = box_ops.encode_deltas(gt_boxes[matched], rois, weights=weights)
+    return dict(
+        rois=rois,
+        classes=jnp.where(fg, gt_classes[matched] + 1, 0),
+        box_targets=jnp.where(fg[:, None], targets, 0.0),
+        gt_index=matched,
+        fg=fg,
+    )
+
+
 def detector_loss(
     model,
     params: Any,
@@ -458,17 +500,44 @@ def detector_loss(
     samples = jax.vmap(lambda k, p, pv, g, c, v: sample_rois_single(k, p, pv, g, c, v, cfg))(
         jax.random.split(k_roi, b), props, props_valid, gt_boxes, gt_classes, gt_valid
     )
-    rois = jax.lax.stop_gradient(samples["rois"])
-    roi_feats = _pool(feats, rois, cfg.roi.pool_size, cfg)
-    deltas, emb = apply(model.box_outputs, roi_feats)
-    logits = apply(model.class_logits, emb, text_embeddings, text_valid)
     valid = samples["valid"]
-    fg = samples["fg"]
-    ce = classification_loss_terms(logits, samples["classes"], cfg.roi.background_weight)
     num_valid = jnp.maximum(jnp.sum(valid), 1.0)
-    cls_loss = jnp.sum(jnp.where(valid, ce, 0.0)) / num_valid
-    box_loss = jnp.sum(jnp.where(fg, roi_box_loss_terms(deltas, samples, gt_boxes, cfg), 0.0))
-    box_loss = box_loss / num_valid
+    # Stage 0 trains on the sampled proposals; each later (cascade) stage on the previous
+    # stage's regressed boxes of the same RoIs, re-matched at its own IoU.
+    stage_samples, stage_metrics = samples, {}
+    cls_total = box_total = jnp.zeros((), jnp.float32)
+    for stage in range(num_box_stages(cfg)):
+        weights = stage_box_weights(stage)
+        rois = jax.lax.stop_gradient(stage_samples["rois"])
+        deltas, emb = apply(model.box_outputs, _pool(feats, rois, cfg.roi.pool_size, cfg), stage)
+        logits = apply(model.class_logits, emb, text_embeddings, text_valid)
+        fg = stage_samples["fg"] & valid
+        ce = classification_loss_terms(logits, stage_samples["classes"], cfg.roi.background_weight)
+        stage_cls = jnp.sum(jnp.where(valid, ce, 0.0)) / num_valid
+        terms = roi_box_loss_terms(deltas, stage_samples, gt_boxes, cfg, weights)
+        stage_box = jnp.sum(jnp.where(fg, terms, 0.0)) / num_valid
+        # Cascade R-CNN's stage weights: 1, 0.5, 0.25, ...
+        cls_total = cls_total + 0.5**stage * stage_cls
+        box_total = box_total + 0.5**stage * stage_box
+        if stage == 0:
+            first_logits, first_fg, cls_loss, box_loss = logits, fg, stage_cls, stage_box
+        else:
+            stage_metrics[f"cls_loss_stage{stage + 1}"] = stage_cls
+            stage_metrics[f"box_loss_stage{stage + 1}"] = stage_box
+            stage_metrics[f"fg_fraction_stage{stage + 1}"] = jnp.sum(fg) / num_valid
+        if stage + 1 < num_box_stages(cfg):
+            refined = box_ops.decode_deltas(deltas, rois, weights=weights)
+            refined = jax.lax.stop_gradient(
+                box_ops.clip_boxes(refined, cfg.image_size, cfg.image_size)
+            )
+            stage_samples = jax.vmap(
+                functools.partial(
+                    relabel_rois_single,
+                    fg_iou=cfg.roi.cascade_ious[stage],
+                    weights=stage_box_weights(stage + 1),
+                )
+            )(refined, gt_boxes, gt_classes, gt_valid)
+    logits, fg = first_logits, first_fg
 
     if "masks" in batch:
         mask_loss = _mask_loss(model, params, feats, samples, batch, cfg)
@@ -477,8 +546,8 @@ def detector_loss(
     total = (
         jnp.mean(rpn_obj_loss)
         + jnp.mean(rpn_box_loss)
-        + cls_loss
-        + cfg.roi.box_loss_weight * box_loss
+        + cls_total
+        + cfg.roi.box_loss_weight * box_total
         + cfg.roi.mask_loss_weight * mask_loss
     )
     acc = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == samples["classes"], 0)) / num_valid
@@ -490,22 +559,27 @@ def detector_loss(
         mask_loss=mask_loss,
         roi_accuracy=acc,
         fg_fraction=jnp.sum(fg) / num_valid,
+        **stage_metrics,
     )
     return total, metrics
 
 
 def roi_box_loss_terms(
-    deltas: jax.Array, samples: dict[str, jax.Array], gt_boxes: jax.Array, cfg: RCNNConfig
+    deltas: jax.Array,
+    samples: dict[str, jax.Array],
+    gt_boxes: jax.Array,
+    cfg: RCNNConfig,
+    weights: tuple[float, ...] = BOX_WEIGHTS,
 ) -> jax.Array:
     """Per-RoI box loss [B, R] of the class-agnostic deltas [B, R, 4] (`cfg.roi.box_loss`).
 
-    "l1": sum of |deltas - targets| over the 4 weighted deltas; "giou": 1 - GIoU of the box
-    decoded from the RoI with its matched gt box (gt_boxes [B, M, 4]). Only foreground RoIs'
-    terms are meaningful.
+    "l1": sum of |deltas - targets| over the 4 deltas (encoded with `weights`, the stage's);
+    "giou": 1 - GIoU of the box decoded from the RoI with its matched gt box (gt_boxes
+    [B, M, 4]). Only foreground RoIs' terms are meaningful.
     """
     if cfg.roi.box_loss == "l1":
         return jnp.sum(jnp.abs(deltas - samples["box_targets"]), -1)
-    pred = box_ops.decode_deltas(deltas, samples["rois"], weights=BOX_WEIGHTS)
+    pred = box_ops.decode_deltas(deltas, samples["rois"], weights=weights)
     gt = jnp.take_along_axis(gt_boxes, samples["gt_index"][..., None], axis=1)
     return 1.0 - box_ops.paired_giou(pred, gt)
 
@@ -593,9 +667,12 @@ def _region_scores(
         post_nms_top_k=cfg.infer.post_nms_top_k,
     )
     boxes, det_probs = props, 0.0
-    for _ in range(cfg.infer.box_passes):
-        deltas, emb = apply(model.box_outputs, _pool(feats, boxes, cfg.roi.pool_size, cfg))
-        boxes = box_ops.decode_deltas(deltas, boxes, weights=BOX_WEIGHTS)
+    for i in range(cfg.infer.box_passes):
+        # Pass i uses cascade stage i's head (the last stage's once the stages run out).
+        stage = min(i, num_box_stages(cfg) - 1)
+        pooled = _pool(feats, boxes, cfg.roi.pool_size, cfg)
+        deltas, emb = apply(model.box_outputs, pooled, stage)
+        boxes = box_ops.decode_deltas(deltas, boxes, weights=stage_box_weights(stage))
         boxes = box_ops.clip_boxes(boxes, cfg.image_size, cfg.image_size)
         logits = apply(model.class_logits, emb, text_embeddings, text_valid)
         det_probs = det_probs + jax.nn.softmax(logits, -1) / cfg.infer.box_passes

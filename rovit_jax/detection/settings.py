@@ -163,6 +163,14 @@ class RoISettings(Section):
     # Classification cross-entropy of background RoIs x 0.9, the loss still averaged over RoIs
     # (the authors' frcnn_background_weight; 1.0 = unweighted, this project's before).
     background_weight: float = setting(0.9, min_value=0.0, older=1.0)
+    # Cascade R-CNN: the foreground IoU of each box-head stage after the first (each stage has
+    # its own head, trained on the previous stage's regressed boxes re-matched at this IoU;
+    # Cascade R-CNN's (0.6, 0.7) after 0.5). Stage k's deltas are encoded with weights
+    # (k + 1) x (10, 10, 5, 5) and its losses weighted 0.5**k, as in that paper. () = one
+    # head (the authors').
+    cascade_ious: tuple[float, ...] = setting(
+        (), min_value=0.0, max_value=1.0, min_exclusive=True, max_exclusive=True, older=()
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,8 @@ class OpenVocabDetector(nn.Module):
       embed_dim: text embedding size E (the region embedding's space).
       head_conv_dim, head_fc_dim, mask_conv_dim: head widths.
       base_temperature: logits = cos(region, text) * exp(cls_log_scale) / base_temperature.
+      box_stages: box/class heads, one per Cascade R-CNN stage ("box_head", then
+        "box_head_stage2", ...); 1 = one head (the authors').
       background: "text" (the authors': the background row is a fixed text embedding, held in
         `bg_embedding` behind stop_gradient) or "learned" (`bg_embedding` is trained). Both
         modes have the same parameters, so either loads the other's checkpoints.
@@ -64,6 +66,7 @@ class OpenVocabDetector(nn.Module):
     mask_num_convs: int = 4
     base_temperature: float = 0.01
     background: str = "text"
+    box_stages: int = 1
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -87,14 +90,18 @@ class OpenVocabDetector(nn.Module):
             dtype=self.dtype,
             name="rpn",
         )
-        self.box = BoxHead(
-            embed_dim=self.embed_dim,
-            conv_dim=self.head_conv_dim,
-            num_convs=self.head_num_convs,
-            fc_dim=self.head_fc_dim,
-            dtype=self.dtype,
-            name="box_head",
-        )
+        self.box_heads = [
+            BoxHead(
+                embed_dim=self.embed_dim,
+                conv_dim=self.head_conv_dim,
+                num_convs=self.head_num_convs,
+                fc_dim=self.head_fc_dim,
+                dtype=self.dtype,
+                # The first stage keeps the single head's name: its checkpoints load either way.
+                name="box_head" if k == 0 else f"box_head_stage{k + 1}",
+            )
+            for k in range(self.box_stages)
+        ]
         self.mask = MaskHead(
             conv_dim=self.mask_conv_dim,
             num_convs=self.mask_num_convs,
@@ -114,8 +121,9 @@ class OpenVocabDetector(nn.Module):
     def rpn_outputs(self, features: dict[int, jax.Array]):
         return self.rpn(features)
 
-    def box_outputs(self, roi_features: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self.box(roi_features)
+    def box_outputs(self, roi_features: jax.Array, stage: int = 0) -> tuple[jax.Array, jax.Array]:
+        """[B, R, S, S, C] -> (deltas [B, R, 4], unit embeddings [B, R, E]) of stage's head."""
+        return self.box_heads[stage](roi_features)
 
     def mask_outputs(self, roi_features: jax.Array) -> jax.Array:
         return self.mask(roi_features)
@@ -154,7 +162,8 @@ class OpenVocabDetector(nn.Module):
         b = images.shape[0]
         level = min(feats)
         dummy = jnp.zeros((b, 1, 7, 7, feats[level].shape[-1]), feats[level].dtype)
-        deltas, emb = self.box_outputs(dummy)
+        for stage in range(self.box_stages):
+            deltas, emb = self.box_outputs(dummy, stage)
         masks = self.mask_outputs(jnp.zeros((b, 1, 14, 14, feats[level].shape[-1])))
         logits = self.class_logits(emb, jnp.zeros((1, self.embed_dim)), jnp.ones((1,), bool))
         return feats, rpn, deltas, logits, masks

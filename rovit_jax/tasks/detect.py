@@ -325,6 +325,7 @@ class DetectTask:
             mask_num_convs=head.mask_num_convs,
             base_temperature=head.base_temperature,
             background=head.background,
+            box_stages=1 + len(self.rcnn.roi.cascade_ious),
             dtype=COMPUTE_DTYPES[self.config.compute_dtype],
         )
 
