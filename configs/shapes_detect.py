@@ -119,7 +119,7 @@ def get_config(arg=None):
     # the previous head's regressed boxes at IoU 0.6 and 0.7, run in turn by the three test-time
     # passes. Localisation limited base AP (perfect boxes lifted it from 34.7 to 64.0). From run
     # H's pretraining, 1600 steps, detector only: box AP base 42.8 against 38.7, AP75 40.2
-    # against 32.9; a step takes about 15% longer (README, Results).
+    # against 32.9; detection training took 838 s against about 615 s (README, Results).
     c.roi.cascade_ious = (0.6, 0.7)
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.05
