@@ -873,7 +873,8 @@ def plot(result: dict[str, Any], out: str) -> None:
         ax.set_title(f"backbone {mode}")
         ax.set_xlabel("pretraining steps")
     axes[0].set_ylabel("box AP_r fused (%), mean ± std")
-    axes[0].legend()
+    if axes[0].get_legend_handles_labels()[0]:  # a partial sweep may have no curve point yet
+        axes[0].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curve.png"), dpi=110)
     plt.close(fig)
